@@ -1,0 +1,63 @@
+# Stable Diffusion on TorchServe, optimized with DeepSpeed on CUDA GPUs. `make help` lists the targets.
+# Every variable can be overridden: `make demo PROMPT="a red fox"`, `make package WEIGHTS=weights/ MODEL_CONFIG=config/model-config.yaml`.
+
+PYTHON       ?= python3
+VENV         ?= .venv
+BIN          := $(VENV)/bin
+# torch is installed first, on its own: deepspeed's sdist imports it at build time. The default is the CPU wheel;
+# on a GPU host keep the CUDA torch already installed with `make install TORCH=`.
+TORCH        ?= torch==2.13.0
+MODEL_NAME   ?= stable-diffusion
+TINY_MODEL   ?= build/tiny-sd
+WEIGHTS      ?= $(TINY_MODEL)
+MODEL_STORE  ?= model_store
+MODEL_CONFIG ?= config/model-config-cpu.yaml
+TS_CONFIG    ?= config.properties
+PROMPT       ?= a photo of an astronaut riding a horse on mars
+WAIT         ?= 300
+
+.PHONY: help install install-dev model package serve query stop demo test clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+install: $(VENV)/.installed ## Create .venv with the pinned runtime dependencies and the engine
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(if $(TORCH),$(BIN)/pip install $(TORCH))
+	$(BIN)/pip install --no-build-isolation -r requirements.txt
+	$(BIN)/pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+install-dev: $(VENV)/.installed-dev ## Add the test tools to .venv
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(BIN)/pip install -r requirements-dev.txt
+	touch $@
+
+model: install ## Build the embedded tiny random model (noise images, nothing downloaded) into $(TINY_MODEL)
+	$(BIN)/python scripts/make_tiny_model.py --out $(TINY_MODEL)
+
+package: install ## Zip $(WEIGHTS) into model.zip and build $(MODEL_STORE)/$(MODEL_NAME).mar with $(MODEL_CONFIG)
+	$(BIN)/python scripts/package_model.py $(WEIGHTS) $(MODEL_STORE) --config $(MODEL_CONFIG) --model-name $(MODEL_NAME)
+
+serve: install ## Start TorchServe in the background (logs in logs/, token in key_file.json)
+	mkdir -p logs
+	$(BIN)/torchserve --start --ncs --ts-config $(TS_CONFIG) --model-store $(MODEL_STORE) \
+		--models $(MODEL_NAME)=$(MODEL_NAME).mar > logs/torchserve.out 2>&1
+
+query: install ## Wait until the model is ready, send PROMPT, write output-<timestamp>.jpg
+	$(BIN)/python scripts/query.py --wait $(WAIT) --model $(MODEL_NAME) --prompt "$(PROMPT)"
+
+stop: install ## Stop TorchServe
+	$(BIN)/torchserve --stop --foreground
+
+demo: model package ## Fresh machine, end to end: install, tiny model, package, serve, query, stop
+	$(MAKE) serve; rc=$$?; \
+	if [ $$rc -eq 0 ]; then $(MAKE) query; rc=$$?; fi; \
+	$(MAKE) stop; exit $$rc
+
+test: install-dev ## Run all CPU tests: unit, handler, and the real TorchServe end to end (GPU tests skip)
+	$(BIN)/python -m pytest -ra
+
+clean: ## Remove built models, archives, logs and outputs (keeps .venv)
+	rm -rf build $(MODEL_STORE) logs key_file.json output-*.jpg output-*.png .pytest_cache

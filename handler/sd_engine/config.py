@@ -1,0 +1,120 @@
+"""Engine configuration: the `handler:` block of model-config.yaml, parsed into a frozen dataclass.
+
+Unknown keys and wrong types are rejected with a ConfigError naming the key, so a typo never silently falls back to a
+default. Impossible combinations (CUDA graphs without DeepSpeed, DeepSpeed in fp32) fail here, before any weights are
+loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+BACKENDS = ("auto", "deepspeed", "eager")
+DTYPES = ("auto", "float16", "float32")
+FORMATS = ("jpeg", "png")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    # Where the weights are, relative to the model dir (or absolute): a `.zip` of a diffusers folder, extracted once
+    # next to it, or a diffusers folder itself (the no-archive layout for multi-GB weights).
+    weights: str = "model.zip"
+    # auto: deepspeed on CUDA, eager on CPU. deepspeed: kernel injection into UNet, VAE and CLIP (CUDA, fp16 only).
+    backend: str = "auto"
+    # DeepSpeed's CUDA graphs. Each graph is captured once for the first shape it sees, so with this on every request
+    # must use the configured height/width and guidance > 1, and requests run one at a time (see engine.py).
+    cuda_graph: bool = False
+    # auto: float16 on CUDA, float32 on CPU.
+    dtype: str = "auto"
+    # Run one generation at load time so the first request does not pay for JIT builds and graph capture.
+    warmup: bool = True
+    warmup_steps: int = 2
+
+    # Request defaults (a request may override each).
+    num_inference_steps: int = 30
+    guidance_scale: float = 7.5
+    height: int = 512
+    width: int = 512
+    format: str = "jpeg"
+    quality: int = 90
+
+    # Request limits.
+    max_num_inference_steps: int = 150
+    max_height: int = 1024
+    max_width: int = 1024
+    max_prompt_chars: int = 2000
+    max_guidance_scale: float = 50.0
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any] | None) -> "EngineConfig":
+        """Build from the YAML `handler:` block (None or {} gives the defaults)."""
+        mapping = dict(mapping or {})
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(mapping) - set(known))
+        if unknown:
+            raise ConfigError(f"handler: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        values = {}
+        for name, value in mapping.items():
+            values[name] = _coerce(name, known[name].type, value)
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def replace(self, **changes: Any) -> "EngineConfig":
+        config = dataclasses.replace(self, **changes)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        _choice("backend", self.backend, BACKENDS)
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("format", self.format, FORMATS)
+        if self.cuda_graph and self.backend == "eager":
+            raise ConfigError("handler.cuda_graph: true needs backend deepspeed (or auto on a GPU), not eager")
+        if self.backend == "deepspeed" and self.dtype == "float32":
+            raise ConfigError("handler.backend deepspeed runs in float16 only; set dtype: auto or float16")
+        if self.cuda_graph and self.guidance_scale <= 1.0:
+            raise ConfigError("handler.cuda_graph: true needs guidance_scale > 1 (the graphs are captured with "
+                              "classifier-free guidance)")
+        for name in ("warmup_steps", "num_inference_steps", "max_num_inference_steps", "max_prompt_chars"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"handler.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("height", "width", "max_height", "max_width"):
+            if getattr(self, name) < 8 or getattr(self, name) % 8:
+                raise ConfigError(f"handler.{name} must be a positive multiple of 8, got {getattr(self, name)}")
+        if not 1 <= self.quality <= 100:
+            raise ConfigError(f"handler.quality must be in 1..100, got {self.quality}")
+        if not (math.isfinite(self.max_guidance_scale) and self.max_guidance_scale >= 0):
+            raise ConfigError(f"handler.max_guidance_scale must be finite and >= 0, got {self.max_guidance_scale}")
+        # The defaults must themselves be valid requests.
+        for name, limit in (("num_inference_steps", "max_num_inference_steps"), ("height", "max_height"),
+                            ("width", "max_width"), ("guidance_scale", "max_guidance_scale")):
+            if not 0 <= getattr(self, name) <= getattr(self, limit):
+                raise ConfigError(f"handler.{name}={getattr(self, name)} is above handler.{limit}={getattr(self, limit)}")
+
+
+def _coerce(name: str, annotation: str, value: Any) -> Any:
+    # Annotations are strings under `from __future__ import annotations`.
+    if annotation == "bool":
+        if isinstance(value, bool):
+            return value
+    elif annotation == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    elif annotation == "str":
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"handler.{name} must be a {annotation}, got {value!r}")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"handler.{name} must be one of {', '.join(choices)}, got {value!r}")

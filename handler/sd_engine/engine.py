@@ -1,0 +1,163 @@
+"""The engine: a loaded, optimized, warmed-up pipeline that turns a list of requests into a list of results.
+
+`load_engine()` is the one linear path: pick dtype -> load weights -> move to device -> optimize -> warm up -> ready.
+`Engine` itself takes a built pipeline, so tests can hand it a tiny one.
+
+Batching: requests whose shapes match (height, width, steps, guidance) run in one pipeline call, each with its own
+seeded generator, so a request's image depends on its seed and not on its batch neighbours. The generators live on the
+CPU so that a seed gives the same starting noise on any device. With DeepSpeed's CUDA graphs on, every call must have
+the captured shape, so requests run one at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import EngineConfig
+from .errors import EngineError, GenerationError, OutOfMemory
+from .loading import load_pipeline
+from .optimize import optimize, resolve_backend
+from .requests import GenerationRequest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationResult:
+    request: GenerationRequest
+    image: Image.Image
+    seconds: float  # wall time of the pipeline call that produced it (shared by its batch)
+
+
+class Engine:
+    def __init__(self, pipe, config: EngineConfig, device: torch.device, backend: str = "eager"):
+        self.pipe = pipe
+        self.config = config
+        self.device = device
+        self.backend = backend
+        self.timings: dict[str, float] = {}
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | EngineError]:
+        """One result per request, in order. A failing group yields errors for its requests only."""
+        results: list[GenerationResult | EngineError | None] = [None] * len(requests)
+        for indices in self._groups(requests):
+            group = [requests[i] for i in indices]
+            for i, result in zip(indices, self._run_group(group)):
+                results[i] = result
+        return results
+
+    def _groups(self, requests: Sequence[GenerationRequest]) -> list[list[int]]:
+        if self.config.cuda_graph:
+            return [[i] for i in range(len(requests))]
+        groups: dict[tuple, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault(request.shape_key, []).append(i)
+        return list(groups.values())
+
+    def _run_group(self, group: list[GenerationRequest]) -> list[GenerationResult | EngineError]:
+        first = group[0]
+        logger.debug("generating %d image(s) %dx%d, %d steps, prompts %r", len(group), first.width, first.height,
+                     first.num_inference_steps, [r.prompt for r in group])
+        start = time.perf_counter()
+        try:
+            images = self.pipe(
+                prompt=[r.prompt for r in group],
+                negative_prompt=[r.negative_prompt or "" for r in group],
+                num_inference_steps=first.num_inference_steps,
+                guidance_scale=first.guidance_scale,
+                height=first.height,
+                width=first.width,
+                generator=[torch.Generator("cpu").manual_seed(r.seed) for r in group],
+                output_type="pil",
+            ).images
+        except torch.OutOfMemoryError as e:
+            error: EngineError = OutOfMemory(f"out of {self.device.type} memory generating {len(group)} image(s) "
+                                             f"of {first.width}x{first.height}: {str(e).splitlines()[0]}")
+            self._release_memory()
+            logger.warning("%s", error)
+            return [error] * len(group)
+        except Exception as e:  # noqa: BLE001 - one group's failure must not take down the batch or the worker
+            logger.exception("generation failed for a group of %d", len(group))
+            return [GenerationError(f"generation failed: {type(e).__name__}: {e}")] * len(group)
+        seconds = time.perf_counter() - start
+        logger.info("generated %d image(s) %dx%d x%d steps in %.3f s", len(group), first.width, first.height,
+                    first.num_inference_steps, seconds)
+        return [GenerationResult(request=r, image=img, seconds=seconds) for r, img in zip(group, images)]
+
+    def _release_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def warmup(self) -> float:
+        """Run one generation at the default shape; fail loudly if it does not give a finite, non-blank image."""
+        request = GenerationRequest(prompt="warm-up", negative_prompt=None,
+                                    num_inference_steps=self.config.warmup_steps,
+                                    guidance_scale=self.config.guidance_scale, height=self.config.height,
+                                    width=self.config.width, seed=0)
+        start = time.perf_counter()
+        [result] = self._run_group([request])
+        if isinstance(result, EngineError):
+            raise RuntimeError(f"warm-up generation failed: {result}")
+        pixels = np.asarray(result.image, dtype=np.float32)
+        if pixels.shape != (request.height, request.width, 3) or not math.isfinite(float(pixels.std())):
+            raise RuntimeError(f"warm-up produced a bad image: shape {pixels.shape}")
+        return time.perf_counter() - start
+
+
+def pick_device(gpu_id: int | str | None) -> torch.device:
+    """cuda:<gpu_id> when TorchServe assigned a GPU and CUDA is usable, else the CPU."""
+    if gpu_id is not None and torch.cuda.is_available():
+        return torch.device(f"cuda:{int(gpu_id)}")
+    if gpu_id is not None:
+        logger.warning("TorchServe assigned gpu_id=%s but CUDA is not available; running on the CPU", gpu_id)
+    return torch.device("cpu")
+
+
+def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
+    if config.dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float16": torch.float16, "float32": torch.float32}[config.dtype]
+
+
+def load_engine(config: EngineConfig, source: str | Path, device: torch.device) -> Engine:
+    """Load -> optimize -> warm up. `source` is a local diffusers folder (or a hub id, for scripts)."""
+    # 1. Decide everything that can fail without weights.
+    backend = resolve_backend(config.backend, device.type)
+    dtype = resolve_dtype(config, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    # 2. Load the weights and move them to the device; DeepSpeed captures each module's device when it wraps it.
+    start = time.perf_counter()
+    pipe = load_pipeline(source, dtype).to(device)
+    load_s = time.perf_counter() - start
+
+    # 3. Optimize.
+    start = time.perf_counter()
+    optimize(pipe, backend, config.cuda_graph)
+    optimize_s = time.perf_counter() - start
+
+    # 4. Warm up.
+    engine = Engine(pipe, config, device, backend)
+    warmup_s = engine.warmup() if config.warmup else 0.0
+    logger.info("engine ready: torch %s, diffusers %s, device %s, dtype %s, backend %s, cuda_graph %s; "
+                "load %.1f s, optimize %.1f s, warm-up %.1f s", torch.__version__, _diffusers_version(), device,
+                str(dtype).removeprefix("torch."), backend, config.cuda_graph, load_s, optimize_s, warmup_s)
+    engine.timings = {"load_s": load_s, "optimize_s": optimize_s, "warmup_s": warmup_s}
+    return engine
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__

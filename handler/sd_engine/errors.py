@@ -1,0 +1,51 @@
+"""Typed errors of the engine. Each carries the HTTP status an adapter should answer with; the engine itself knows
+nothing about HTTP, it only says which kind of failure happened."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class EngineError(Exception):
+    """Base class: something the engine could not do. `status` is the HTTP status an adapter maps it to."""
+
+    status = 500
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": type(self).__name__, "message": str(self)}
+
+
+class ConfigError(EngineError, ValueError):
+    """The `handler:` block of model-config.yaml is invalid. Raised at load time, before any weights are read."""
+
+
+class InvalidRequest(EngineError, ValueError):
+    """A request field is missing, of the wrong type or out of range. Names the field and the offending value."""
+
+    status = 400
+
+    def __init__(self, field: str, value: Any, reason: str):
+        self.field = field
+        self.value = value
+        self.reason = reason
+        super().__init__(f"`{field}` {reason}, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        value = self.value if isinstance(self.value, (str, int, float, bool, type(None))) else repr(self.value)
+        if isinstance(value, str) and len(value) > 200:
+            value = value[:200] + "..."
+        return {"error": "InvalidRequest", "field": self.field, "value": value, "message": str(self)}
+
+
+class ModelLoadError(EngineError):
+    """The weights could not be found, extracted or loaded."""
+
+
+class GenerationError(EngineError):
+    """The pipeline failed while generating a group of requests."""
+
+
+class OutOfMemory(GenerationError):
+    """The device ran out of memory for this group; the memory was released and the engine keeps serving."""
+
+    status = 507

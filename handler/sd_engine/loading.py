@@ -1,0 +1,96 @@
+"""Finding and loading the weights: a diffusers folder, or a `model.zip` of one shipped inside the MAR.
+
+A zip is extracted once per model dir, next to the zip, under a file lock so that several workers sharing the model dir
+do not race; a later worker (or restart) reuses the finished extraction. Extraction refuses entries that would land
+outside the target folder (absolute paths, `..`), symlinks, and archives whose uncompressed size is absurd.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import stat
+import zipfile
+from pathlib import Path, PurePosixPath
+
+from .errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+MAX_UNCOMPRESSED_BYTES = 64 * 2**30  # SDXL fp32 is ~14 GB; anything near this is not a diffusers folder.
+DONE_MARKER = ".extracted"
+
+
+def prepare_weights(model_dir: str | Path, weights: str) -> Path:
+    """Resolve the `weights` config value against the model dir and return a local diffusers folder."""
+    model_dir = Path(model_dir).resolve()
+    path = Path(weights) if Path(weights).is_absolute() else model_dir / weights
+    if path.is_dir():
+        return path
+    if path.is_file() and path.suffix == ".zip":
+        return extract_zip(path, path.with_suffix(""))
+    raise ModelLoadError(f"handler.weights: {weights!r} is neither a folder nor a .zip file in {model_dir}")
+
+
+def extract_zip(zip_path: Path, target: Path, max_bytes: int = MAX_UNCOMPRESSED_BYTES) -> Path:
+    """Extract `zip_path` into `target` once; later calls return the finished folder without touching it."""
+    stamp = f"{zip_path.stat().st_size}:{zip_path.stat().st_mtime_ns}"
+    with open(zip_path.parent / f".{zip_path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        marker = target / DONE_MARKER
+        if marker.is_file() and marker.read_text() == stamp:
+            logger.info("weights already extracted in %s", target)
+            return target
+        staging = target.with_name(f".{target.name}.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
+        try:
+            with zipfile.ZipFile(zip_path) as archive:
+                members = _checked_members(archive, staging, max_bytes)
+                for info in members:
+                    archive.extract(info, staging)
+        except zipfile.BadZipFile as e:
+            raise ModelLoadError(f"{zip_path.name} is not a valid zip file: {e}") from e
+        except ModelLoadError:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        (staging / DONE_MARKER).write_text(stamp)
+        os.replace(staging, target)
+        logger.info("extracted %d files from %s into %s", len(members), zip_path.name, target)
+        return target
+
+
+def _checked_members(archive: zipfile.ZipFile, staging: Path, max_bytes: int) -> list[zipfile.ZipInfo]:
+    root = staging.resolve()
+    total = 0
+    members = archive.infolist()
+    for info in members:
+        name = info.filename
+        parts = PurePosixPath(name.replace("\\", "/")).parts
+        if name.startswith(("/", "\\")) or (parts and parts[0].endswith(":")) or ".." in parts:
+            raise ModelLoadError(f"model.zip entry {name!r} would be written outside the model folder")
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise ModelLoadError(f"model.zip entry {name!r} is a symbolic link; links are not allowed")
+        if not (root / name).resolve().is_relative_to(root):
+            raise ModelLoadError(f"model.zip entry {name!r} would be written outside the model folder")
+        total += info.file_size
+        if total > max_bytes:
+            raise ModelLoadError(f"model.zip expands to more than {max_bytes} bytes; refusing to extract it")
+    return members
+
+
+def load_pipeline(source: str | Path, torch_dtype):
+    """Load a diffusers pipeline from a local folder (or, for scripts, a hub id) in the given dtype, on the CPU."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(source), dtype=torch_dtype)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load a diffusers pipeline from {source}: {e}") from e
+    missing = [name for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+               if getattr(pipe, name, None) is None]
+    if missing:
+        raise ModelLoadError(f"{source} is not a Stable Diffusion pipeline: it has no {', '.join(missing)}")
+    return pipe

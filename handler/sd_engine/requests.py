@@ -1,0 +1,134 @@
+"""Request contract: turns a request body into a validated GenerationRequest, or raises InvalidRequest naming the
+field. This is the one place that knows the fields, their types, ranges and defaults.
+
+A body is either plain text (the prompt) or a JSON object with diffusers' argument names plus `seed`, `format` and
+`quality`. A body whose first non-blank character is `{` or `[` is read as JSON. Missing fields take the defaults from
+EngineConfig; a missing or null seed is drawn at random and reported back so the image can be reproduced.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from .config import EngineConfig
+from .errors import InvalidRequest
+
+MAX_SEED = 2**63 - 1
+MIN_SIDE = 64
+FORMAT_ALIASES = {"jpeg": "jpeg", "jpg": "jpeg", "png": "png"}
+FIELDS = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width", "seed", "format",
+          "quality")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str | None
+    num_inference_steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    seed: int
+    format: str = "jpeg"
+    quality: int = 90
+
+    @property
+    def shape_key(self) -> tuple[int, int, int, float]:
+        """Requests with the same key can run in one pipeline call."""
+        return (self.height, self.width, self.num_inference_steps, self.guidance_scale)
+
+
+def parse_body(body: Any) -> dict[str, Any]:
+    """Return the request's fields as a dict from a JSON object, JSON text, plain text or raw bytes."""
+    if isinstance(body, (bytes, bytearray)):
+        try:
+            body = bytes(body).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidRequest("body", f"<{len(body)} bytes>", f"must be UTF-8 text ({e.reason} at byte {e.start})")
+    if isinstance(body, str):
+        text = body.strip()
+        if text[:1] in ("{", "["):
+            try:
+                body = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise InvalidRequest("body", text[:80], f"is not valid JSON ({e.msg} at char {e.pos})")
+        else:
+            return {"prompt": text}
+    if not isinstance(body, dict):
+        raise InvalidRequest("body", type(body).__name__, "must be a JSON object or plain text")
+    return body
+
+
+def parse_request(body: Any, config: EngineConfig) -> GenerationRequest:
+    """Validate one request body against the contract and the configured defaults and limits."""
+    fields = parse_body(body)
+    unknown = sorted(set(fields) - set(FIELDS))
+    if unknown:
+        raise InvalidRequest(unknown[0], fields[unknown[0]], f"is not a known field (known: {', '.join(FIELDS)})")
+
+    prompt = _text(fields, "prompt", config.max_prompt_chars, required=True)
+    negative_prompt = _text(fields, "negative_prompt", config.max_prompt_chars, required=False)
+    steps = _int(fields, "num_inference_steps", config.num_inference_steps, 1, config.max_num_inference_steps)
+    guidance = _number(fields, "guidance_scale", config.guidance_scale, 0.0, config.max_guidance_scale)
+    height = _side(fields, "height", config.height, config.max_height)
+    width = _side(fields, "width", config.width, config.max_width)
+    seed = fields.get("seed")
+    seed = secrets.randbelow(MAX_SEED + 1) if seed is None else _int(fields, "seed", None, 0, MAX_SEED)
+    fmt = fields.get("format", config.format)
+    if not isinstance(fmt, str) or fmt.lower() not in FORMAT_ALIASES:
+        raise InvalidRequest("format", fmt, "must be one of jpeg, png")
+    quality = _int(fields, "quality", config.quality, 1, 100)
+
+    if config.cuda_graph:
+        # DeepSpeed captures each CUDA graph once; another shape would fail or silently broadcast.
+        for name, value, fixed in (("height", height, config.height), ("width", width, config.width)):
+            if value != fixed:
+                raise InvalidRequest(name, value, f"must be {fixed} on this server (cuda_graph is on)")
+        if guidance <= 1.0:
+            raise InvalidRequest("guidance_scale", guidance, "must be > 1 on this server (cuda_graph is on)")
+
+    return GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
+                             guidance_scale=guidance, height=height, width=width, seed=seed,
+                             format=FORMAT_ALIASES[fmt.lower()], quality=quality)
+
+
+def _text(fields: dict, name: str, max_chars: int, required: bool) -> str | None:
+    value = fields.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequest(name, value, "must be a string" if value is not None else "is required")
+    if required and not value.strip():
+        raise InvalidRequest(name, value, "must not be empty")
+    if len(value) > max_chars:
+        raise InvalidRequest(name, value, f"must be at most {max_chars} characters (has {len(value)})")
+    return value
+
+
+def _int(fields: dict, name: str, default: int | None, low: int, high: int) -> int:
+    value = fields.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(name, value, "must be an integer")
+    if not low <= value <= high:
+        raise InvalidRequest(name, value, f"must be in {low}..{high}")
+    return value
+
+
+def _number(fields: dict, name: str, default: float, low: float, high: float) -> float:
+    value = fields.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequest(name, value, "must be a number")
+    if not math.isfinite(value) or not low <= value <= high:
+        raise InvalidRequest(name, value, f"must be a finite number in {low:g}..{high:g}")
+    return float(value)
+
+
+def _side(fields: dict, name: str, default: int, high: int) -> int:
+    value = _int(fields, name, default, MIN_SIDE, high)
+    if value % 8:
+        raise InvalidRequest(name, value, "must be a multiple of 8")
+    return value

@@ -1,0 +1,79 @@
+"""TorchServe adapter for sd_engine: context -> engine config, requests <-> engine, errors -> per-request statuses.
+
+TorchServe imports this module by its bare name and needs exactly one class defined in it. It ships in the MAR next to
+the `sd_engine/` package, which the worker finds on its path (the model dir). Every request gets its own status:
+a bad request answers 400 with a JSON body naming the field while the rest of its batch still gets images, and no
+exception escapes `handle`, since TorchServe would fail the whole batch with it.
+"""
+
+import json
+import logging
+import time
+
+from sd_engine.config import EngineConfig
+from sd_engine.engine import load_engine, pick_device
+from sd_engine.errors import EngineError, InvalidRequest
+from sd_engine.imaging import encode_image
+from sd_engine.loading import prepare_weights
+from sd_engine.requests import parse_request
+
+logger = logging.getLogger(__name__)
+
+STATUS_PHRASES = {400: "Bad Request", 500: "Internal Server Error", 507: "Insufficient Storage"}
+
+
+class StableDiffusionHandler:
+    def __init__(self):
+        self.engine = None
+        self.initialized = False
+
+    def initialize(self, context):
+        properties = context.system_properties
+        yaml_config = context.model_yaml_config or {}
+        config = EngineConfig.from_mapping(yaml_config.get("handler"))
+        device = pick_device(properties.get("gpu_id"))
+        weights = prepare_weights(properties["model_dir"], config.weights)
+        self.engine = load_engine(config, weights, device)
+        self.initialized = True
+
+    def handle(self, data, context):
+        start = time.perf_counter()
+        responses = [None] * len(data)
+        parsed = []
+        for i, item in enumerate(data):
+            try:
+                parsed.append((i, parse_request(_body(item), self.engine.config)))
+            except InvalidRequest as error:
+                responses[i] = _error(context, i, error)
+
+        results = self.engine.generate([request for _, request in parsed])
+        ok = 0
+        for (i, request), result in zip(parsed, results):
+            if isinstance(result, EngineError):
+                responses[i] = _error(context, i, result)
+                continue
+            payload, content_type = encode_image(result.image, request.format, request.quality)
+            context.set_response_content_type(i, content_type)
+            context.set_response_header(i, "X-Seed", str(request.seed))
+            responses[i] = payload
+            ok += 1
+        logger.info("batch of %d handled in %.3f s, %d ok", len(data), time.perf_counter() - start, ok)
+        return responses
+
+
+def _body(item):
+    # TorchServe puts the request body under "body" (or "data"); JSON arrives parsed, text/* as str, else bytes.
+    # A form-encoded body (curl -d without a Content-Type) arrives split into form fields instead.
+    if not isinstance(item, dict):
+        return item
+    body = item.get("body", item.get("data"))
+    if body is None:
+        raise InvalidRequest("body", "form fields" if item else "nothing",
+                             "must be JSON (Content-Type: application/json) or plain text, not form-encoded or empty")
+    return body
+
+
+def _error(context, index, error):
+    context.set_response_status(error.status, STATUS_PHRASES.get(error.status, "Error"), idx=index)
+    context.set_response_content_type(index, "application/json")
+    return json.dumps(error.to_dict()).encode("utf-8")

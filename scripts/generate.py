@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Generate one image with the engine, no server: same config file and code path as the TorchServe handler.
+
+--model is a local diffusers folder (or a Hugging Face hub id, downloaded by diffusers; token from $HF_TOKEN).
+Settings come from the `handler:` block of --config; --backend overrides its backend. Prints load, optimize, warm-up
+and generation times.
+
+Exit codes: 0 image written; 1 generation failed; 2 bad arguments or config.
+"""
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from sd_engine.config import EngineConfig
+from sd_engine.engine import GenerationResult, load_engine, pick_device
+from sd_engine.errors import ConfigError, InvalidRequest
+from sd_engine.imaging import encode_image
+from sd_engine.requests import parse_request
+
+FIELDS = ("negative_prompt", "num_inference_steps", "guidance_scale", "height", "width", "seed", "format", "quality")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="diffusers folder or hub id")
+    parser.add_argument("--config", type=Path, default=Path("config/model-config.yaml"),
+                        help="model-config.yaml whose handler: block to use (default: %(default)s)")
+    parser.add_argument("--backend", choices=("auto", "deepspeed", "eager"), help="override the config's backend")
+    parser.add_argument("--device", choices=("auto", "cpu"), default="auto",
+                        help="auto: the first CUDA GPU if there is one, else the CPU (default: auto)")
+    parser.add_argument("--prompt", required=True, help="what to draw")
+    parser.add_argument("--negative-prompt", help="what to steer away from")
+    parser.add_argument("--num-inference-steps", type=int, help="denoising steps (config default if omitted)")
+    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale")
+    parser.add_argument("--height", type=int, help="image height, a multiple of 8")
+    parser.add_argument("--width", type=int, help="image width, a multiple of 8")
+    parser.add_argument("--seed", type=int, help="seed (random if omitted; printed)")
+    parser.add_argument("--format", choices=("jpeg", "png"), help="image format")
+    parser.add_argument("--quality", type=int, help="JPEG quality 1-100")
+    parser.add_argument("--output", type=Path, help="output file (default: output-<timestamp>.<ext>)")
+    parser.add_argument("--verbose", action="store_true", help="log at DEBUG (includes prompts)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s: %(message)s")
+
+    try:
+        block = (yaml.safe_load(args.config.read_text()) or {}).get("handler") or {}
+        config = EngineConfig.from_mapping(block)
+        if args.backend:
+            config = config.replace(backend=args.backend)
+        request = parse_request({"prompt": args.prompt, **{f: getattr(args, f) for f in FIELDS
+                                                           if getattr(args, f) is not None}}, config)
+    except (ConfigError, InvalidRequest, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    device = pick_device(0 if args.device == "auto" else None)
+    engine = load_engine(config, args.model, device)
+    start = time.perf_counter()
+    [result] = engine.generate([request])
+    seconds = time.perf_counter() - start
+    if not isinstance(result, GenerationResult):
+        print(f"error: {result}", file=sys.stderr)
+        return 1
+    payload, _ = encode_image(result.image, request.format, request.quality)
+    extension = ".png" if request.format == "png" else ".jpg"
+    output = args.output or Path(f"output-{time.strftime('%Y%m%d-%H%M%S')}{extension}")
+    output.write_bytes(payload)
+    timings = ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in engine.timings.items())
+    print(f"wrote {output} ({request.width}x{request.height}, {request.num_inference_steps} steps, seed {request.seed}, "
+          f"backend {engine.backend} on {device}); {timings}, generate {seconds:.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

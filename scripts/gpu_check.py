@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""GPU check of the DeepSpeed backend, through the TorchServe handler, on an SD-1.5-shaped model with random weights.
+
+Steps, all in one process:
+1. build the `sd15` preset (random weights, float16) and save it as a diffusers folder;
+2. eager float16 reference: load it with backend eager, generate one image per seed, time batch-1 latency;
+3. for each cuda_graph setting: initialise the real handler (sd_handler.StableDiffusionHandler) with a TorchServe
+   Context and backend deepspeed, report which modules DeepSpeed injected, send a batch through handle() and decode
+   the JPEGs, regenerate the seeds with the handler's engine and compare with the eager images (RMSE on [0,1]
+   pixels, NaN check), time batch-1 latency.
+Writes the record (GPU name, versions, numbers) as JSON to --out and prints it. Progress goes to stderr.
+
+Exit codes: 0 all checks passed, 1 a check failed (the record says which), 2 no CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import io
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sd_engine.config import EngineConfig
+from sd_engine.engine import load_engine
+from sd_engine.optimize import injection_report
+from sd_engine.random_models import save_pipeline
+from sd_engine.requests import GenerationRequest
+
+log = logging.getLogger("gpu_check")
+RMSE_LIMIT = 0.02
+
+
+def versions() -> dict:
+    import deepspeed
+    import diffusers
+    import transformers
+
+    return {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "deepspeed": deepspeed.__version__}
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.float64) / 255.0
+
+
+def latency(engine, request: GenerationRequest, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        [result] = engine.generate([request])
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def free() -> None:
+    """Return the memory of engines the caller has just dropped, before loading the next one."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def check_handler(weights: Path, base: dict, cuda_graph: bool, requests, references, runs: int) -> dict:
+    from ts.context import Context, RequestProcessor
+
+    from sd_handler import StableDiffusionHandler
+
+    row = {"backend": "deepspeed", "cuda_graph": cuda_graph}
+    yaml_config = {"handler": dict(base, backend="deepspeed", cuda_graph=cuda_graph)}
+    with tempfile.TemporaryDirectory() as model_dir:
+        context = Context("stable-diffusion", model_dir, {"model": {}}, 4, 0, "0.12.0", model_yaml_config=yaml_config)
+        handler = StableDiffusionHandler()
+        start = time.perf_counter()
+        handler.initialize(context)
+        row["initialize_s"] = round(time.perf_counter() - start, 2)
+        row["engine_timings_s"] = {k: round(v, 2) for k, v in handler.engine.timings.items()}
+        row["injected"] = injection_report(handler.engine.pipe)
+        log.info("cuda_graph=%s injected: %s", cuda_graph, row["injected"])
+
+        # A batch through the handler: JSON and plain-text bodies, as TorchServe hands them over.
+        bodies = [{"prompt": r.prompt, "seed": r.seed} for r in requests] + ["a plain-text prompt"]
+        context.request_processor = [RequestProcessor({}) for _ in bodies]
+        outputs = handler.handle([{"body": b} for b in bodies], context)
+        row["handler_responses"] = []
+        for i, output in enumerate(outputs):
+            status = context.get_response_status(i)[0]
+            content_type = context.get_response_content_type(i)
+            size = Image.open(io.BytesIO(output)).size if content_type == "image/jpeg" else None
+            row["handler_responses"].append({"status": status, "content_type": content_type, "size": size})
+
+        # Parity with eager float16, one image per seed at batch 1 (the shape the graphs were captured for).
+        rmses, nans = [], 0
+        for request, reference in zip(requests, references):
+            [result] = handler.engine.generate([request])
+            image = pixels(result.image)
+            nans += int(np.isnan(image).sum())
+            rmses.append(float(np.sqrt(np.mean((image - reference) ** 2))))
+        row["rmse_vs_eager"] = [round(r, 5) for r in rmses]
+        row["nan_pixels"] = nans
+        row["latency_s_batch1"] = round(latency(handler.engine, requests[0], runs), 4)
+        del handler
+    free()
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, help="JSON record to write (default: print only)")
+    parser.add_argument("--weights", type=Path, default=Path("/tmp/sd15-random"),
+                        help="where to build the random SD 1.5 folder (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=30, help="denoising steps (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=512, help="image height and width (default: %(default)s)")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per latency median (default: %(default)s)")
+    parser.add_argument("--graph-modes", default="false,true", help="cuda_graph settings to check, comma-separated")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    if not torch.cuda.is_available():
+        print("no CUDA GPU", file=sys.stderr)
+        return 2
+
+    record = {"check": "deepspeed-through-handler", "preset": "sd15", "date": datetime.now(timezone.utc).isoformat(),
+              "steps": args.steps, "height": args.size, "width": args.size, "guidance_scale": 7.5,
+              **versions(), "rows": []}
+    log.info("versions: %s", {k: record[k] for k in ("gpu", "torch", "diffusers", "transformers", "deepspeed")})
+
+    start = time.perf_counter()
+    if not (args.weights / "model_index.json").is_file():
+        save_pipeline("sd15", args.weights, seed=0, device="cuda", dtype=torch.float16)
+    record["build_s"] = round(time.perf_counter() - start, 1)
+
+    base = {"weights": str(args.weights), "num_inference_steps": args.steps, "height": args.size,
+            "width": args.size, "warmup_steps": 2}
+    requests = [GenerationRequest(prompt=p, negative_prompt=None, num_inference_steps=args.steps, guidance_scale=7.5,
+                                  height=args.size, width=args.size, seed=s)
+                for p, s in (("a photo of an astronaut riding a horse on mars", 1), ("a red fox in the snow", 2))]
+
+    eager = load_engine(EngineConfig(**base, backend="eager"), args.weights, torch.device("cuda:0"))
+    references = [pixels(eager.generate([r])[0].image) for r in requests]
+    batched = eager.generate(requests)  # both seeds in one call: images must not depend on batch neighbours
+    batch_rmse = max(float(np.sqrt(np.mean((pixels(b.image) - ref) ** 2))) for b, ref in zip(batched, references))
+    record["rows"].append({"backend": "eager", "cuda_graph": False,
+                           "latency_s_batch1": round(latency(eager, requests[0], args.runs), 4),
+                           "rmse_batch2_vs_batch1": round(batch_rmse, 5),
+                           "nan_pixels": int(sum(np.isnan(r).sum() for r in references))})
+    del eager, batched
+    free()
+
+    for mode in args.graph_modes.split(","):
+        record["rows"].append(check_handler(args.weights, base, mode.strip() == "true", requests, references,
+                                            args.runs))
+
+    failures = []
+    for row in record["rows"]:
+        if row["nan_pixels"]:
+            failures.append(f"{row['backend']} cuda_graph={row['cuda_graph']}: NaN pixels")
+        if row["backend"] == "deepspeed":
+            if not row["injected"].get("unet", {}).get("DeepSpeedDiffusersTransformerBlock"):
+                failures.append(f"cuda_graph={row['cuda_graph']}: no DeepSpeed transformer blocks in the UNet")
+            if any(r["status"] != 200 or r["content_type"] != "image/jpeg" for r in row["handler_responses"]):
+                failures.append(f"cuda_graph={row['cuda_graph']}: handler did not return JPEGs")
+            if max(row["rmse_vs_eager"]) > RMSE_LIMIT:
+                failures.append(f"cuda_graph={row['cuda_graph']}: RMSE {max(row['rmse_vs_eager'])} > {RMSE_LIMIT}")
+    record["failures"] = failures
+    text = json.dumps(record, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

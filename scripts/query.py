@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Ask a running TorchServe for an image and write it to disk (output-<timestamp>.jpg by default).
+
+Standard library only, so it runs anywhere. The token comes from --token, else $TS_INFERENCE_TOKEN, else the
+`inference` key in TorchServe's key_file.json (written into the directory `torchserve --start` ran in).
+--wait SECONDS first waits until the model has a READY worker (asks the management API with the management key).
+
+Exit codes: 0 image written; 1 the server answered with an HTTP error (its JSON message is printed);
+2 bad arguments; 3 the server could not be reached or did not become ready in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+
+FIELDS = ("negative_prompt", "num_inference_steps", "guidance_scale", "height", "width", "seed", "format", "quality")
+EXTENSIONS = {"image/jpeg": ".jpg", "image/png": ".png"}
+
+
+class ServerUnreachable(Exception):
+    pass
+
+
+def read_key(key_file: str | Path, kind: str = "inference") -> str:
+    """The `kind` key (inference, management or API) from TorchServe's key_file.json."""
+    return json.loads(Path(key_file).read_text())[kind]["key"]
+
+
+def request(url: str, token: str | None = None, body: bytes | None = None, content_type: str | None = None,
+            timeout: float = 600) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP call; returns (status, headers, body) for any HTTP answer, raises ServerUnreachable otherwise."""
+    req = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    if content_type:
+        req.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+        raise ServerUnreachable(f"{url}: {getattr(e, 'reason', e)}") from e
+
+
+def predict(base_url: str, model: str, payload: dict | str, token: str | None = None, timeout: float = 600):
+    """POST a JSON object (or a plain-text prompt) to /predictions/<model>; returns (status, headers, body)."""
+    if isinstance(payload, str):
+        body, content_type = payload.encode("utf-8"), "text/plain; charset=utf-8"
+    else:
+        body, content_type = json.dumps(payload).encode("utf-8"), "application/json"
+    return request(f"{base_url.rstrip('/')}/predictions/{model}", token, body, content_type, timeout)
+
+
+def wait_until_ready(management_url: str, model: str, key_file: str | Path | None, timeout: float) -> None:
+    """Poll GET /models/<model> until a worker is READY (TorchServe's /ping stays Healthy even while loading).
+
+    The management key is read from `key_file` on each try: `torchserve --start` returns before it writes the file.
+    """
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        token = read_key(key_file, "management") if key_file and Path(key_file).is_file() else None
+        try:
+            status, _, body = request(f"{management_url.rstrip('/')}/models/{model}", token, timeout=10)
+            if status == 200:
+                workers = [w for entry in json.loads(body) for w in entry.get("workers", [])]
+                if any(w.get("status") == "READY" for w in workers):
+                    return
+                last = f"workers {[w.get('status') for w in workers]}"
+            else:
+                last = f"HTTP {status}"
+        except ServerUnreachable as e:
+            last = str(e)
+        time.sleep(0.5)  # polling interval of an external condition, bounded by the deadline
+    raise ServerUnreachable(f"model {model!r} not ready after {timeout:.0f} s ({last})")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt", required=True, help="what to draw")
+    parser.add_argument("--negative-prompt", help="what to steer away from")
+    parser.add_argument("--num-inference-steps", type=int, help="denoising steps (server default if omitted)")
+    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale")
+    parser.add_argument("--height", type=int, help="image height in pixels, a multiple of 8")
+    parser.add_argument("--width", type=int, help="image width in pixels, a multiple of 8")
+    parser.add_argument("--seed", type=int, help="seed; the same seed and fields give the same image")
+    parser.add_argument("--format", choices=("jpeg", "png"), help="image format (server default: jpeg)")
+    parser.add_argument("--quality", type=int, help="JPEG quality 1-100")
+    parser.add_argument("--url", default="http://127.0.0.1:8080", help="inference address (default: %(default)s)")
+    parser.add_argument("--management-url", default="http://127.0.0.1:8081",
+                        help="management address, used by --wait (default: %(default)s)")
+    parser.add_argument("--model", default="stable-diffusion", help="model name (default: %(default)s)")
+    parser.add_argument("--token", help="inference token (default: $TS_INFERENCE_TOKEN or --key-file)")
+    parser.add_argument("--key-file", default="key_file.json",
+                        help="TorchServe's key file, read when no token is given (default: %(default)s)")
+    parser.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                        help="first wait up to SECONDS for the model to be ready (default: don't wait)")
+    parser.add_argument("--timeout", type=float, default=600, help="request timeout in seconds (default: 600)")
+    parser.add_argument("--output", type=Path, help="where to write the image (default: output-<timestamp>.<ext>)")
+    args = parser.parse_args(argv)
+
+    payload = {"prompt": args.prompt}
+    payload.update({f: getattr(args, f) for f in FIELDS if getattr(args, f) is not None})
+    key_file = Path(args.key_file)
+    try:
+        if args.wait:
+            wait_until_ready(args.management_url, args.model, key_file, args.wait)
+        token = args.token or os.environ.get("TS_INFERENCE_TOKEN")
+        if not token and key_file.is_file():
+            token = read_key(key_file)
+        start = time.perf_counter()
+        status, headers, body = predict(args.url, args.model, payload, token, args.timeout)
+    except ServerUnreachable as e:
+        print(f"error: could not reach TorchServe: {e}", file=sys.stderr)
+        return 3
+    if status != 200:
+        print(f"error: HTTP {status}: {body.decode('utf-8', 'replace')}", file=sys.stderr)
+        return 1
+
+    content_type = headers.get("Content-Type", headers.get("content-type", "")).split(";")[0]
+    output = args.output or Path(f"output-{datetime.now():%Y%m%d-%H%M%S}{EXTENSIONS.get(content_type, '.bin')}")
+    output.write_bytes(body)
+    print(f"wrote {output} ({len(body)} bytes, {content_type}, seed {headers.get('X-Seed', '?')}) "
+          f"in {time.perf_counter() - start:.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

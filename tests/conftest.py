@@ -1,0 +1,33 @@
+"""Shared fixtures: the tiny random model (built once per session, on the CPU) and an engine loaded from it."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from sd_engine.config import EngineConfig
+from sd_engine.engine import load_engine
+from sd_engine.random_models import save_pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU_MODEL_CONFIG = ROOT / "config" / "model-config-cpu.yaml"
+
+
+def cpu_handler_block() -> dict:
+    return yaml.safe_load(CPU_MODEL_CONFIG.read_text())["handler"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_pipeline("tiny", tmp_path_factory.mktemp("tiny-sd") / "weights", seed=0)
+
+
+@pytest.fixture(scope="session")
+def cpu_config() -> EngineConfig:
+    return EngineConfig.from_mapping(cpu_handler_block())
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_dir, cpu_config):
+    return load_engine(cpu_config, tiny_model_dir, torch.device("cpu"))

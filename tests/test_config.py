@@ -1,0 +1,66 @@
+"""EngineConfig: the `handler:` block of model-config.yaml."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sd_engine.config import EngineConfig
+from sd_engine.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name", ["model-config.yaml", "model-config-cpu.yaml"])
+def test_shipped_configs_parse(name):
+    block = yaml.safe_load((ROOT / "config" / name).read_text())["handler"]
+    config = EngineConfig.from_mapping(block)
+    assert config.weights == "model.zip"
+    assert config.backend == ("deepspeed" if name == "model-config.yaml" else "eager")
+
+
+def test_empty_block_gives_defaults():
+    assert EngineConfig.from_mapping(None) == EngineConfig()
+    assert EngineConfig.from_mapping({}).backend == "auto"
+
+
+def test_unknown_key_is_rejected_by_name():
+    with pytest.raises(ConfigError, match="unknown key.*'num_steps'"):
+        EngineConfig.from_mapping({"num_steps": 30})
+
+
+@pytest.mark.parametrize("key, value", [
+    ("cuda_graph", "yes"), ("num_inference_steps", 30.5), ("num_inference_steps", True), ("height", "512"),
+    ("guidance_scale", "high"), ("guidance_scale", float("nan")), ("backend", 3),
+])
+def test_wrong_type_is_rejected_by_name(key, value):
+    with pytest.raises(ConfigError, match=f"handler.{key} must be a"):
+        EngineConfig.from_mapping({key: value})
+
+
+def test_int_is_accepted_for_float():
+    assert EngineConfig.from_mapping({"guidance_scale": 7}).guidance_scale == 7.0
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"backend": "tensorrt"}, "backend must be one of"),
+    ({"dtype": "bfloat16"}, "dtype must be one of"),
+    ({"format": "gif"}, "format must be one of"),
+    ({"height": 500}, "height must be a positive multiple of 8"),
+    ({"quality": 0}, "quality must be in 1..100"),
+    ({"num_inference_steps": 200}, "above handler.max_num_inference_steps"),
+    ({"width": 2048}, "above handler.max_width"),
+    ({"backend": "eager", "cuda_graph": True}, "cuda_graph: true needs backend deepspeed"),
+    ({"backend": "deepspeed", "dtype": "float32"}, "float16 only"),
+    ({"cuda_graph": True, "guidance_scale": 1.0}, "needs guidance_scale > 1"),
+    ({"warmup_steps": 0}, "warmup_steps must be >= 1"),
+])
+def test_invalid_values_and_combinations_fail_before_loading(block, message):
+    with pytest.raises(ConfigError, match=message):
+        EngineConfig.from_mapping(block)
+
+
+def test_config_is_frozen():
+    config = EngineConfig()
+    with pytest.raises(AttributeError):
+        config.backend = "eager"

@@ -1,0 +1,89 @@
+"""The TorchServe handler driven in-process with TorchServe's own Context and RequestProcessor.
+
+TorchServe 0.12's MockContext has no per-request response API (set_response_status, content type, headers), so these
+tests build the real ts.context.Context the worker passes, as ts/service.py does.
+"""
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from ts.context import Context, RequestProcessor
+
+from conftest import cpu_handler_block
+from package_model import zip_weights
+from sd_handler import StableDiffusionHandler
+
+
+@pytest.fixture(scope="module")
+def handler_and_context(tmp_path_factory, tiny_model_dir):
+    model_dir = tmp_path_factory.mktemp("model_dir")
+    zip_weights(tiny_model_dir, model_dir / "model.zip")
+    context = Context("stable-diffusion", str(model_dir), {"model": {}}, 4, None, "0.12.0",
+                      model_yaml_config={"minWorkers": 1, "handler": cpu_handler_block()})
+    handler = StableDiffusionHandler()
+    handler.initialize(context)
+    return handler, context
+
+
+def handle(handler, context, bodies):
+    context.request_processor = [RequestProcessor({}) for _ in bodies]
+    outputs = handler.handle([{"body": b} for b in bodies], context)
+    assert len(outputs) == len(bodies)
+    return [(context.get_response_status(i)[0], context.get_response_content_type(i),
+             context.get_response_headers(i), out) for i, out in enumerate(outputs)]
+
+
+def test_initialize_extracts_the_zip_and_loads_the_engine(handler_and_context):
+    handler, context = handler_and_context
+    assert handler.initialized
+    assert handler.engine.backend == "eager" and handler.engine.device.type == "cpu"
+    assert (Path(context.system_properties["model_dir"]) / "model" / "model_index.json").is_file()
+
+
+def test_batch_with_one_bad_request_answers_each_on_its_own(handler_and_context):
+    handler, context = handler_and_context
+    results = handle(handler, context, [
+        "a plain text prompt",
+        {"prompt": "bad", "height": 100},
+        {"prompt": "png please", "format": "png", "seed": 9, "width": 96},
+        bytearray(b'{"prompt": "json bytes", "seed": 3}'),
+    ])
+    status, content_type, _, body = results[1]
+    assert (status, content_type) == (400, "application/json")
+    assert json.loads(body)["field"] == "height" and json.loads(body)["value"] == 100
+
+    for i, expected_type, size in ((0, "image/jpeg", (64, 64)), (2, "image/png", (96, 64)), (3, "image/jpeg", (64, 64))):
+        status, content_type, headers, body = results[i]
+        assert (status, content_type) == (200, expected_type)
+        image = Image.open(io.BytesIO(body))
+        assert image.format == ("PNG" if expected_type == "image/png" else "JPEG") and image.size == size
+    assert results[2][2]["X-Seed"] == "9" and results[3][2]["X-Seed"] == "3"
+
+
+def test_form_encoded_or_empty_body_is_a_400_naming_body(handler_and_context):
+    handler, context = handler_and_context
+    context.request_processor = [RequestProcessor({}), RequestProcessor({})]
+    outputs = handler.handle([{'{"prompt": "x"}': b""}, {}], context)
+    for i, out in enumerate(outputs):
+        assert context.get_response_status(i)[0] == 400
+        assert json.loads(out)["field"] == "body"
+
+
+def test_generation_failure_is_a_per_request_500_and_the_handler_lives_on(handler_and_context, monkeypatch):
+    handler, context = handler_and_context
+    real_pipe = handler.engine.pipe
+
+    def pipe_failing_on_tall_images(**kwargs):  # a fault the tiny CPU model cannot produce by itself
+        if kwargs["height"] == 128:
+            raise RuntimeError("simulated kernel failure")
+        return real_pipe(**kwargs)
+
+    monkeypatch.setattr(handler.engine, "pipe", pipe_failing_on_tall_images)
+    results = handle(handler, context, [{"prompt": "tall", "height": 128}, {"prompt": "fine"}])
+    assert results[0][0] == 500 and "simulated kernel failure" in json.loads(results[0][3])["message"]
+    assert results[1][0] == 200
+    monkeypatch.undo()
+    assert handle(handler, context, [{"prompt": "tall again", "height": 128}])[0][0] == 200
