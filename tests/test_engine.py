@@ -85,14 +85,16 @@ def test_a_failing_group_fails_only_its_requests(cpu_config, error, expected, st
     assert isinstance(results[1], expected) and results[1].status == status
 
 
-def test_deepspeed_backend_needs_cuda(cpu_config, tiny_model_dir):
+def test_deepspeed_backend_and_cuda_graphs_need_cuda(cpu_config, tiny_model_dir):
     with pytest.raises(ConfigError, match="deepspeed needs a CUDA GPU"):
         load_engine(cpu_config.replace(backend="deepspeed"), tiny_model_dir, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="cuda_graph: true needs a CUDA GPU"):
+        load_engine(cpu_config.replace(cuda_graph=True), tiny_model_dir, torch.device("cpu"))
     assert resolve_backend("auto", "cpu") == "eager"
     assert resolve_backend("auto", "cuda") == "deepspeed"
 
 
-def test_deepspeed_branch_calls_init_inference_with_the_clip_shim(monkeypatch, tiny_model_dir):
+def test_deepspeed_branch_calls_init_inference_with_the_clip_shim(monkeypatch, tiny_model_dir, cpu_config):
     """deepspeed.init_inference needs a GPU; a fake module stands in to check what our branch hands it."""
     from sd_engine.loading import load_pipeline
 
@@ -112,9 +114,9 @@ def test_deepspeed_branch_calls_init_inference_with_the_clip_shim(monkeypatch, t
 
     monkeypatch.setitem(sys.modules, "deepspeed", types.SimpleNamespace(init_inference=init_inference,
                                                                          __version__="fake"))
-    assert optimize(pipe, "deepspeed", cuda_graph=True) is pipe
+    assert optimize(pipe, cpu_config.replace(backend="deepspeed"), torch.device("cpu"), "deepspeed") is pipe
     assert seen["dtype"] is torch.half and seen["replace_with_kernel_inject"] is True
-    assert seen["enable_cuda_graph"] is True
+    assert seen["enable_cuda_graph"] is False  # DeepSpeed's one-shape graphs stay off; ours are shape-keyed
     assert seen["text_model"] is pipe.text_encoder  # DSClipEncoder reaches enc.text_model
     assert pipe.text_encoder not in list(pipe.text_encoder.children())  # not registered as a submodule
     assert injection_report(pipe)["unet"] == {"DSUNet": 1}

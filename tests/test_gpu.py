@@ -51,3 +51,29 @@ def test_deepspeed_through_the_handler_injects_kernels_and_matches_eager(sd15_di
     image = np.asarray(handler.engine.generate([request])[0].image, dtype=np.float64) / 255
     assert not np.isnan(image).any()
     assert np.sqrt(np.mean((image - reference) ** 2)) <= 0.02
+
+
+@pytest.mark.parametrize("backend", ["eager", "deepspeed"])
+def test_cuda_graphs_are_shape_safe(sd15_dir, backend):
+    """Batch 1 -> 3 -> 1 and 512 -> 768 -> 512 through one graphed engine give the images eager gives."""
+    base = dict(SETTINGS, weights=str(sd15_dir), max_height=1024, max_width=1024)
+    sequence = [(1, 512), (3, 512), (1, 512), (1, 768), (1, 512)]
+
+    def run(engine):
+        out = []
+        for batch, size in sequence:
+            requests = [parse_request({"prompt": f"a fox {i}", "seed": i, "height": size, "width": size},
+                                      engine.config) for i in range(batch)]
+            out.append([np.asarray(r.image, dtype=np.float64) / 255 for r in engine.generate(requests)])
+        return out
+
+    eager = load_engine(EngineConfig.from_mapping(dict(base, backend="eager")), sd15_dir, torch.device("cuda:0"))
+    expected = run(eager)
+    del eager
+    torch.cuda.empty_cache()
+    graphed = load_engine(EngineConfig.from_mapping(dict(base, backend=backend, cuda_graph=True)), sd15_dir,
+                          torch.device("cuda:0"))
+    for (batch, size), images, references in zip(sequence, run(graphed), expected):
+        assert len(images) == batch and images[0].shape == (size, size, 3)
+        for image, reference in zip(images, references):
+            assert np.sqrt(np.mean((image - reference) ** 2)) <= 0.02, (batch, size)

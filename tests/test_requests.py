@@ -92,16 +92,6 @@ def test_error_body_names_field_and_value():
                                       "message": "`height` must be a multiple of 8, got 100"}
 
 
-def test_cuda_graph_mode_pins_the_captured_shape():
-    config = CONFIG.replace(backend="deepspeed", cuda_graph=True)
-    assert parse_request({"prompt": "x", "height": 64}, config).height == 64
-    for body, field in (({"prompt": "x", "height": 128}, "height"), ({"prompt": "x", "width": 128}, "width"),
-                        ({"prompt": "x", "guidance_scale": 1.0}, "guidance_scale")):
-        with pytest.raises(InvalidRequest, match="cuda_graph is on") as caught:
-            parse_request(body, config)
-        assert caught.value.field == field
-
-
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
                                                                                        max_size=3), max_leaves=8)

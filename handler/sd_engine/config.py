@@ -26,9 +26,15 @@ class EngineConfig:
     weights: str = "model.zip"
     # auto: deepspeed on CUDA, eager on CPU. deepspeed: kernel injection into UNet, VAE and CLIP (CUDA, fp16 only).
     backend: str = "auto"
-    # DeepSpeed's CUDA graphs. Each graph is captured once for the first shape it sees, so with this on every request
-    # must use the configured height/width and guidance > 1, and requests run one at a time (see engine.py).
+    # CUDA graphs for UNet, text encoder and VAE decoder, one per input shape (see graphs.py); CUDA only.
     cuda_graph: bool = False
+    # How many shapes (batch size x resolution x guidance on/off) keep a graph per module; least recently used go.
+    max_cuda_graphs: int = 8
+    # Store UNet and VAE weights channels-last (NHWC), which cuDNN's tensor-core convolutions prefer.
+    channels_last: bool = False
+    # Where DeepSpeed caches its JIT-built CUDA ops (TORCH_EXTENSIONS_DIR, unless that is set already). Point it at a
+    # persistent volume so a restart skips the build; empty: DeepSpeed's default (~/.cache/torch_extensions).
+    extensions_dir: str = ""
     # auto: float16 on CUDA, float32 on CPU.
     dtype: str = "auto"
     # Run one generation at load time so the first request does not pay for JIT builds and graph capture.
@@ -74,14 +80,10 @@ class EngineConfig:
         _choice("backend", self.backend, BACKENDS)
         _choice("dtype", self.dtype, DTYPES)
         _choice("format", self.format, FORMATS)
-        if self.cuda_graph and self.backend == "eager":
-            raise ConfigError("handler.cuda_graph: true needs backend deepspeed (or auto on a GPU), not eager")
         if self.backend == "deepspeed" and self.dtype == "float32":
             raise ConfigError("handler.backend deepspeed runs in float16 only; set dtype: auto or float16")
-        if self.cuda_graph and self.guidance_scale <= 1.0:
-            raise ConfigError("handler.cuda_graph: true needs guidance_scale > 1 (the graphs are captured with "
-                              "classifier-free guidance)")
-        for name in ("warmup_steps", "num_inference_steps", "max_num_inference_steps", "max_prompt_chars"):
+        for name in ("warmup_steps", "num_inference_steps", "max_num_inference_steps", "max_prompt_chars",
+                     "max_cuda_graphs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"handler.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("height", "width", "max_height", "max_width"):

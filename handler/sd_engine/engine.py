@@ -5,8 +5,7 @@
 
 Batching: requests whose shapes match (height, width, steps, guidance) run in one pipeline call, each with its own
 seeded generator, so a request's image depends on its seed and not on its batch neighbours. The generators live on the
-CPU so that a seed gives the same starting noise on any device. With DeepSpeed's CUDA graphs on, every call must have
-the captured shape, so requests run one at a time.
+CPU so that a seed gives the same starting noise on any device.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from PIL import Image
 from .config import EngineConfig
 from .errors import EngineError, GenerationError, OutOfMemory
 from .loading import load_pipeline
-from .optimize import optimize, resolve_backend
+from .optimize import check_device, optimize, resolve_backend
 from .requests import GenerationRequest
 
 logger = logging.getLogger(__name__)
@@ -57,8 +56,6 @@ class Engine:
         return results
 
     def _groups(self, requests: Sequence[GenerationRequest]) -> list[list[int]]:
-        if self.config.cuda_graph:
-            return [[i] for i in range(len(requests))]
         groups: dict[tuple, list[int]] = {}
         for i, request in enumerate(requests):
             groups.setdefault(request.shape_key, []).append(i)
@@ -133,6 +130,7 @@ def load_engine(config: EngineConfig, source: str | Path, device: torch.device) 
     """Load -> optimize -> warm up. `source` is a local diffusers folder (or a hub id, for scripts)."""
     # 1. Decide everything that can fail without weights.
     backend = resolve_backend(config.backend, device.type)
+    check_device(config, device)
     dtype = resolve_dtype(config, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -144,7 +142,7 @@ def load_engine(config: EngineConfig, source: str | Path, device: torch.device) 
 
     # 3. Optimize.
     start = time.perf_counter()
-    optimize(pipe, backend, config.cuda_graph)
+    optimize(pipe, config, device, backend)
     optimize_s = time.perf_counter() - start
 
     # 4. Warm up.

@@ -1,16 +1,26 @@
-"""Optimization backends: one function, `optimize(pipe, backend, cuda_graph)`, that changes the pipeline in place.
+"""Optimization: one function, `optimize(pipe, config, device)`, that changes a loaded pipeline in place.
 
-- eager: the plain diffusers pipeline (PyTorch SDPA attention). The only backend on CPU.
-- deepspeed: `deepspeed.init_inference(pipe, dtype=float16, replace_with_kernel_inject=True)`. DeepSpeed swaps the
-  UNet's attention and transformer blocks for its fused kernels and wraps UNet, VAE and CLIP text encoder in its
-  DSUNet / DSVAE / DSClipEncoder (optionally CUDA-graph-captured). deepspeed is imported inside the branch: it is
-  heavy, GPU-only here, and TorchServe's loader would hide an ImportError raised at module import time.
+A straight run of steps, each an option of EngineConfig:
+1. channels_last: UNet and VAE weights in NHWC, which cuDNN's tensor-core convolutions prefer.
+2. backend
+   - eager: the plain diffusers pipeline (PyTorch SDPA attention). The only backend on CPU.
+   - deepspeed: `deepspeed.init_inference(pipe, dtype=float16, replace_with_kernel_inject=True)`. DeepSpeed swaps
+     the UNet's attention and transformer blocks for its fused kernels and wraps UNet, VAE and CLIP text encoder in
+     DSUNet / DSVAE / DSClipEncoder. Its own CUDA graphs are left off: they are captured once, for the first shape.
+     deepspeed is imported inside the branch: it is heavy, GPU-only here, and TorchServe's loader would hide an
+     ImportError raised at module import time.
+3. cuda_graph: our shape-keyed CUDA graphs (graphs.py) around UNet, text encoder and VAE decoder, for any backend.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
+
+import torch
+
+from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -20,25 +30,42 @@ def resolve_backend(backend: str, device_type: str) -> str:
     if backend == "auto":
         return "deepspeed" if device_type == "cuda" else "eager"
     if backend == "deepspeed" and device_type != "cuda":
-        from .errors import ConfigError
-
         raise ConfigError(f"handler.backend deepspeed needs a CUDA GPU, but this worker runs on {device_type}")
     return backend
 
 
-def optimize(pipe, backend: str, cuda_graph: bool = False):
-    """Apply `backend` to a pipeline already on its device and in its dtype. Returns the same pipeline object."""
-    if backend == "eager":
-        logger.info("backend eager: plain diffusers pipeline")
-        return pipe
+def check_device(config, device: torch.device) -> None:
+    if config.cuda_graph and device.type != "cuda":
+        raise ConfigError(f"handler.cuda_graph: true needs a CUDA GPU, but this worker runs on {device.type}")
+
+
+def optimize(pipe, config, device: torch.device, backend: str):
+    """Apply config's optimizations to a pipeline already on `device` and in its dtype. Returns the same pipeline."""
+    if config.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+        logger.info("channels_last: UNet and VAE weights in NHWC")
     if backend == "deepspeed":
-        return _deepspeed(pipe, cuda_graph)
-    raise ValueError(f"unknown backend {backend!r}")
+        deepspeed_inject(pipe, extensions_dir=config.extensions_dir)
+    else:
+        logger.info("backend eager: plain diffusers pipeline")
+    if config.cuda_graph:
+        from .graphs import graph_pipeline
+
+        # DeepSpeed reallocates its attention workspace when the batch grows; graphs made before would be stale.
+        graph_pipeline(pipe, device, config.max_cuda_graphs, reset_on_larger_batch=backend == "deepspeed")
+        logger.info("cuda_graph: UNet, text encoder and VAE decoder captured per input shape (up to %d each)",
+                    config.max_cuda_graphs)
+    return pipe
 
 
-def _deepspeed(pipe, cuda_graph: bool):
+def deepspeed_inject(pipe, enable_cuda_graph: bool = False, extensions_dir: str = ""):
+    """DeepSpeed kernel injection into the pipeline, in place. `enable_cuda_graph` is DeepSpeed's own one-shape
+    graph, kept for benchmarking it against ours."""
+    if extensions_dir:
+        # Where DeepSpeed's JIT-built CUDA ops are cached; a persistent directory makes restarts skip the build.
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir)
     import deepspeed
-    import torch
 
     # transformers >= 5.6 flattened CLIPTextModel: the `text_model` submodule is gone and its layers live on the
     # model itself. DeepSpeed 0.19.8's DSClipEncoder still does `enc.text_model._build_causal_attention_mask = ...`,
@@ -49,11 +76,12 @@ def _deepspeed(pipe, cuda_graph: bool):
         object.__setattr__(encoder, "text_model", encoder)
 
     # DeepSpeed mutates the pipeline in place (pipe.unet becomes DSUNet, ...); the returned engine is not needed.
-    # Its kernels JIT-build on first use: set TORCH_CUDA_ARCH_LIST and TORCH_EXTENSIONS_DIR so they are built for
-    # the right GPU once and cached across restarts.
-    deepspeed.init_inference(pipe, dtype=torch.half, replace_with_kernel_inject=True, enable_cuda_graph=cuda_graph)
+    # Its kernels JIT-build on first use: set TORCH_CUDA_ARCH_LIST so they are built for this GPU only.
+    deepspeed.init_inference(pipe, dtype=torch.half, replace_with_kernel_inject=True,
+                             enable_cuda_graph=enable_cuda_graph)
     replaced = injection_report(pipe)
-    logger.info("backend deepspeed %s (cuda_graph=%s): %s", deepspeed.__version__, cuda_graph, replaced)
+    logger.info("backend deepspeed %s (its own cuda graph %s, extensions in %s): %s", deepspeed.__version__,
+                enable_cuda_graph, os.environ.get("TORCH_EXTENSIONS_DIR", "the default cache"), replaced)
     if not replaced.get("unet"):
         raise RuntimeError("DeepSpeed kernel injection replaced nothing in the UNet; refusing to serve unoptimized")
     return pipe

@@ -83,14 +83,6 @@ def parse_request(body: Any, config: EngineConfig) -> GenerationRequest:
         raise InvalidRequest("format", fmt, "must be one of jpeg, png")
     quality = _int(fields, "quality", config.quality, 1, 100)
 
-    if config.cuda_graph:
-        # DeepSpeed captures each CUDA graph once; another shape would fail or silently broadcast.
-        for name, value, fixed in (("height", height, config.height), ("width", width, config.width)):
-            if value != fixed:
-                raise InvalidRequest(name, value, f"must be {fixed} on this server (cuda_graph is on)")
-        if guidance <= 1.0:
-            raise InvalidRequest("guidance_scale", guidance, "must be > 1 on this server (cuda_graph is on)")
-
     return GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
                              guidance_scale=guidance, height=height, width=width, seed=seed,
                              format=FORMAT_ALIASES[fmt.lower()], quality=quality)

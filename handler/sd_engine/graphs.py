@@ -1,0 +1,126 @@
+"""Shape-safe CUDA graphs: a bounded cache of graphs per module, keyed by the shapes of the call's inputs.
+
+A CUDA graph replays fixed kernels on fixed memory, so it is only valid for the input shapes it was captured with.
+DeepSpeed's own graph wrappers capture once, for the first call, and later calls of another batch size or resolution
+fail or silently broadcast. Here each distinct input signature (tensor shapes, dtypes, and the non-tensor arguments)
+gets its own graph, captured on first use and kept in a least-recently-used cache of `max_graphs` entries.
+
+All graphs of a pipeline share one memory pool: the pipeline calls its modules one after another on one stream and
+every output is cloned before the next replay, so one graph's scratch memory may be reused by the next.
+
+DeepSpeed's attention kernels keep one workspace buffer that is freed and reallocated when the batch grows past the
+largest seen; graphs captured before that point would write into freed memory. `reset_on_larger_batch` drops every
+graph of the cache before capturing a larger batch than it has seen.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Any, Callable
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+logger = logging.getLogger(__name__)
+
+
+class _Entry:
+    def __init__(self, graph, static_leaves, static_output):
+        self.graph = graph
+        self.static_leaves = static_leaves
+        self.static_output = static_output
+
+
+class GraphCache:
+    """Wraps `fn` so that each input signature replays its own captured CUDA graph."""
+
+    def __init__(self, fn: Callable, name: str, device: torch.device, pool=None, max_graphs: int = 8,
+                 reset_on_larger_batch: bool = False, warmup_calls: int = 2):
+        self.fn = fn
+        self.name = name
+        self.device = device
+        self.pool = pool
+        self.max_graphs = max_graphs
+        self.reset_on_larger_batch = reset_on_larger_batch
+        self.warmup_calls = warmup_calls
+        self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
+        self.largest_batch = 0
+        self.captures = 0
+
+    def __call__(self, *args, **kwargs):
+        leaves, spec = tree_flatten((args, kwargs))
+        key = signature(leaves, spec)
+        if key is None:  # e.g. a python number that changes every call: a graph per value would thrash the cache
+            return self.fn(*args, **kwargs)
+        entry = self.entries.get(key)
+        if entry is None:
+            entry = self._add(key, leaves, spec)
+        else:
+            self.entries.move_to_end(key)
+        for static, leaf in zip(entry.static_leaves, leaves):
+            if isinstance(leaf, torch.Tensor):
+                static.copy_(leaf, non_blocking=True)
+        entry.graph.replay()
+        # Outputs are cloned: the static output is overwritten by the next replay, and callers such as PNDM's
+        # scheduler keep earlier model outputs.
+        return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, entry.static_output)
+
+    def _add(self, key: tuple, leaves: list, spec) -> _Entry:
+        batch = max((leaf.shape[0] for leaf in leaves if isinstance(leaf, torch.Tensor) and leaf.dim()), default=0)
+        if self.reset_on_larger_batch and batch > self.largest_batch and self.entries:
+            logger.info("%s: batch %d is larger than any captured; dropping %d graph(s)", self.name, batch,
+                        len(self.entries))
+            self.entries.clear()
+        self.largest_batch = max(self.largest_batch, batch)
+        while len(self.entries) >= self.max_graphs:
+            self.entries.popitem(last=False)
+        entry = self._capture(leaves, spec)
+        self.entries[key] = entry
+        self.captures += 1
+        logger.info("%s: captured CUDA graph %d for %s (%d cached)", self.name, self.captures,
+                    [tuple(leaf.shape) for leaf in leaves if isinstance(leaf, torch.Tensor)], len(self.entries))
+        return entry
+
+    def _capture(self, leaves: list, spec) -> _Entry:
+        # Inputs live on the graph's device so that nothing inside the graph copies from host memory.
+        static_leaves = [leaf.to(self.device).clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        args, kwargs = tree_unflatten(static_leaves, spec)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up outside the graph: lazy init, workspaces, cuDNN/cuBLAS choices
+            for _ in range(self.warmup_calls):
+                self.fn(*args, **kwargs)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            static_output = self.fn(*args, **kwargs)
+        return _Entry(graph, static_leaves, static_output)
+
+
+def signature(leaves: list, spec) -> tuple | None:
+    """Hashable description of a call: tensor shapes/dtypes/devices plus the plain non-tensor values."""
+    parts: list[Any] = [str(spec)]
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            parts.append((tuple(leaf.shape), leaf.dtype, leaf.device.type))
+        elif leaf is None or isinstance(leaf, (bool, str)):
+            parts.append(leaf)
+        else:
+            return None
+    return tuple(parts)
+
+
+def graph_pipeline(pipe, device: torch.device, max_graphs: int = 8, reset_on_larger_batch: bool = False) -> dict:
+    """Route the pipeline's UNet, text encoder and VAE decoder through GraphCaches (patched in place)."""
+    pool = torch.cuda.graph_pool_handle()
+    unet = GraphCache(pipe.unet.forward, "unet", device, pool, max_graphs, reset_on_larger_batch)
+    text = GraphCache(pipe.text_encoder.forward, "text_encoder", device, pool, max_graphs)
+    # AutoencoderKL.decode accepts a `generator` and ignores it; dropping it keeps the call graphable.
+    vae_decode = pipe.vae.decode
+    vae = GraphCache(lambda z, return_dict=True: vae_decode(z, return_dict=return_dict), "vae_decode", device, pool,
+                     max_graphs)
+    pipe.unet.forward = unet
+    pipe.text_encoder.forward = text
+    pipe.vae.decode = lambda z, return_dict=True, generator=None: vae(z, return_dict=return_dict)
+    return {"unet": unet, "text_encoder": text, "vae_decode": vae}

@@ -1,0 +1,298 @@
+#!/usr/bin/env python3
+"""Side-by-side GPU benchmark of the engine's backends on an SD architecture with random weights, in one process.
+
+For each backend and batch size: end-to-end latency (median of --runs after a warm-up), images/s, mean UNet step
+(one UNet call at batch 2B under classifier-free guidance), text-encoder and VAE-decode time per pipeline call
+(CUDA events around the modules during the timed runs), peak GPU memory, and parity (RMSE on [0,1] pixels and NaN
+count) against eager float16 on the same seeds and batch. Speed equals real weights; quality is parity.
+
+Backends form a ladder: eager fp32 -> eager fp16 -> + our CUDA graphs -> DeepSpeed kernels -> DeepSpeed + its own
+graph (stock) -> DeepSpeed + our graphs -> ours (eager + channels_last + our graphs). It also records a shape-safety
+check (batch 1 -> 3 -> 1 and 512 -> 768 -> 512 through one graphed engine, compared with eager) and the cold start
+(fresh process -> engine ready, DeepSpeed's JIT build already cached).
+
+Writes <out-dir>/<gpu>-<preset>-<date>.json (a list of rows under "rows") and a .png plot next to it, after every row,
+so a run cut short keeps what it measured. Progress on stderr. Exit codes: 0 done; 1 a backend failed; 2 no CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sd_engine.config import EngineConfig
+from sd_engine.engine import Engine, GenerationResult, load_engine
+from sd_engine.loading import load_pipeline
+from sd_engine.optimize import deepspeed_inject
+from sd_engine.random_models import save_pipeline
+from sd_engine.requests import GenerationRequest
+
+log = logging.getLogger("benchmark")
+PRESET_SIZES = {"sd15": 512}
+BACKENDS = {  # name -> handler: block overrides; None marks stock DeepSpeed, built by hand below
+    "eager-fp16": {"backend": "eager"},
+    "eager-fp32": {"backend": "eager", "dtype": "float32"},
+    "eager-fp16+graph": {"backend": "eager", "cuda_graph": True},
+    "deepspeed": {"backend": "deepspeed"},
+    "deepspeed+stock-graph": None,
+    "deepspeed+graph": {"backend": "deepspeed", "cuda_graph": True},
+    "ours": {"backend": "eager", "cuda_graph": True, "channels_last": True},
+}
+LADDER_ONLY = {"eager-fp32", "deepspeed", "deepspeed+stock-graph"}  # run at batch 1 and 8 only
+
+
+def requests_for(batch: int, steps: int, size: int) -> list[GenerationRequest]:
+    return [GenerationRequest(prompt=f"a photo of an astronaut riding a horse on mars, take {i}", negative_prompt=None,
+                              num_inference_steps=steps, guidance_scale=7.5, height=size, width=size, seed=1000 + i)
+            for i in range(batch)]
+
+
+class ComponentTimer:
+    """CUDA events around every UNet / text encoder / VAE decode call of the pipeline, read after a sync."""
+
+    def __init__(self, pipe):
+        self.spans = {"unet": [], "text_encoder": [], "vae": []}
+        self.handles = []
+        for name in ("unet", "text_encoder"):
+            module = getattr(pipe, name)
+            self.handles.append(module.register_forward_pre_hook(lambda m, a, name=name: self._start(name)))
+            self.handles.append(module.register_forward_hook(lambda m, a, o, name=name: self._stop(name)))
+        self.pipe, self.decode = pipe, pipe.vae.decode
+
+        def timed_decode(*args, **kwargs):
+            self._start("vae")
+            out = self.decode(*args, **kwargs)
+            self._stop("vae")
+            return out
+
+        pipe.vae.decode = timed_decode
+
+    def _start(self, name):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self.spans[name].append([event, None])
+
+    def _stop(self, name):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self.spans[name][-1][1] = event
+
+    def mean_ms(self) -> dict[str, float]:
+        torch.cuda.synchronize()
+        return {name: round(statistics.mean(a.elapsed_time(b) for a, b in spans), 3) if spans else None
+                for name, spans in self.spans.items()}
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+        self.pipe.vae.decode = self.decode
+
+
+def pixels(results) -> list[np.ndarray]:
+    for r in results:
+        if not isinstance(r, GenerationResult):
+            raise RuntimeError(f"generation failed: {r}")
+    return [np.asarray(r.image, dtype=np.float64) / 255.0 for r in results]
+
+
+def rmse(images, references) -> float:
+    return max(float(np.sqrt(np.mean((a - b) ** 2))) for a, b in zip(images, references))
+
+
+def measure(engine: Engine, batch: int, args, references: dict) -> dict:
+    requests = requests_for(batch, args.steps, args.size)
+    images = pixels(engine.generate(requests))  # warm-up: captures graphs for this shape
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    timer = ComponentTimer(engine.pipe)
+    times = []
+    for _ in range(args.runs):
+        start = time.perf_counter()
+        engine.generate(requests)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    components = timer.mean_ms()
+    timer.remove()
+    latency = statistics.median(times)
+    reference = references.setdefault(batch, images)
+    return {"batch": batch, "latency_s": round(latency, 4), "images_per_s": round(batch / latency, 3),
+            "unet_step_ms": components["unet"], "text_encoder_ms": components["text_encoder"],
+            "vae_ms": components["vae"], "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "rmse_vs_eager": round(rmse(images, reference), 5), "nan_pixels": int(sum(np.isnan(i).sum() for i in images)),
+            "runs_s": [round(t, 4) for t in times]}
+
+
+def build_engine(name: str, base: dict, weights: Path) -> Engine:
+    overrides = BACKENDS[name]
+    device = torch.device("cuda:0")
+    if overrides is not None:
+        return load_engine(EngineConfig.from_mapping({**base, **overrides}), weights, device)
+    # Stock DeepSpeed: kernel injection + DeepSpeed's own graphs, captured at the first call (one shape only).
+    pipe = load_pipeline(weights, torch.float16).to(device)
+    deepspeed_inject(pipe, enable_cuda_graph=True)
+    return Engine(pipe, EngineConfig.from_mapping({**base, "backend": "deepspeed"}), device, "deepspeed")
+
+
+def free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def shape_safety(name: str, base: dict, weights: Path, steps: int, eager_images: dict) -> dict:
+    """One graphed engine through batch 1 -> 3 -> 1 and 512 -> 768 -> 512; each result against eager."""
+    engine = build_engine(name, base, weights)
+    sequence = [(1, 512), (3, 512), (1, 512), (1, 768), (1, 512)]
+    out = []
+    for batch, size in sequence:
+        requests = requests_for(batch, steps, size)
+        images = pixels(engine.generate(requests))
+        out.append({"batch": batch, "size": size, "rmse_vs_eager": round(rmse(images, eager_images[(batch, size)]), 5)})
+    del engine
+    free()
+    return {"backend": name, "sequence": out}
+
+
+def cold_start(name: str, base: dict, weights: Path) -> float:
+    """Seconds from a fresh Python process to a ready engine (imports, load, optimize, warm-up)."""
+    config = json.dumps({**base, **BACKENDS[name]})
+    code = ("import json, sys, time, torch; t = time.perf_counter(); from sd_engine.config import EngineConfig; "
+            "from sd_engine.engine import load_engine; "
+            f"load_engine(EngineConfig.from_mapping(json.loads({config!r})), {str(weights)!r}, torch.device('cuda:0')); "
+            "print(time.perf_counter() - t)")
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    return round(time.perf_counter() - start, 1)
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in record["rows"] if "error" not in r]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    batch1 = [r for r in rows if r["batch"] == 1]
+    left.barh([r["backend"] for r in batch1], [r["latency_s"] for r in batch1], color="tab:blue")
+    for i, r in enumerate(batch1):
+        left.text(r["latency_s"], i, f" {r['latency_s']:.3f} s", va="center")
+    left.set_xlabel("latency, batch 1 (s, lower is better)")
+    left.invert_yaxis()
+    for name in dict.fromkeys(r["backend"] for r in rows):
+        points = sorted((r["batch"], r["images_per_s"]) for r in rows if r["backend"] == name)
+        right.plot(*zip(*points), marker="o", label=name)
+    right.set_xlabel("batch size")
+    right.set_ylabel("images/s (higher is better)")
+    right.set_xscale("log", base=2)
+    right.legend(fontsize=8)
+    fig.suptitle(f"{record['gpu']}: {record['preset']} architecture, {record['height']}x{record['width']}, "
+                 f"{record['steps']} steps, CFG 7.5 (torch {record['torch']}, deepspeed {record['deepspeed']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESET_SIZES), default="sd15", help="architecture (default: sd15)")
+    parser.add_argument("--steps", type=int, default=30, help="denoising steps (default: %(default)s)")
+    parser.add_argument("--batch-sizes", default="1,4,8,16", help="comma-separated (default: %(default)s)")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per row, median reported (default: 3)")
+    parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated subset of: "
+                        + ", ".join(BACKENDS))
+    parser.add_argument("--weights", type=Path, default=Path("/tmp/bench-weights"),
+                        help="where to build the random-weight folder (default: %(default)s)")
+    parser.add_argument("--out-dir", type=Path, default=Path("bench/results"), help="where the JSON and PNG go")
+    parser.add_argument("--skip-extras", action="store_true", help="skip the shape-safety and cold-start checks")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    if not torch.cuda.is_available():
+        print("no CUDA GPU", file=sys.stderr)
+        return 2
+    import deepspeed
+    import diffusers
+
+    args.size = PRESET_SIZES[args.preset]
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    gpu = torch.cuda.get_device_name(0)
+    stem = f"{gpu.replace('NVIDIA ', '').split()[0].lower()}-{args.preset}-{date.today().isoformat()}"
+    out_json, out_png = args.out_dir / f"{stem}.json", args.out_dir / f"{stem}.png"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    record = {"gpu": gpu, "preset": args.preset, "steps": args.steps, "height": args.size, "width": args.size,
+              "guidance_scale": 7.5, "torch": torch.__version__, "cuda": torch.version.cuda,
+              "deepspeed": deepspeed.__version__, "diffusers": diffusers.__version__, "runs": args.runs, "rows": []}
+
+    def save():
+        out_json.write_text(json.dumps(record, indent=1) + "\n")
+        plot(record, out_png)
+
+    if not (args.weights / "model_index.json").is_file():
+        save_pipeline(args.preset, args.weights, seed=0, device="cuda", dtype=torch.float16)
+    base = {"weights": str(args.weights), "num_inference_steps": args.steps, "height": args.size,
+            "width": args.size, "max_height": 1024, "max_width": 1024, "warmup_steps": 2}
+    references: dict[int, list] = {}  # eager fp16 images per batch size; eager-fp16 runs first to fill it
+    names = ["eager-fp16"] + [n for n in args.backends.split(",") if n != "eager-fp16"]
+    failed = False
+    for name in names:
+        sizes = [b for b in batches if b in (1, 8)] if name in LADDER_ONLY else batches
+        # Stock DeepSpeed captures its graph once, so it needs a fresh engine per batch size; the others share one.
+        plan = [[b] for b in sizes] if BACKENDS[name] is None else [sizes]
+        for group in plan:
+            engine, ready_s = None, None
+            for batch in group:
+                row = {"backend": name, "preset": args.preset, "steps": args.steps, "height": args.size,
+                       "width": args.size, "gpu": gpu, "torch": record["torch"], "deepspeed": record["deepspeed"],
+                       "diffusers": record["diffusers"], "batch": batch}
+                log.info("%s batch %d ...", name, batch)
+                try:
+                    if engine is None:
+                        engine = build_engine(name, base, args.weights)
+                        ready_s = round(sum(engine.timings.values()), 2) if engine.timings else None
+                    row["ready_s"] = ready_s
+                    row.update(measure(engine, batch, args, references))
+                except Exception as e:  # noqa: BLE001 - record the failure, keep measuring the others
+                    log.exception("%s batch %d failed", name, batch)
+                    row["error"] = f"{type(e).__name__}: {e}"[:500]
+                    failed = True
+                record["rows"].append(row)
+                log.info("%s", {k: row.get(k) for k in ("backend", "batch", "latency_s", "images_per_s",
+                                                         "unet_step_ms", "rmse_vs_eager", "error")})
+                save()
+            del engine
+            free()
+
+    if not args.skip_extras:
+        eager = build_engine("eager-fp16", base, args.weights)
+        eager_images = {(b, s): pixels(eager.generate(requests_for(b, args.steps, s))) for b, s in
+                        ((1, 512), (3, 512), (1, 768))}
+        del eager
+        free()
+        record["shape_safety"] = [shape_safety(n, base, args.weights, args.steps, eager_images)
+                                  for n in ("ours", "deepspeed+graph")]
+        save()
+        record["cold_start_s"] = {n: cold_start(n, base, args.weights) for n in ("ours", "deepspeed+graph")}
+        save()
+
+    table = [f"{'backend':24} {'batch':>5} {'latency_s':>9} {'img/s':>7} {'unet_ms':>8} {'rmse':>8} {'mem_gib':>7}"]
+    for r in record["rows"]:
+        table.append(f"{r['backend']:24} {r['batch']:5d} " + (f"{r['latency_s']:9.3f} {r['images_per_s']:7.2f} "
+                     f"{r['unet_step_ms'] or 0:8.2f} {r['rmse_vs_eager']:8.5f} {r['peak_mem_gib']:7.2f}"
+                     if "error" not in r else f"ERROR {r['error'][:80]}"))
+    print("\n".join(table))
+    print(json.dumps({k: record.get(k) for k in ("shape_safety", "cold_start_s")}, indent=1))
+    print(f"wrote {out_json} and {out_png}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
