@@ -33,7 +33,7 @@ class StableDiffusionHandler:
         config = EngineConfig.from_mapping(yaml_config.get("handler"))
         device = pick_device(properties.get("gpu_id"))
         weights = prepare_weights(properties["model_dir"], config.weights)
-        self.engine = load_engine(config, weights, device)
+        self.engine = load_engine(config, weights, device, max_batch_size=int(properties.get("batch_size") or 1))
         self.initialized = True
 
     def handle(self, data, context):

@@ -16,7 +16,8 @@ def test_shipped_configs_parse(name):
     block = yaml.safe_load((ROOT / "config" / name).read_text())["handler"]
     config = EngineConfig.from_mapping(block)
     assert config.weights == "model.zip"
-    assert config.backend == ("deepspeed" if name == "model-config.yaml" else "eager")
+    assert config.backend == "eager"
+    assert config.cuda_graph is config.compile is (name == "model-config.yaml")
 
 
 def test_empty_block_gives_defaults():
@@ -52,6 +53,7 @@ def test_int_is_accepted_for_float():
     ({"width": 2048}, "above handler.max_width"),
     ({"backend": "deepspeed", "dtype": "float32"}, "float16 only"),
     ({"max_cuda_graphs": 0}, "max_cuda_graphs must be >= 1"),
+    ({"backend": "deepspeed", "compile": True}, "compile: true works with backend eager"),
     ({"warmup_steps": 0}, "warmup_steps must be >= 1"),
 ])
 def test_invalid_values_and_combinations_fail_before_loading(block, message):

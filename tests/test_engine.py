@@ -91,7 +91,7 @@ def test_deepspeed_backend_and_cuda_graphs_need_cuda(cpu_config, tiny_model_dir)
     with pytest.raises(ConfigError, match="cuda_graph: true needs a CUDA GPU"):
         load_engine(cpu_config.replace(cuda_graph=True), tiny_model_dir, torch.device("cpu"))
     assert resolve_backend("auto", "cpu") == "eager"
-    assert resolve_backend("auto", "cuda") == "deepspeed"
+    assert resolve_backend("auto", "cuda") == "eager"
 
 
 def test_deepspeed_branch_calls_init_inference_with_the_clip_shim(monkeypatch, tiny_model_dir, cpu_config):

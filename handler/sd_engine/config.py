@@ -32,9 +32,13 @@ class EngineConfig:
     max_cuda_graphs: int = 8
     # Store UNet and VAE weights channels-last (NHWC), which cuDNN's tensor-core convolutions prefer.
     channels_last: bool = False
-    # Where DeepSpeed caches its JIT-built CUDA ops (TORCH_EXTENSIONS_DIR, unless that is set already). Point it at a
-    # persistent volume so a restart skips the build; empty: DeepSpeed's default (~/.cache/torch_extensions).
-    extensions_dir: str = ""
+    # torch.compile (inductor) the UNet and the VAE decoder; with cuda_graph the compiled code runs inside the graphs.
+    # Compiles on first use of each shape family (tens of seconds to minutes): the warm-up pays for the default shape.
+    compile: bool = False
+    # One persistent folder for every JIT cache: DeepSpeed's built CUDA ops (torch_extensions/), torch.compile's
+    # Inductor artifacts (inductor/) and Triton kernels (triton/). Point it at a volume so a restart skips the builds.
+    # Set, it overrides TORCH_EXTENSIONS_DIR, TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR; empty: their defaults.
+    cache_dir: str = ""
     # auto: float16 on CUDA, float32 on CPU.
     dtype: str = "auto"
     # Run one generation at load time so the first request does not pay for JIT builds and graph capture.
@@ -80,6 +84,8 @@ class EngineConfig:
         _choice("backend", self.backend, BACKENDS)
         _choice("dtype", self.dtype, DTYPES)
         _choice("format", self.format, FORMATS)
+        if self.compile and self.backend == "deepspeed":
+            raise ConfigError("handler.compile: true works with backend eager (DeepSpeed's kernels break the graph)")
         if self.backend == "deepspeed" and self.dtype == "float32":
             raise ConfigError("handler.backend deepspeed runs in float16 only; set dtype: auto or float16")
         for name in ("warmup_steps", "num_inference_steps", "max_num_inference_steps", "max_prompt_chars",

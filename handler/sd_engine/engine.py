@@ -95,19 +95,21 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def warmup(self) -> float:
-        """Run one generation at the default shape; fail loudly if it does not give a finite, non-blank image."""
-        request = GenerationRequest(prompt="warm-up", negative_prompt=None,
-                                    num_inference_steps=self.config.warmup_steps,
-                                    guidance_scale=self.config.guidance_scale, height=self.config.height,
-                                    width=self.config.width, seed=0)
+    def warmup(self, max_batch_size: int = 1) -> float:
+        """Generate at the default shape with batch 1 and `max_batch_size`, so JIT builds, compilation and graph
+        capture happen now rather than in a request; fail loudly unless every image is finite and of the right size."""
         start = time.perf_counter()
-        [result] = self._run_group([request])
-        if isinstance(result, EngineError):
-            raise RuntimeError(f"warm-up generation failed: {result}")
-        pixels = np.asarray(result.image, dtype=np.float32)
-        if pixels.shape != (request.height, request.width, 3) or not math.isfinite(float(pixels.std())):
-            raise RuntimeError(f"warm-up produced a bad image: shape {pixels.shape}")
+        for batch in sorted({1, max_batch_size}):
+            requests = [GenerationRequest(prompt="warm-up", negative_prompt=None,
+                                          num_inference_steps=self.config.warmup_steps,
+                                          guidance_scale=self.config.guidance_scale, height=self.config.height,
+                                          width=self.config.width, seed=i) for i in range(batch)]
+            for result in self._run_group(requests):
+                if isinstance(result, EngineError):
+                    raise RuntimeError(f"warm-up generation failed: {result}")
+                pixels = np.asarray(result.image, dtype=np.float32)
+                if pixels.shape != (self.config.height, self.config.width, 3) or not math.isfinite(float(pixels.std())):
+                    raise RuntimeError(f"warm-up produced a bad image: shape {pixels.shape}")
         return time.perf_counter() - start
 
 
@@ -126,8 +128,9 @@ def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
     return {"float16": torch.float16, "float32": torch.float32}[config.dtype]
 
 
-def load_engine(config: EngineConfig, source: str | Path, device: torch.device) -> Engine:
-    """Load -> optimize -> warm up. `source` is a local diffusers folder (or a hub id, for scripts)."""
+def load_engine(config: EngineConfig, source: str | Path, device: torch.device, max_batch_size: int = 1) -> Engine:
+    """Load -> optimize -> warm up. `source` is a local diffusers folder (or a hub id, for scripts);
+    `max_batch_size` is the largest batch the server will hand over (TorchServe's batchSize), warmed up too."""
     # 1. Decide everything that can fail without weights.
     backend = resolve_backend(config.backend, device.type)
     check_device(config, device)
@@ -147,7 +150,7 @@ def load_engine(config: EngineConfig, source: str | Path, device: torch.device) 
 
     # 4. Warm up.
     engine = Engine(pipe, config, device, backend)
-    warmup_s = engine.warmup() if config.warmup else 0.0
+    warmup_s = engine.warmup(max_batch_size) if config.warmup else 0.0
     logger.info("engine ready: torch %s, diffusers %s, device %s, dtype %s, backend %s, cuda_graph %s; "
                 "load %.1f s, optimize %.1f s, warm-up %.1f s", torch.__version__, _diffusers_version(), device,
                 str(dtype).removeprefix("torch."), backend, config.cuda_graph, load_s, optimize_s, warmup_s)

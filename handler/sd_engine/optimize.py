@@ -9,7 +9,8 @@ A straight run of steps, each an option of EngineConfig:
      DSUNet / DSVAE / DSClipEncoder. Its own CUDA graphs are left off: they are captured once, for the first shape.
      deepspeed is imported inside the branch: it is heavy, GPU-only here, and TorchServe's loader would hide an
      ImportError raised at module import time.
-3. cuda_graph: our shape-keyed CUDA graphs (graphs.py) around UNet, text encoder and VAE decoder, for any backend.
+3. compile: torch.compile (inductor, default mode) of the UNet and VAE decoder forward functions.
+4. cuda_graph: our shape-keyed CUDA graphs (graphs.py) around UNet, text encoder and VAE decoder, for any backend.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ logger = logging.getLogger(__name__)
 def resolve_backend(backend: str, device_type: str) -> str:
     """Turn `auto` into a concrete backend and refuse backends the device cannot run."""
     if backend == "auto":
-        return "deepspeed" if device_type == "cuda" else "eager"
+        # Measured (bench/results/h200-sd15-*.json): with our CUDA graphs, PyTorch's SDPA attention beats DeepSpeed's
+        # kernels at every batch size from 1 to 16, so auto is eager everywhere; deepspeed stays selectable.
+        return "eager"
     if backend == "deepspeed" and device_type != "cuda":
         raise ConfigError(f"handler.backend deepspeed needs a CUDA GPU, but this worker runs on {device_type}")
     return backend
@@ -41,14 +44,20 @@ def check_device(config, device: torch.device) -> None:
 
 def optimize(pipe, config, device: torch.device, backend: str):
     """Apply config's optimizations to a pipeline already on `device` and in its dtype. Returns the same pipeline."""
+    if config.cache_dir:
+        set_cache_dirs(config.cache_dir)
     if config.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
         logger.info("channels_last: UNet and VAE weights in NHWC")
     if backend == "deepspeed":
-        deepspeed_inject(pipe, extensions_dir=config.extensions_dir)
+        deepspeed_inject(pipe)
     else:
         logger.info("backend eager: plain diffusers pipeline")
+    if config.compile:
+        pipe.unet.forward = torch.compile(pipe.unet.forward)
+        pipe.vae.decode = torch.compile(pipe.vae.decode)
+        logger.info("compile: UNet and VAE decoder compiled with torch.compile (inductor), on first use per shape")
     if config.cuda_graph:
         from .graphs import graph_pipeline
 
@@ -59,12 +68,19 @@ def optimize(pipe, config, device: torch.device, backend: str):
     return pipe
 
 
-def deepspeed_inject(pipe, enable_cuda_graph: bool = False, extensions_dir: str = ""):
+def set_cache_dirs(cache_dir: str) -> None:
+    """Point DeepSpeed's, Inductor's and Triton's JIT caches into one folder. The config wins over the environment:
+    importing torch already sets TORCHINDUCTOR_CACHE_DIR to its /tmp default, so a default could not be told apart."""
+    for variable, sub in (("TORCH_EXTENSIONS_DIR", "torch_extensions"), ("TORCHINDUCTOR_CACHE_DIR", "inductor"),
+                          ("TRITON_CACHE_DIR", "triton")):
+        os.environ[variable] = os.path.join(cache_dir, sub)
+    logger.info("JIT caches: %s", {v: os.environ[v] for v in ("TORCH_EXTENSIONS_DIR", "TORCHINDUCTOR_CACHE_DIR",
+                                                              "TRITON_CACHE_DIR")})
+
+
+def deepspeed_inject(pipe, enable_cuda_graph: bool = False):
     """DeepSpeed kernel injection into the pipeline, in place. `enable_cuda_graph` is DeepSpeed's own one-shape
     graph, kept for benchmarking it against ours."""
-    if extensions_dir:
-        # Where DeepSpeed's JIT-built CUDA ops are cached; a persistent directory makes restarts skip the build.
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir)
     import deepspeed
 
     # transformers >= 5.6 flattened CLIPTextModel: the `text_model` submodule is gone and its layers live on the
