@@ -52,9 +52,14 @@ class StableDiffusionHandler:
             if isinstance(result, EngineError):
                 responses[i] = _error(context, i, result)
                 continue
+            encode_start = time.perf_counter()
             payload, content_type = encode_image(result.image, request.format, request.quality)
+            encode_ms = (time.perf_counter() - encode_start) * 1000
             context.set_response_content_type(i, content_type)
             context.set_response_header(i, "X-Seed", str(request.seed))
+            # engine: the pipeline call this request was part of; encode: its JPEG/PNG encoding (W3C Server-Timing).
+            context.set_response_header(i, "Server-Timing",
+                                        f"engine;dur={result.seconds * 1000:.1f}, encode;dur={encode_ms:.1f}")
             responses[i] = payload
             ok += 1
         logger.info("batch of %d handled in %.3f s, %d ok", len(data), time.perf_counter() - start, ok)

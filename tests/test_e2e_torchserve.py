@@ -63,20 +63,28 @@ def server_config(work: Path) -> tuple[Path, str, str]:
     return path, f"http://127.0.0.1:{inference}", f"http://127.0.0.1:{management}"
 
 
+def run_or_explain(command, log: Path, **kwargs):
+    """Run a set-up command with its output in `log`; if it fails, fail with that output in the test report.
+    (A file, not a pipe: `torchserve --start` leaves Java running with this stdout, so a pipe would never close.)"""
+    with open(log, "w") as out:
+        returncode = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, **kwargs).returncode
+    if returncode != 0:
+        pytest.fail(f"{command[:2]} exited {returncode}:\n{log.read_text()[-5000:]}")
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir):
     work = tmp_path_factory.mktemp("torchserve")
     store = work / "model_store"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "package_model.py"), str(tiny_model_dir), str(store),
-                    "--config", str(ROOT / "config" / "model-config-cpu.yaml")], check=True)
+    run_or_explain([sys.executable, str(ROOT / "scripts" / "package_model.py"), str(tiny_model_dir), str(store),
+                    "--config", str(ROOT / "config" / "model-config-cpu.yaml")], work / "package.out")
     config, inference, management = server_config(work)
     # Own TMPDIR/TEMP: TorchServe keeps its pid file and worker sockets there, so runs never collide.
     env = dict(os.environ, TMPDIR=str(work), TEMP=str(work), LOG_LOCATION=str(work / "logs"),
                METRICS_LOCATION=str(work / "logs"))
     start = [str(BIN / "torchserve"), "--start", "--ncs", "--ts-config", str(config), "--model-store", str(store),
              "--models", f"{MODEL}={MODEL}.mar"]
-    with open(work / "torchserve.out", "w") as out:
-        subprocess.run(start, cwd=work, env=env, check=True, stdout=out, stderr=subprocess.STDOUT)
+    run_or_explain(start, work / "torchserve.out", cwd=work, env=env)
     try:
         wait_until_ready(management, MODEL, work / "key_file.json", timeout=240)
         yield Server(work, inference, management)
@@ -163,3 +171,16 @@ def test_query_script_exits_1_with_the_servers_message_on_http_errors(server, tm
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "height" in result.stderr and "HTTP 400" in result.stderr
     assert not list(tmp_path.glob("output-*"))
+
+
+def test_loadtest_every_request_gets_its_own_image(server, tmp_path):
+    out = tmp_path / "load.json"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "loadtest.py"), "--url", server.inference,
+                             "--key-file", str(server.work / "key_file.json"), "--requests", "24", "--concurrency", "6",
+                             "--max-seconds", "120", "--payload", '{"prompt": "a fox", "num_inference_steps": 2}',
+                             "--json", str(out)], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads(out.read_text())
+    assert summary["status_counts"] == {"200": 24} and summary["own_images"] == 24
+    assert summary["latency_s"]["p50"] <= summary["latency_s"]["p99"]
+    assert summary["server_engine_ms_p50"] > 0 and summary["client_minus_server_ms"]["p50"] is not None

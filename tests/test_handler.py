@@ -6,6 +6,7 @@ tests build the real ts.context.Context the worker passes, as ts/service.py does
 
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,7 @@ def test_batch_with_one_bad_request_answers_each_on_its_own(handler_and_context)
         image = Image.open(io.BytesIO(body))
         assert image.format == ("PNG" if expected_type == "image/png" else "JPEG") and image.size == size
     assert results[2][2]["X-Seed"] == "9" and results[3][2]["X-Seed"] == "3"
+    assert re.fullmatch(r"engine;dur=\d+\.\d, encode;dur=\d+\.\d", results[0][2]["Server-Timing"])
 
 
 def test_form_encoded_or_empty_body_is_a_400_naming_body(handler_and_context):
