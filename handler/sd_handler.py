@@ -42,7 +42,7 @@ class StableDiffusionHandler:
         parsed = []
         for i, item in enumerate(data):
             try:
-                parsed.append((i, parse_request(_body(item), self.engine.config)))
+                parsed.append((i, parse_request(_body(item), self.engine.config, _declared_json(context, i))))
             except InvalidRequest as error:
                 responses[i] = _error(context, i, error)
 
@@ -57,6 +57,8 @@ class StableDiffusionHandler:
             encode_ms = (time.perf_counter() - encode_start) * 1000
             context.set_response_content_type(i, content_type)
             context.set_response_header(i, "X-Seed", str(request.seed))
+            if result.truncated:
+                context.set_response_header(i, "X-Prompt-Truncated", ",".join(result.truncated))
             # engine: the pipeline call this request was part of; encode: its JPEG/PNG encoding (W3C Server-Timing).
             context.set_response_header(i, "Server-Timing",
                                         f"engine;dur={result.seconds * 1000:.1f}, encode;dur={encode_ms:.1f}")
@@ -76,6 +78,13 @@ def _body(item):
         raise InvalidRequest("body", "form fields" if item else "nothing",
                              "must be JSON (Content-Type: application/json) or plain text, not form-encoded or empty")
     return body
+
+
+def _declared_json(context, index) -> bool:
+    # TorchServe keeps each body parameter's own content type as a request header named after the parameter.
+    parameter = context.get_request_header(index, "body") if context.request_processor else None
+    content_type = parameter.get("content-type", "") if isinstance(parameter, dict) else ""
+    return content_type.split(";")[0].strip().lower() == "application/json"
 
 
 def _error(context, index, error):

@@ -13,6 +13,7 @@ An existing archive of the same name is overwritten. Exit codes: 0 packaged, 1 a
 """
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -22,18 +23,28 @@ from pathlib import Path
 
 import yaml
 
+from sd_engine.loading import MANIFEST, file_digests
+
 ROOT = Path(__file__).resolve().parent.parent
 HANDLER = ROOT / "handler" / "sd_handler.py"
 ENGINE = ROOT / "handler" / "sd_engine"
 STORED_SUFFIXES = {".safetensors", ".bin", ".ckpt", ".pt"}  # already dense: deflating them costs time, saves ~nothing
 
 
+def manifest_text(digests: dict[str, str]) -> str:
+    """The sha256 manifest the engine checks at load (sd_engine.loading.verify_manifest)."""
+    return json.dumps({"sha256": digests}, indent=1)
+
+
 def zip_weights(weights: Path, out: Path) -> None:
+    """Zip the folder's files (not its manifest or extraction marker) plus a fresh manifest of them."""
+    digests = file_digests(weights)
     with zipfile.ZipFile(out, "w") as archive:
-        for path in sorted(weights.rglob("*")):
-            if path.is_file():
-                kind = zipfile.ZIP_STORED if path.suffix in STORED_SUFFIXES else zipfile.ZIP_DEFLATED
-                archive.write(path, path.relative_to(weights).as_posix(), compress_type=kind)
+        for name in digests:
+            path = weights / name
+            kind = zipfile.ZIP_STORED if path.suffix in STORED_SUFFIXES else zipfile.ZIP_DEFLATED
+            archive.write(path, name, compress_type=kind)
+        archive.writestr(MANIFEST, manifest_text(digests))
 
 
 def main(argv=None) -> int:
@@ -84,6 +95,7 @@ def main(argv=None) -> int:
         target = args.model_store / args.model_name / "model"
         print(f"copying weights into {target} ...", file=sys.stderr)
         shutil.copytree(args.weights, target, dirs_exist_ok=True)
+        (target / MANIFEST).write_text(manifest_text(file_digests(target)))
         print(args.model_store / args.model_name)
     else:
         print(args.model_store / f"{args.model_name}.mar")

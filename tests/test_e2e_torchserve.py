@@ -2,98 +2,25 @@
 
 import io
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from query import predict, read_key, request, wait_until_ready
+from query import read_key, request
+from ts_server import MODEL, ROOT, start_server
 
 pytestmark = pytest.mark.e2e
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-MODEL = "stable-diffusion"
-
-
-@dataclass
-class Server:
-    work: Path
-    inference: str
-    management: str
-
-    @property
-    def token(self) -> str:
-        return read_key(self.work / "key_file.json", "inference")
-
-    def predict(self, payload, token=None):
-        return predict(self.inference, MODEL, payload, token or self.token, timeout=120)
-
-
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def server_config(work: Path) -> tuple[Path, str, str]:
-    """The shipped config.properties with its addresses moved to free ports (everything else unchanged)."""
-    inference, management, metrics, grpc_inference, grpc_management, worker = free_ports(6)
-    text = (ROOT / "config.properties").read_text()
-    for key, port in (("inference_address", inference), ("management_address", management),
-                      ("metrics_address", metrics)):
-        text, count = re.subn(rf"^{key}=http://127\.0\.0\.1:\d+$", f"{key}=http://127.0.0.1:{port}", text,
-                              flags=re.M)
-        assert count == 1, key
-    text += (f"\ngrpc_inference_port={grpc_inference}\ngrpc_management_port={grpc_management}\n"
-             f"initial_worker_port={worker}\n")
-    path = work / "config.properties"
-    path.write_text(text)
-    return path, f"http://127.0.0.1:{inference}", f"http://127.0.0.1:{management}"
-
-
-def run_or_explain(command, log: Path, **kwargs):
-    """Run a set-up command with its output in `log`; if it fails, fail with that output in the test report.
-    (A file, not a pipe: `torchserve --start` leaves Java running with this stdout, so a pipe would never close.)"""
-    with open(log, "w") as out:
-        returncode = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, **kwargs).returncode
-    if returncode != 0:
-        pytest.fail(f"{command[:2]} exited {returncode}:\n{log.read_text()[-5000:]}")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir):
-    work = tmp_path_factory.mktemp("torchserve")
-    store = work / "model_store"
-    run_or_explain([sys.executable, str(ROOT / "scripts" / "package_model.py"), str(tiny_model_dir), str(store),
-                    "--config", str(ROOT / "config" / "model-config-cpu.yaml")], work / "package.out")
-    config, inference, management = server_config(work)
-    # Own TMPDIR/TEMP: TorchServe keeps its pid file and worker sockets there, so runs never collide.
-    env = dict(os.environ, TMPDIR=str(work), TEMP=str(work), LOG_LOCATION=str(work / "logs"),
-               METRICS_LOCATION=str(work / "logs"))
-    start = [str(BIN / "torchserve"), "--start", "--ncs", "--ts-config", str(config), "--model-store", str(store),
-             "--models", f"{MODEL}={MODEL}.mar"]
-    run_or_explain(start, work / "torchserve.out", cwd=work, env=env)
-    try:
-        wait_until_ready(management, MODEL, work / "key_file.json", timeout=240)
-        yield Server(work, inference, management)
-    finally:
-        subprocess.run([str(BIN / "torchserve"), "--stop", "--foreground"], cwd=work, env=env, timeout=90,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        log = work / "logs" / "model_log.log"
-        if log.exists():
-            print(log.read_text()[-5000:])
+    with start_server(tmp_path_factory.mktemp("torchserve"), tiny_model_dir) as running:
+        yield running
 
 
 def image_of(status, headers, body, content_type="image/jpeg"):
@@ -184,3 +111,73 @@ def test_loadtest_every_request_gets_its_own_image(server, tmp_path):
     assert summary["status_counts"] == {"200": 24} and summary["own_images"] == 24
     assert summary["latency_s"]["p50"] <= summary["latency_s"]["p99"]
     assert summary["server_engine_ms_p50"] > 0 and summary["client_minus_server_ms"]["p50"] is not None
+
+
+BAD_REQUESTS = [  # (body bytes, content type, field the 400 must name)
+    (b'{"prompt": "x",', "application/json", "body"),
+    (b"[1, 2, 3]", "application/json", "body"),
+    (b'"just a string"', "application/json", "body"),
+    (b"{}", "application/json", "prompt"),
+    (b'{"prompt": 42}', "application/json", "prompt"),
+    (b'{"prompt": "x", "colour": "red"}', "application/json", "colour"),
+    (b'{"prompt": "x", "num_inference_steps": 0}', "application/json", "num_inference_steps"),
+    (b'{"prompt": "x", "num_inference_steps": 100000}', "application/json", "num_inference_steps"),
+    (b'{"prompt": "x", "guidance_scale": "high"}', "application/json", "guidance_scale"),
+    (b'{"prompt": "x", "guidance_scale": NaN}', "application/json", "guidance_scale"),
+    (b'{"prompt": "x", "guidance_scale": Infinity}', "application/json", "guidance_scale"),
+    (b'{"prompt": "x", "height": 100}', "application/json", "height"),
+    (b'{"prompt": "x", "height": 0}', "application/json", "height"),
+    (b'{"prompt": "x", "width": -64}', "application/json", "width"),
+    (b'{"prompt": "x", "width": 4096}', "application/json", "width"),
+    (b'{"prompt": "x", "seed": -1}', "application/json", "seed"),
+    (b'{"prompt": "x", "seed": 9223372036854775808}', "application/json", "seed"),
+    (b'{"prompt": "x", "format": "gif"}', "application/json", "format"),
+    (b'{"prompt": "x", "quality": 101}', "application/json", "quality"),
+    (b"\xff\xfe not utf-8", "text/plain", "body"),
+    (b"", "text/plain", "prompt"),
+]
+
+
+@pytest.mark.parametrize("body, content_type, field", BAD_REQUESTS)
+def test_bad_input_is_a_400_naming_the_field(server, body, content_type, field):
+    status, headers, answer = request(f"{server.inference}/predictions/{MODEL}", server.token, body, content_type)
+    assert status == 400, answer[:300]
+    assert headers.get("content-type") == "application/json"
+    assert json.loads(answer)["field"] == field
+
+
+def test_body_above_max_request_size_is_refused_and_the_server_keeps_serving(server):
+    status, _, _ = request(f"{server.inference}/predictions/{MODEL}", server.token, b"x" * (2 * 2**20), "text/plain")
+    assert status == 413
+    assert image_of(*server.predict("still serving")).size == (64, 64)
+
+
+def test_long_prompt_is_served_and_the_truncation_is_reported(server):
+    status, headers, body = server.predict({"prompt": "a very detailed photo " * 30})
+    assert image_of(status, headers, body).size == (64, 64)
+    assert headers.get("X-Prompt-Truncated") == "prompt"
+
+
+def test_500_requests_at_concurrency_32_each_get_their_own_image(server, tmp_path):
+    out = tmp_path / "load.json"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "loadtest.py"), "--url", server.inference,
+                             "--key-file", str(server.work / "key_file.json"), "--requests", "500",
+                             "--concurrency", "32", "--max-seconds", "600",
+                             "--payload", '{"prompt": "a fox", "num_inference_steps": 1}', "--json", str(out)],
+                            capture_output=True, text=True, timeout=900)
+    summary = json.loads(out.read_text())
+    # 200, or 503 when the queue is full; nothing lost, nothing duplicated, every 200 its own seed's JPEG.
+    assert set(summary["status_counts"]) <= {"200", "503"}, summary["status_counts"]
+    assert sum(summary["status_counts"].values()) == 500
+    assert summary["own_images"] == summary["status_counts"].get("200")
+    assert result.returncode == (0 if summary["own_images"] == 500 else 1)
+    assert image_of(*server.predict("healthy after the load")).size == (64, 64)
+
+
+def test_workflow_registration_needs_the_management_key_and_an_allowed_url(server):
+    url = f"{server.management}/workflows?url=http://example.com/evil.war"
+    status, _, body = request(url, None, b"", "application/json")
+    assert status in (400, 401) and b"Token Authorization failed" in body
+    management_key = read_key(server.work / "key_file.json", "management")
+    status, _, body = request(url, management_key, b"", "application/json")
+    assert status >= 400 and b"evil.war" not in request(f"{server.management}/workflows", management_key)[2]

@@ -10,6 +10,7 @@ import torch
 from sd_engine.engine import Engine, GenerationResult, load_engine
 from sd_engine.errors import ConfigError, GenerationError, OutOfMemory
 from sd_engine.optimize import injection_report, optimize, resolve_backend
+from sd_engine.random_models import build_tokenizer
 from sd_engine.requests import parse_request
 
 
@@ -63,6 +64,7 @@ class _FailingPipe:
 
     def __init__(self, error):
         self.error = error
+        self.tokenizer = build_tokenizer()
 
     def set_progress_bar_config(self, **kwargs):
         pass
@@ -127,3 +129,20 @@ def test_warmup_refuses_a_bad_image(cpu_config):
                     torch.device("cpu"))
     with pytest.raises(RuntimeError, match="warm-up generation failed"):
         engine.warmup()
+
+
+def test_prompts_longer_than_clips_window_are_reported(tiny_engine, cpu_config):
+    long_prompt = "a very detailed photo " * 30  # well over 77 tokens
+    short, long = tiny_engine.generate([parse_request({"prompt": "a fox", "seed": 1}, cpu_config),
+                                        parse_request({"prompt": long_prompt, "negative_prompt": "blurry", "seed": 1},
+                                                      cpu_config)])
+    assert short.truncated == () and long.truncated == ("prompt",)
+
+
+def test_prompts_are_logged_only_at_debug(tiny_engine, cpu_config, caplog):
+    with caplog.at_level("INFO", logger="sd_engine"):
+        tiny_engine.generate([parse_request({"prompt": "secret-prompt-text", "seed": 1}, cpu_config)])
+    assert caplog.records and "secret-prompt-text" not in caplog.text
+    with caplog.at_level("DEBUG", logger="sd_engine"):
+        tiny_engine.generate([parse_request({"prompt": "secret-prompt-text", "seed": 1}, cpu_config)])
+    assert "secret-prompt-text" in caplog.text

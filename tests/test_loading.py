@@ -1,6 +1,7 @@
 """Weights: model.zip extraction (once, never outside the model dir) and pipeline loading errors."""
 
 import os
+import shutil
 import stat
 import zipfile
 
@@ -34,10 +35,12 @@ def test_zip_is_extracted_once(model_dir):
     assert sentinel.stat().st_mtime_ns == mtime - 10**9  # not rewritten
 
 
-def test_changed_zip_is_extracted_again(model_dir, tmp_path):
+def test_changed_zip_is_extracted_again(model_dir, tmp_path, tiny_model_dir):
     prepare_weights(model_dir, "model.zip")
-    with zipfile.ZipFile(model_dir / "model.zip", "a") as archive:
-        archive.writestr("extra.txt", "new")
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_model_dir, changed)
+    (changed / "extra.txt").write_text("new")
+    zip_weights(changed, model_dir / "model.zip")  # a newer package, with its own manifest
     assert (prepare_weights(model_dir, "model.zip") / "extra.txt").read_text() == "new"
 
 
@@ -90,3 +93,34 @@ def test_not_a_zip_is_a_clear_error(tmp_path):
 def test_folder_without_pipeline_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="could not load a diffusers pipeline"):
         load_pipeline(tmp_path, None)
+
+
+def test_manifest_is_written_by_packaging_and_checked_at_extraction(tmp_path, tiny_model_dir):
+    zip_weights(tiny_model_dir, tmp_path / "model.zip")
+    with zipfile.ZipFile(tmp_path / "model.zip") as archive:
+        assert "sd-weights-manifest.json" in archive.namelist()
+    assert (prepare_weights(tmp_path, "model.zip") / "sd-weights-manifest.json").is_file()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "unet" / "config.json").write_text("{}"), "'unet/config.json' does not match"),
+    (lambda d: (d / "vae" / "config.json").unlink(), "'vae/config.json' listed in .* is missing"),
+    (lambda d: (d / "stray.bin").write_bytes(b"x"), "'stray.bin' is not listed"),
+])
+def test_weights_that_do_not_match_the_manifest_are_refused(tmp_path, tiny_model_dir, damage, message):
+    zip_weights(tiny_model_dir, tmp_path / "model.zip")
+    folder = extract_zip(tmp_path / "model.zip", tmp_path / "model")
+    damage(folder)
+    with pytest.raises(ModelLoadError, match=message):
+        prepare_weights(tmp_path, "model")  # a folder is checked at every load
+
+
+def test_damaged_zip_is_refused_at_extraction(tmp_path, tiny_model_dir):
+    zip_weights(tiny_model_dir, tmp_path / "good.zip")
+    with zipfile.ZipFile(tmp_path / "good.zip") as good, zipfile.ZipFile(tmp_path / "model.zip", "w") as bad:
+        for info in good.infolist():
+            data = good.read(info)
+            bad.writestr(info, b"{}" if info.filename == "unet/config.json" else data)
+    with pytest.raises(ModelLoadError, match="does not match its sha256"):
+        prepare_weights(tmp_path, "model.zip")
+    assert not (tmp_path / "model").exists()

@@ -34,6 +34,14 @@ def test_bytes_and_json_text_and_dict_are_equivalent():
     assert parse_request(bytearray(json.dumps(body).encode()), CONFIG) == expected
 
 
+@pytest.mark.parametrize("body", ["just a string", ["a", "list"], 42, b"[1]", b"a plain prompt"])
+def test_declared_json_must_be_an_object(body):
+    with pytest.raises(InvalidRequest, match="`body`") as caught:
+        parse_request(body, CONFIG, declared_json=True)
+    assert caught.value.field == "body"
+    assert parse_request(b'{"prompt": "x"}', CONFIG, declared_json=True).prompt == "x"
+
+
 def test_seed_null_is_drawn_at_random():
     seeds = {parse_request({"prompt": "x", "seed": None}, CONFIG).seed for _ in range(5)}
     assert len(seeds) > 1

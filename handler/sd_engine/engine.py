@@ -35,6 +35,7 @@ class GenerationResult:
     request: GenerationRequest
     image: Image.Image
     seconds: float  # wall time of the pipeline call that produced it (shared by its batch)
+    truncated: tuple[str, ...] = ()  # prompt fields longer than the text encoder's window, cut by the pipeline
 
 
 class Engine:
@@ -43,6 +44,7 @@ class Engine:
         self.config = config
         self.device = device
         self.backend = backend
+        self.tokenizer = pipe.tokenizer
         self.timings: dict[str, float] = {}
         self.pipe.set_progress_bar_config(disable=True)
 
@@ -89,7 +91,14 @@ class Engine:
         seconds = time.perf_counter() - start
         logger.info("generated %d image(s) %dx%d x%d steps in %.3f s", len(group), first.width, first.height,
                     first.num_inference_steps, seconds)
-        return [GenerationResult(request=r, image=img, seconds=seconds) for r, img in zip(group, images)]
+        return [GenerationResult(request=r, image=img, seconds=seconds, truncated=self._truncated(r))
+                for r, img in zip(group, images)]
+
+    def _truncated(self, request: GenerationRequest) -> tuple[str, ...]:
+        """Which prompt fields exceed CLIP's window (77 tokens with start/end); the pipeline keeps the first 77."""
+        return tuple(name for name in ("prompt", "negative_prompt")
+                     if getattr(request, name) and len(self.tokenizer(getattr(request, name)).input_ids)
+                     > self.tokenizer.model_max_length)
 
     def _release_memory(self) -> None:
         if self.device.type == "cuda":

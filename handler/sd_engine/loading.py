@@ -3,11 +3,17 @@
 A zip is extracted once per model dir, next to the zip, under a file lock so that several workers sharing the model dir
 do not race; a later worker (or restart) reuses the finished extraction. Extraction refuses entries that would land
 outside the target folder (absolute paths, `..`), symlinks, and archives whose uncompressed size is absurd.
+
+scripts/package_model.py writes a manifest (sha256 of every file) into the weights it packages; a folder that has one
+is checked against it (once per extraction for a zip, at every load for a folder), so a truncated copy, a swapped file
+or a stray extra file fails the load with the file's name.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -21,6 +27,39 @@ logger = logging.getLogger(__name__)
 
 MAX_UNCOMPRESSED_BYTES = 64 * 2**30  # SDXL fp32 is ~14 GB; anything near this is not a diffusers folder.
 DONE_MARKER = ".extracted"
+MANIFEST = "sd-weights-manifest.json"
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file below `folder` (relative POSIX paths), leaving out the manifest and our marker."""
+    digests = {}
+    for path in sorted(Path(folder).rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if path.is_file() and name not in (MANIFEST, DONE_MARKER):
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(chunk)
+            digests[name] = digest.hexdigest()
+    return digests
+
+
+def verify_manifest(folder: Path) -> None:
+    """Check `folder` against its manifest, if it has one; raise ModelLoadError naming the first mismatch."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        logger.warning("weights in %s have no %s: integrity not checked", folder, MANIFEST)
+        return
+    expected = json.loads(path.read_text())["sha256"]
+    actual = file_digests(Path(folder))
+    for name in sorted(set(expected) | set(actual)):
+        if name not in actual:
+            raise ModelLoadError(f"weights file {name!r} listed in {MANIFEST} is missing")
+        if name not in expected:
+            raise ModelLoadError(f"weights file {name!r} is not listed in {MANIFEST}")
+        if actual[name] != expected[name]:
+            raise ModelLoadError(f"weights file {name!r} does not match its sha256 in {MANIFEST}")
+    logger.info("weights match %s (%d files)", MANIFEST, len(actual))
 
 
 def prepare_weights(model_dir: str | Path, weights: str) -> Path:
@@ -28,6 +67,7 @@ def prepare_weights(model_dir: str | Path, weights: str) -> Path:
     model_dir = Path(model_dir).resolve()
     path = Path(weights) if Path(weights).is_absolute() else model_dir / weights
     if path.is_dir():
+        verify_manifest(path)
         return path
     if path.is_file() and path.suffix == ".zip":
         return extract_zip(path, path.with_suffix(""))
@@ -51,6 +91,7 @@ def extract_zip(zip_path: Path, target: Path, max_bytes: int = MAX_UNCOMPRESSED_
                 members = _checked_members(archive, staging, max_bytes)
                 for info in members:
                     archive.extract(info, staging)
+            verify_manifest(staging)
         except zipfile.BadZipFile as e:
             raise ModelLoadError(f"{zip_path.name} is not a valid zip file: {e}") from e
         except ModelLoadError:

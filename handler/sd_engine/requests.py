@@ -42,8 +42,13 @@ class GenerationRequest:
         return (self.height, self.width, self.num_inference_steps, self.guidance_scale)
 
 
-def parse_body(body: Any) -> dict[str, Any]:
-    """Return the request's fields as a dict from a JSON object, JSON text, plain text or raw bytes."""
+def parse_body(body: Any, declared_json: bool = False) -> dict[str, Any]:
+    """Return the request's fields as a dict from a JSON object, JSON text, plain text or raw bytes.
+
+    `declared_json`: the client said the body is JSON (Content-Type: application/json). A server may have decoded it
+    already, so a str or list here is a JSON value that is not an object, not a prompt."""
+    if declared_json and not isinstance(body, (bytes, bytearray, dict)):
+        raise InvalidRequest("body", type(body).__name__, "must be a JSON object")
     if isinstance(body, (bytes, bytearray)):
         try:
             body = bytes(body).decode("utf-8")
@@ -51,7 +56,7 @@ def parse_body(body: Any) -> dict[str, Any]:
             raise InvalidRequest("body", f"<{len(body)} bytes>", f"must be UTF-8 text ({e.reason} at byte {e.start})")
     if isinstance(body, str):
         text = body.strip()
-        if text[:1] in ("{", "["):
+        if declared_json or text[:1] in ("{", "["):
             try:
                 body = json.loads(text)
             except json.JSONDecodeError as e:
@@ -63,9 +68,9 @@ def parse_body(body: Any) -> dict[str, Any]:
     return body
 
 
-def parse_request(body: Any, config: EngineConfig) -> GenerationRequest:
+def parse_request(body: Any, config: EngineConfig, declared_json: bool = False) -> GenerationRequest:
     """Validate one request body against the contract and the configured defaults and limits."""
-    fields = parse_body(body)
+    fields = parse_body(body, declared_json)
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
         raise InvalidRequest(unknown[0], fields[unknown[0]], f"is not a known field (known: {', '.join(FIELDS)})")

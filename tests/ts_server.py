@@ -1,0 +1,92 @@
+"""Start the real TorchServe (Java) for a test: package the tiny model, pick free loopback ports, wait for READY,
+stop it afterwards even on failure. Used by the end-to-end test modules."""
+
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from query import predict, read_key, wait_until_ready
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+MODEL = "stable-diffusion"
+
+
+@dataclass
+class Server:
+    work: Path
+    inference: str
+    management: str
+
+    @property
+    def token(self) -> str:
+        return read_key(self.work / "key_file.json", "inference")
+
+    def predict(self, payload, token=None):
+        return predict(self.inference, MODEL, payload, token or self.token, timeout=120)
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def server_config(work: Path) -> tuple[Path, str, str]:
+    """The shipped config.properties with its addresses moved to free ports (everything else unchanged)."""
+    inference, management, metrics, grpc_inference, grpc_management, worker = free_ports(6)
+    text = (ROOT / "config.properties").read_text()
+    for key, port in (("inference_address", inference), ("management_address", management),
+                      ("metrics_address", metrics)):
+        text, count = re.subn(rf"^{key}=http://127\.0\.0\.1:\d+$", f"{key}=http://127.0.0.1:{port}", text,
+                              flags=re.M)
+        assert count == 1, key
+    text += (f"\ngrpc_inference_port={grpc_inference}\ngrpc_management_port={grpc_management}\n"
+             f"initial_worker_port={worker}\n")
+    path = work / "config.properties"
+    path.write_text(text)
+    return path, f"http://127.0.0.1:{inference}", f"http://127.0.0.1:{management}"
+
+
+def run_or_explain(command, log: Path, **kwargs):
+    """Run a set-up command with its output in `log`; if it fails, fail with that output in the test report.
+    (A file, not a pipe: `torchserve --start` leaves Java running with this stdout, so a pipe would never close.)"""
+    with open(log, "w") as out:
+        returncode = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, **kwargs).returncode
+    if returncode != 0:
+        pytest.fail(f"{command[:2]} exited {returncode}:\n{log.read_text()[-5000:]}")
+
+
+@contextlib.contextmanager
+def start_server(work: Path, weights: Path, model_config: Path = ROOT / "config" / "model-config-cpu.yaml"):
+    """Package `weights` with `model_config`, start TorchServe in `work`, yield a Server once a worker is READY."""
+    store = work / "model_store"
+    run_or_explain([sys.executable, str(ROOT / "scripts" / "package_model.py"), str(weights), str(store),
+                    "--config", str(model_config)], work / "package.out")
+    config, inference, management = server_config(work)
+    # Own TMPDIR/TEMP: TorchServe keeps its pid file and worker sockets there, so runs never collide.
+    env = dict(os.environ, TMPDIR=str(work), TEMP=str(work), LOG_LOCATION=str(work / "logs"),
+               METRICS_LOCATION=str(work / "logs"))
+    start = [str(BIN / "torchserve"), "--start", "--ncs", "--ts-config", str(config), "--model-store", str(store),
+             "--models", f"{MODEL}={MODEL}.mar"]
+    run_or_explain(start, work / "torchserve.out", cwd=work, env=env)
+    try:
+        wait_until_ready(management, MODEL, work / "key_file.json", timeout=240)
+        yield Server(work, inference, management)
+    finally:
+        subprocess.run([str(BIN / "torchserve"), "--stop", "--foreground"], cwd=work, env=env, timeout=90,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log = work / "logs" / "model_log.log"
+        if log.exists():
+            print(log.read_text()[-5000:])
