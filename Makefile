@@ -4,8 +4,9 @@
 PYTHON       ?= python3
 VENV         ?= .venv
 BIN          := $(VENV)/bin
-# torch is installed first, on its own: deepspeed's sdist imports it at build time. The default is the CPU wheel;
-# on a GPU host keep the CUDA torch already installed with `make install TORCH=`.
+# torch is installed first, on its own: deepspeed's sdist imports it at build time. torch==2.13.0 is what the CPU
+# machines and CI use (from their local CPU wheel; from PyPI alone on Linux pip would fetch the CUDA build). On a GPU
+# host keep the CUDA torch already installed (measured with 2.11.0+cu130) with `make install TORCH=`.
 TORCH        ?= torch==2.13.0
 MODEL_NAME   ?= stable-diffusion
 TINY_MODEL   ?= build/tiny-sd

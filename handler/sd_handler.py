@@ -12,7 +12,7 @@ import time
 
 from sd_engine.config import EngineConfig
 from sd_engine.engine import load_engine, pick_device
-from sd_engine.errors import EngineError, InvalidRequest
+from sd_engine.errors import EngineError, GenerationError, InvalidRequest
 from sd_engine.imaging import encode_image
 from sd_engine.loading import prepare_weights
 from sd_engine.requests import parse_request
@@ -46,7 +46,11 @@ class StableDiffusionHandler:
             except InvalidRequest as error:
                 responses[i] = _error(context, i, error)
 
-        results = self.engine.generate([request for _, request in parsed])
+        try:
+            results = self.engine.generate([request for _, request in parsed])
+        except Exception:  # noqa: BLE001 - the engine answers per group; this is the last guard for the batch
+            logger.exception("unexpected engine failure for a batch of %d", len(parsed))
+            results = [GenerationError("generation failed; see the server log")] * len(parsed)
         ok = 0
         for (i, request), result in zip(parsed, results):
             if isinstance(result, EngineError):
@@ -90,4 +94,4 @@ def _declared_json(context, index) -> bool:
 def _error(context, index, error):
     context.set_response_status(error.status, STATUS_PHRASES.get(error.status, "Error"), idx=index)
     context.set_response_content_type(index, "application/json")
-    return json.dumps(error.to_dict()).encode("utf-8")
+    return json.dumps(error.to_dict(), allow_nan=False).encode("utf-8")

@@ -20,9 +20,7 @@ from sd_engine.config import EngineConfig
 from sd_engine.engine import GenerationResult, load_engine, pick_device
 from sd_engine.errors import ConfigError, InvalidRequest
 from sd_engine.imaging import encode_image
-from sd_engine.requests import parse_request
-
-FIELDS = ("negative_prompt", "num_inference_steps", "guidance_scale", "height", "width", "seed", "format", "quality")
+from sd_engine.requests import FIELDS, parse_request
 
 
 def main(argv=None) -> int:
@@ -54,7 +52,7 @@ def main(argv=None) -> int:
         if args.backend:
             config = config.replace(backend=args.backend)
         request = parse_request({"prompt": args.prompt, **{f: getattr(args, f) for f in FIELDS
-                                                           if getattr(args, f) is not None}}, config)
+                                                           if f != "prompt" and getattr(args, f) is not None}}, config)
     except (ConfigError, InvalidRequest, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

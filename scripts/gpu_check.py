@@ -16,7 +16,6 @@ Exit codes: 0 all checks passed, 1 a check failed (the record says which), 2 no 
 from __future__ import annotations
 
 import argparse
-import gc
 import io
 import json
 import logging
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmark import free, pixels
 from sd_engine.config import EngineConfig
 from sd_engine.engine import load_engine
 from sd_engine.optimize import injection_report
@@ -51,10 +51,6 @@ def versions() -> dict:
             "deepspeed": deepspeed.__version__}
 
 
-def pixels(image: Image.Image) -> np.ndarray:
-    return np.asarray(image, dtype=np.float64) / 255.0
-
-
 def latency(engine, request: GenerationRequest, runs: int) -> float:
     times = []
     for _ in range(runs):
@@ -64,12 +60,6 @@ def latency(engine, request: GenerationRequest, runs: int) -> float:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def free() -> None:
-    """Return the memory of engines the caller has just dropped, before loading the next one."""
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 def check_handler(weights: Path, base: dict, cuda_graph: bool, requests, references, runs: int) -> dict:
@@ -103,8 +93,7 @@ def check_handler(weights: Path, base: dict, cuda_graph: bool, requests, referen
         # Parity with eager float16, one image per seed at batch 1 (the shape the graphs were captured for).
         rmses, nans = [], 0
         for request, reference in zip(requests, references):
-            [result] = handler.engine.generate([request])
-            image = pixels(result.image)
+            [image] = pixels(handler.engine.generate([request]))
             nans += int(np.isnan(image).sum())
             rmses.append(float(np.sqrt(np.mean((image - reference) ** 2))))
         row["rmse_vs_eager"] = [round(r, 5) for r in rmses]
@@ -147,9 +136,9 @@ def main(argv=None) -> int:
                 for p, s in (("a photo of an astronaut riding a horse on mars", 1), ("a red fox in the snow", 2))]
 
     eager = load_engine(EngineConfig(**base, backend="eager"), args.weights, torch.device("cuda:0"))
-    references = [pixels(eager.generate([r])[0].image) for r in requests]
+    references = [pixels(eager.generate([r]))[0] for r in requests]
     batched = eager.generate(requests)  # both seeds in one call: images must not depend on batch neighbours
-    batch_rmse = max(float(np.sqrt(np.mean((pixels(b.image) - ref) ** 2))) for b, ref in zip(batched, references))
+    batch_rmse = max(float(np.sqrt(np.mean((b - ref) ** 2))) for b, ref in zip(pixels(batched), references))
     record["rows"].append({"backend": "eager", "cuda_graph": False,
                            "latency_s_batch1": round(latency(eager, requests[0], args.runs), 4),
                            "rmse_batch2_vs_batch1": round(batch_rmse, 5),

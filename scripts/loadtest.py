@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import threading
@@ -22,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from query import ServerUnreachable, predict, read_key
+from query import ServerUnreachable, predict, resolve_token
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -122,10 +121,7 @@ def main(argv=None) -> int:
     except json.JSONDecodeError as e:
         parser.error(f"--payload is not JSON: {e}")
 
-    token = args.token or os.environ.get("TS_INFERENCE_TOKEN")
-    if not token and Path(args.key_file).is_file():
-        token = read_key(args.key_file)
-    summary = run(args, token)
+    summary = run(args, resolve_token(args.token, args.key_file))
     if summary["status_counts"].get("unreachable") == args.requests:
         print(f"error: could not reach {args.url}", file=sys.stderr)
         return 3

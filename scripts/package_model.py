@@ -94,8 +94,9 @@ def main(argv=None) -> int:
     if args.no_archive:
         target = args.model_store / args.model_name / "model"
         print(f"copying weights into {target} ...", file=sys.stderr)
+        digests = file_digests(args.weights)  # of the source: a truncated or damaged copy then fails the load
         shutil.copytree(args.weights, target, dirs_exist_ok=True)
-        (target / MANIFEST).write_text(manifest_text(file_digests(target)))
+        (target / MANIFEST).write_text(manifest_text(digests))
         print(args.model_store / args.model_name)
     else:
         print(args.model_store / f"{args.model_name}.mar")

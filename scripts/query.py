@@ -34,6 +34,14 @@ def read_key(key_file: str | Path, kind: str = "inference") -> str:
     return json.loads(Path(key_file).read_text())[kind]["key"]
 
 
+def resolve_token(token: str | None, key_file: str | Path) -> str | None:
+    """--token, else $TS_INFERENCE_TOKEN, else the inference key in key_file (if it exists), else None."""
+    token = token or os.environ.get("TS_INFERENCE_TOKEN")
+    if not token and Path(key_file).is_file():
+        token = read_key(key_file)
+    return token
+
+
 def request(url: str, token: str | None = None, body: bytes | None = None, content_type: str | None = None,
             timeout: float = 600) -> tuple[int, dict[str, str], bytes]:
     """One HTTP call; returns (status, headers, body) for any HTTP answer, raises ServerUnreachable otherwise."""
@@ -114,9 +122,7 @@ def main(argv=None) -> int:
     try:
         if args.wait:
             wait_until_ready(args.management_url, args.model, key_file, args.wait)
-        token = args.token or os.environ.get("TS_INFERENCE_TOKEN")
-        if not token and key_file.is_file():
-            token = read_key(key_file)
+        token = resolve_token(args.token, key_file)
         start = time.perf_counter()
         status, headers, body = predict(args.url, args.model, payload, token, args.timeout)
     except ServerUnreachable as e:

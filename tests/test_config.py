@@ -49,8 +49,10 @@ def test_int_is_accepted_for_float():
     ({"format": "gif"}, "format must be one of"),
     ({"height": 500}, "height must be a positive multiple of 8"),
     ({"quality": 0}, "quality must be in 1..100"),
-    ({"num_inference_steps": 200}, "above handler.max_num_inference_steps"),
-    ({"width": 2048}, "above handler.max_width"),
+    ({"num_inference_steps": 200}, r"handler.num_inference_steps: the default must be in 1..150"),
+    ({"width": 2048}, r"handler.width: the default must be in 64..1024"),
+    ({"height": 56}, r"handler.height: the default must be in 64..1024"),
+    ({"guidance_scale": 60.0}, r"handler.guidance_scale: the default must be a finite number in 0..50"),
     ({"backend": "deepspeed", "dtype": "float32"}, "float16 only"),
     ({"max_cuda_graphs": 0}, "max_cuda_graphs must be >= 1"),
     ({"backend": "deepspeed", "compile": True}, "compile: true works with backend eager"),
@@ -59,6 +61,11 @@ def test_int_is_accepted_for_float():
 def test_invalid_values_and_combinations_fail_before_loading(block, message):
     with pytest.raises(ConfigError, match=message):
         EngineConfig.from_mapping(block)
+
+
+def test_direct_construction_is_validated_too():
+    with pytest.raises(ConfigError, match="backend must be one of"):
+        EngineConfig(backend="tensorrt")
 
 
 def test_config_is_frozen():

@@ -72,7 +72,8 @@ class _FailingPipe:
     def __call__(self, **kwargs):
         if kwargs["height"] == 128:
             raise self.error
-        return types.SimpleNamespace(images=[None] * len(kwargs["prompt"]))
+        pixels = np.full((kwargs["height"], kwargs["width"], 3), 0.5 if self.error else np.nan)
+        return types.SimpleNamespace(images=[pixels] * len(kwargs["prompt"]))
 
 
 @pytest.mark.parametrize("error, expected, status", [
@@ -124,10 +125,18 @@ def test_deepspeed_branch_calls_init_inference_with_the_clip_shim(monkeypatch, t
     assert injection_report(pipe)["unet"] == {"DSUNet": 1}
 
 
-def test_warmup_refuses_a_bad_image(cpu_config):
+def test_warmup_refuses_a_failed_generation(cpu_config):
     engine = Engine(_FailingPipe(RuntimeError("no")), cpu_config.replace(height=128, width=128),
                     torch.device("cpu"))
     with pytest.raises(RuntimeError, match="warm-up generation failed"):
+        engine.warmup()
+
+
+def test_nan_pixels_are_an_error_not_a_black_image(cpu_config):
+    engine = Engine(_FailingPipe(None), cpu_config, torch.device("cpu"))  # None: returns NaN pixels
+    [result] = engine.generate([parse_request({"prompt": "x"}, cpu_config)])
+    assert isinstance(result, GenerationError) and "NaN" in str(result)
+    with pytest.raises(RuntimeError, match="NaN"):
         engine.warmup()
 
 

@@ -86,8 +86,9 @@ def test_absurd_uncompressed_size_is_refused(tmp_path):
 
 def test_not_a_zip_is_a_clear_error(tmp_path):
     (tmp_path / "model.zip").write_bytes(b"not a zip")
-    with pytest.raises(ModelLoadError, match="not a valid zip"):
+    with pytest.raises(ModelLoadError, match="could not be extracted: BadZipFile"):
         prepare_weights(tmp_path, "model.zip")
+    assert not list(tmp_path.glob(".model*partial"))
 
 
 def test_folder_without_pipeline_is_a_clear_error(tmp_path):

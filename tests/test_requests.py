@@ -42,6 +42,15 @@ def test_declared_json_must_be_an_object(body):
     assert parse_request(b'{"prompt": "x"}', CONFIG, declared_json=True).prompt == "x"
 
 
+def test_a_compiled_server_serves_its_configured_size_only():
+    config = CONFIG.replace(compile=True)
+    assert parse_request({"prompt": "x", "num_inference_steps": 7, "seed": 3}, config).height == 64
+    for field in ("height", "width"):
+        with pytest.raises(InvalidRequest, match="compile is on") as caught:
+            parse_request({"prompt": "x", field: 128}, config)
+        assert caught.value.field == field
+
+
 def test_seed_null_is_drawn_at_random():
     seeds = {parse_request({"prompt": "x", "seed": None}, CONFIG).seed for _ in range(5)}
     assert len(seeds) > 1

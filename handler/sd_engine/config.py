@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from .errors import ConfigError, InvalidRequest
 
 BACKENDS = ("auto", "deepspeed", "eager")
 DTYPES = ("auto", "float16", "float32")
@@ -24,7 +24,8 @@ class EngineConfig:
     # Where the weights are, relative to the model dir (or absolute): a `.zip` of a diffusers folder, extracted once
     # next to it, or a diffusers folder itself (the no-archive layout for multi-GB weights).
     weights: str = "model.zip"
-    # auto: deepspeed on CUDA, eager on CPU. deepspeed: kernel injection into UNet, VAE and CLIP (CUDA, fp16 only).
+    # eager: diffusers with PyTorch's SDPA attention. deepspeed: kernel injection into UNet, VAE and CLIP (CUDA, fp16
+    # only). auto: eager, which measured fastest once CUDA graphs are on (optimize.resolve_backend).
     backend: str = "auto"
     # CUDA graphs for UNet, text encoder and VAE decoder, one per input shape (see graphs.py); CUDA only.
     cuda_graph: bool = False
@@ -71,14 +72,13 @@ class EngineConfig:
         values = {}
         for name, value in mapping.items():
             values[name] = _coerce(name, known[name].type, value)
-        config = cls(**values)
-        config.validate()
-        return config
+        return cls(**values)
 
     def replace(self, **changes: Any) -> "EngineConfig":
-        config = dataclasses.replace(self, **changes)
-        config.validate()
-        return config
+        return dataclasses.replace(self, **changes)
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         _choice("backend", self.backend, BACKENDS)
@@ -99,11 +99,13 @@ class EngineConfig:
             raise ConfigError(f"handler.quality must be in 1..100, got {self.quality}")
         if not (math.isfinite(self.max_guidance_scale) and self.max_guidance_scale >= 0):
             raise ConfigError(f"handler.max_guidance_scale must be finite and >= 0, got {self.max_guidance_scale}")
-        # The defaults must themselves be valid requests.
-        for name, limit in (("num_inference_steps", "max_num_inference_steps"), ("height", "max_height"),
-                            ("width", "max_width"), ("guidance_scale", "max_guidance_scale")):
-            if not 0 <= getattr(self, name) <= getattr(self, limit):
-                raise ConfigError(f"handler.{name}={getattr(self, name)} is above handler.{limit}={getattr(self, limit)}")
+        # The defaults must themselves be a valid request: one set of rules, the request parser's.
+        from .requests import parse_request  # here: requests imports this module
+
+        try:
+            parse_request({"prompt": "default", "seed": 0}, self)
+        except InvalidRequest as e:
+            raise ConfigError(f"handler.{e.field}: the default {e.reason}, got {e.value!r}") from None
 
 
 def _coerce(name: str, annotation: str, value: Any) -> Any:

@@ -11,7 +11,6 @@ CPU so that a seed gives the same starting noise on any device.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +68,7 @@ class Engine:
                      first.num_inference_steps, [r.prompt for r in group])
         start = time.perf_counter()
         try:
-            images = self.pipe(
+            arrays = self.pipe(
                 prompt=[r.prompt for r in group],
                 negative_prompt=[r.negative_prompt or "" for r in group],
                 num_inference_steps=first.num_inference_steps,
@@ -77,8 +76,9 @@ class Engine:
                 height=first.height,
                 width=first.width,
                 generator=[torch.Generator("cpu").manual_seed(r.seed) for r in group],
-                output_type="pil",
+                output_type="np",  # float pixels, so NaN from an fp16 overflow is visible before it becomes black
             ).images
+            truncated = [self._truncated(r) for r in group]
         except torch.OutOfMemoryError as e:
             error: EngineError = OutOfMemory(f"out of {self.device.type} memory generating {len(group)} image(s) "
                                              f"of {first.width}x{first.height}: {str(e).splitlines()[0]}")
@@ -87,12 +87,19 @@ class Engine:
             return [error] * len(group)
         except Exception as e:  # noqa: BLE001 - one group's failure must not take down the batch or the worker
             logger.exception("generation failed for a group of %d", len(group))
-            return [GenerationError(f"generation failed: {type(e).__name__}: {e}")] * len(group)
+            return [GenerationError(f"generation failed ({type(e).__name__}); see the server log")] * len(group)
         seconds = time.perf_counter() - start
         logger.info("generated %d image(s) %dx%d x%d steps in %.3f s", len(group), first.width, first.height,
                     first.num_inference_steps, seconds)
-        return [GenerationResult(request=r, image=img, seconds=seconds, truncated=self._truncated(r))
-                for r, img in zip(group, images)]
+        results: list[GenerationResult | EngineError] = []
+        for request, pixels, cut in zip(group, arrays, truncated):
+            if not np.isfinite(pixels).all():
+                logger.error("image for seed %d has non-finite pixels", request.seed)
+                results.append(GenerationError("generation produced NaN pixels; see the server log"))
+            else:
+                image = Image.fromarray((np.clip(pixels, 0, 1) * 255).round().astype(np.uint8))
+                results.append(GenerationResult(request=request, image=image, seconds=seconds, truncated=cut))
+        return results
 
     def _truncated(self, request: GenerationRequest) -> tuple[str, ...]:
         """Which prompt fields exceed CLIP's window (77 tokens with start/end); the pipeline keeps the first 77."""
@@ -108,17 +115,17 @@ class Engine:
         """Generate at the default shape with batch 1 and `max_batch_size`, so JIT builds, compilation and graph
         capture happen now rather than in a request; fail loudly unless every image is finite and of the right size."""
         start = time.perf_counter()
-        for batch in sorted({1, max_batch_size}):
+        # Largest first: over DeepSpeed a larger batch drops the graphs captured before it (see graphs.py).
+        for batch in sorted({1, max_batch_size}, reverse=True):
             requests = [GenerationRequest(prompt="warm-up", negative_prompt=None,
                                           num_inference_steps=self.config.warmup_steps,
                                           guidance_scale=self.config.guidance_scale, height=self.config.height,
                                           width=self.config.width, seed=i) for i in range(batch)]
-            for result in self._run_group(requests):
+            for result in self._run_group(requests):  # NaN pixels already come back as errors
                 if isinstance(result, EngineError):
                     raise RuntimeError(f"warm-up generation failed: {result}")
-                pixels = np.asarray(result.image, dtype=np.float32)
-                if pixels.shape != (self.config.height, self.config.width, 3) or not math.isfinite(float(pixels.std())):
-                    raise RuntimeError(f"warm-up produced a bad image: shape {pixels.shape}")
+                if result.image.size != (self.config.width, self.config.height):
+                    raise RuntimeError(f"warm-up produced a {result.image.size} image")
         return time.perf_counter() - start
 
 

@@ -3,6 +3,7 @@ nothing about HTTP, it only says which kind of failure happened."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -28,12 +29,19 @@ class InvalidRequest(EngineError, ValueError):
         self.field = field
         self.value = value
         self.reason = reason
-        super().__init__(f"`{field}` {reason}, got {value!r}")
+        shown = repr(value)
+        super().__init__(f"`{field}` {reason}, got {shown[:80] + '...' if len(shown) > 80 else shown}")
 
     def to_dict(self) -> dict[str, Any]:
-        value = self.value if isinstance(self.value, (str, int, float, bool, type(None))) else repr(self.value)
+        """JSON-safe: long values are cut, non-finite numbers and other types become their repr."""
+        value = self.value
+        if isinstance(value, float) and not math.isfinite(value) or not isinstance(
+                value, (str, int, float, bool, type(None))):
+            value = repr(value)
         if isinstance(value, str) and len(value) > 200:
             value = value[:200] + "..."
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**64:
+            value = repr(value)[:40] + "..."
         return {"error": "InvalidRequest", "field": self.field, "value": value, "message": str(self)}
 
 

@@ -50,7 +50,10 @@ def verify_manifest(folder: Path) -> None:
     if not path.is_file():
         logger.warning("weights in %s have no %s: integrity not checked", folder, MANIFEST)
         return
-    expected = json.loads(path.read_text())["sha256"]
+    try:
+        expected = json.loads(path.read_text())["sha256"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{MANIFEST} in {folder} is unreadable: {type(e).__name__}: {e}") from e
     actual = file_digests(Path(folder))
     for name in sorted(set(expected) | set(actual)):
         if name not in actual:
@@ -92,11 +95,13 @@ def extract_zip(zip_path: Path, target: Path, max_bytes: int = MAX_UNCOMPRESSED_
                 for info in members:
                     archive.extract(info, staging)
             verify_manifest(staging)
-        except zipfile.BadZipFile as e:
-            raise ModelLoadError(f"{zip_path.name} is not a valid zip file: {e}") from e
         except ModelLoadError:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError) as e:
+            # Corrupt archive, clashing entries, encrypted or unsupported compression, full disk.
+            shutil.rmtree(staging, ignore_errors=True)
+            raise ModelLoadError(f"{zip_path.name} could not be extracted: {type(e).__name__}: {e}") from e
         (staging / DONE_MARKER).write_text(stamp)
         os.replace(staging, target)
         logger.info("extracted %d files from %s into %s", len(members), zip_path.name, target)
