@@ -62,18 +62,38 @@ def latency(engine, request: GenerationRequest, runs: int) -> float:
     return statistics.median(times)
 
 
-def check_handler(weights: Path, base: dict, cuda_graph: bool, requests, references, runs: int) -> dict:
-    from ts.context import Context, RequestProcessor
+def new_handler(model_dir: str, handler_block: dict):
+    """The real handler with the Context TorchServe's worker would pass it (gpu 0, batchSize 1)."""
+    from ts.context import Context
 
     from sd_handler import StableDiffusionHandler
 
+    context = Context("stable-diffusion", model_dir, {"model": {}}, 1, 0, "0.12.0",
+                      model_yaml_config={"handler": handler_block})
+    handler = StableDiffusionHandler()
+    handler.initialize(context)
+    return handler, context
+
+
+def send(handler, context, bodies: list) -> list[dict]:
+    """One batch through handle(), as TorchServe hands it over; status, content type and image size per request."""
+    from ts.context import RequestProcessor
+
+    context.request_processor = [RequestProcessor({}) for _ in bodies]
+    outputs = handler.handle([{"body": b} for b in bodies], context)
+    answers = []
+    for i, output in enumerate(outputs):
+        content_type = context.get_response_content_type(i)
+        size = Image.open(io.BytesIO(output)).size if content_type == "image/jpeg" else None
+        answers.append({"status": context.get_response_status(i)[0], "content_type": content_type, "size": size})
+    return answers
+
+
+def check_handler(weights: Path, base: dict, cuda_graph: bool, requests, references, runs: int) -> dict:
     row = {"backend": "deepspeed", "cuda_graph": cuda_graph}
-    yaml_config = {"handler": dict(base, backend="deepspeed", cuda_graph=cuda_graph)}
     with tempfile.TemporaryDirectory() as model_dir:
-        context = Context("stable-diffusion", model_dir, {"model": {}}, 4, 0, "0.12.0", model_yaml_config=yaml_config)
-        handler = StableDiffusionHandler()
         start = time.perf_counter()
-        handler.initialize(context)
+        handler, context = new_handler(model_dir, dict(base, backend="deepspeed", cuda_graph=cuda_graph))
         row["initialize_s"] = round(time.perf_counter() - start, 2)
         row["engine_timings_s"] = {k: round(v, 2) for k, v in handler.engine.timings.items()}
         row["injected"] = injection_report(handler.engine.pipe)
@@ -81,14 +101,7 @@ def check_handler(weights: Path, base: dict, cuda_graph: bool, requests, referen
 
         # A batch through the handler: JSON and plain-text bodies, as TorchServe hands them over.
         bodies = [{"prompt": r.prompt, "seed": r.seed} for r in requests] + ["a plain-text prompt"]
-        context.request_processor = [RequestProcessor({}) for _ in bodies]
-        outputs = handler.handle([{"body": b} for b in bodies], context)
-        row["handler_responses"] = []
-        for i, output in enumerate(outputs):
-            status = context.get_response_status(i)[0]
-            content_type = context.get_response_content_type(i)
-            size = Image.open(io.BytesIO(output)).size if content_type == "image/jpeg" else None
-            row["handler_responses"].append({"status": status, "content_type": content_type, "size": size})
+        row["handler_responses"] = send(handler, context, bodies)
 
         # Parity with eager float16, one image per seed at batch 1 (the shape the graphs were captured for).
         rmses, nans = [], 0
@@ -104,6 +117,37 @@ def check_handler(weights: Path, base: dict, cuda_graph: bool, requests, referen
     return row
 
 
+def check_oom(weights: Path, memory_gib: float) -> dict:
+    """Cap this process's GPU memory (a smaller card), send a batch that cannot fit, then a normal request."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(memory_gib * 2**30 / total)
+    record = {"check": "out-of-memory-through-handler", "memory_cap_gib": memory_gib, "rows": []}
+    big = [{"prompt": f"big {i}", "seed": i, "height": 1024, "width": 1024, "num_inference_steps": 2}
+           for i in range(8)]
+    for cuda_graph in (False, True):
+        with tempfile.TemporaryDirectory() as model_dir:
+            handler, context = new_handler(model_dir, {"weights": str(weights), "backend": "eager",
+                                                       "cuda_graph": cuda_graph, "num_inference_steps": 2,
+                                                       "max_height": 1024, "max_width": 1024})
+            before = torch.cuda.memory_allocated()
+            oom = send(handler, context, big)
+            after = torch.cuda.memory_allocated()
+            next_ok = send(handler, context, [{"prompt": "small", "seed": 1}])
+            again = send(handler, context, [{"prompt": "small again", "seed": 2}])
+            record["rows"].append({
+                "cuda_graph": cuda_graph, "big_batch_statuses": [a["status"] for a in oom],
+                "allocated_gib_before": round(before / 2**30, 2), "allocated_gib_after": round(after / 2**30, 2),
+                "next_requests": next_ok + again})
+            log.info("oom check %s", record["rows"][-1])
+            del handler, context
+        free()
+    record["failures"] = [f"cuda_graph={r['cuda_graph']}: {what}" for r in record["rows"] for what, bad in (
+        ("the big batch was not answered 507", any(s != 507 for s in r["big_batch_statuses"])),
+        ("the next requests failed", any(a["status"] != 200 for a in r["next_requests"])),
+        ("memory was not given back", r["allocated_gib_after"] > r["allocated_gib_before"] + 0.5)) if bad]
+    return record
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="JSON record to write (default: print only)")
@@ -113,6 +157,9 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=512, help="image height and width (default: %(default)s)")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per latency median (default: %(default)s)")
     parser.add_argument("--graph-modes", default="false,true", help="cuda_graph settings to check, comma-separated")
+    parser.add_argument("--oom", type=float, metavar="GIB",
+                        help="instead: cap GPU memory at GIB and check that a batch too big to fit gets 507s "
+                             "while the worker keeps serving")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     if not torch.cuda.is_available():
@@ -128,6 +175,9 @@ def main(argv=None) -> int:
     if not (args.weights / "model_index.json").is_file():
         save_pipeline("sd15", args.weights, seed=0, device="cuda", dtype=torch.float16)
     record["build_s"] = round(time.perf_counter() - start, 1)
+    if args.oom:
+        record.update(check_oom(args.weights, args.oom))
+        return finish(record, args.out)
 
     base = {"weights": str(args.weights), "num_inference_steps": args.steps, "height": args.size,
             "width": args.size, "warmup_steps": 2}
@@ -162,12 +212,16 @@ def main(argv=None) -> int:
             if max(row["rmse_vs_eager"]) > RMSE_LIMIT:
                 failures.append(f"cuda_graph={row['cuda_graph']}: RMSE {max(row['rmse_vs_eager'])} > {RMSE_LIMIT}")
     record["failures"] = failures
+    return finish(record, args.out)
+
+
+def finish(record: dict, out: Path | None) -> int:
     text = json.dumps(record, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
     print(text)
-    return 1 if failures else 0
+    return 1 if record["failures"] else 0
 
 
 if __name__ == "__main__":

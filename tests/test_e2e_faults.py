@@ -1,0 +1,83 @@
+"""Faults against the real TorchServe: overload with a tiny job queue, and the Python worker killed mid-request.
+
+A server of its own (batchSize 1, jobQueueSize 2), so these faults never disturb the main end-to-end server.
+"""
+
+import json
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import yaml
+
+from conftest import CPU_MODEL_CONFIG
+from query import read_key, request, wait_until_ready
+from ts_server import MODEL, start_server
+
+pytestmark = pytest.mark.e2e
+SLOW = {"prompt": "a slow fox", "num_inference_steps": 40}
+
+
+@pytest.fixture(scope="module")
+def small_queue_server(tmp_path_factory, tiny_model_dir):
+    work = tmp_path_factory.mktemp("faults")
+    config = yaml.safe_load(CPU_MODEL_CONFIG.read_text())
+    config.update(batchSize=1, maxBatchDelay=0, jobQueueSize=2)
+    (work / "model-config.yaml").write_text(yaml.safe_dump(config))
+    with start_server(work, tiny_model_dir, work / "model-config.yaml") as running:
+        yield running
+
+
+def timed(server, payload, token):
+    start = time.perf_counter()
+    status, _, body = server.predict(payload, token)
+    return status, time.perf_counter() - start, body
+
+
+def test_overload_gets_fast_503s_and_the_server_recovers(small_queue_server):
+    server, token = small_queue_server, small_queue_server.token
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda i: timed(server, dict(SLOW, seed=i), token), range(12)))
+    statuses = [status for status, _, _ in answers]
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 3 and statuses.count(503) >= 1, statuses
+    slowest_ok = max(seconds for status, seconds, _ in answers if status == 200)
+    for status, seconds, body in answers:
+        if status == 503:  # refused at the door, not after waiting its turn
+            assert seconds < slowest_ok and body
+    assert server.predict({"prompt": "after the burst"}, token)[0] == 200
+
+
+def worker_pid(server) -> int:
+    key = read_key(server.work / "key_file.json", "management")
+    status, _, body = request(f"{server.management}/models/{MODEL}", key)
+    assert status == 200
+    [worker] = json.loads(body)[0]["workers"]
+    return int(worker["pid"])
+
+
+def inferences_received(server) -> int:
+    log = server.work / "logs" / "model_log.log"
+    return log.read_text().count("Backend received inference") if log.exists() else 0
+
+
+def test_killed_worker_fails_the_in_flight_request_and_is_restarted(small_queue_server):
+    server, token = small_queue_server, small_queue_server.token
+    pid = worker_pid(server)
+    before = inferences_received(server)
+    with ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(timed, server, dict(SLOW, num_inference_steps=50, seed=1), token)
+        deadline = time.monotonic() + 60
+        while inferences_received(server) == before:  # wait until the worker has the request
+            assert time.monotonic() < deadline, "the request never reached the worker"
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+        status, seconds, body = in_flight.result(timeout=120)
+    assert status >= 500, (status, body[:200])  # an error, not a hang
+    killed = time.monotonic()
+    wait_until_ready(server.management, MODEL, server.work / "key_file.json", timeout=180)
+    print(f"worker restarted and READY {time.monotonic() - killed:.1f} s after the kill "
+          f"(in-flight request answered {status} after {seconds:.1f} s)")
+    assert worker_pid(server) != pid
+    assert server.predict({"prompt": "after the restart", "seed": 2}, token)[0] == 200
