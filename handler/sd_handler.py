@@ -10,6 +10,9 @@ import json
 import logging
 import time
 
+from ts.metrics.dimension import Dimension
+from ts.metrics.metric_type_enum import MetricTypes
+
 from sd_engine.config import EngineConfig
 from sd_engine.engine import load_engine, pick_device
 from sd_engine.errors import EngineError, GenerationError, InvalidRequest
@@ -45,6 +48,7 @@ class StableDiffusionHandler:
                 parsed.append((i, parse_request(_body(item), self.engine.config, _declared_json(context, i))))
             except InvalidRequest as error:
                 responses[i] = _error(context, i, error)
+                _count(context, "invalid")
 
         try:
             results = self.engine.generate([request for _, request in parsed])
@@ -55,6 +59,7 @@ class StableDiffusionHandler:
         for (i, request), result in zip(parsed, results):
             if isinstance(result, EngineError):
                 responses[i] = _error(context, i, result)
+                _count(context, "out_of_memory" if result.status == 507 else "failed")
                 continue
             encode_start = time.perf_counter()
             payload, content_type = encode_image(result.image, request.format, request.quality)
@@ -68,6 +73,10 @@ class StableDiffusionHandler:
                                         f"engine;dur={result.seconds * 1000:.1f}, encode;dur={encode_ms:.1f}")
             responses[i] = payload
             ok += 1
+            _count(context, "ok")
+            _observe(context, result, encode_ms / 1000)
+        if context.metrics is not None:
+            context.metrics.add_metric("BatchSize", len(data), "Count", None, [], MetricTypes.HISTOGRAM)
         logger.info("batch of %d handled in %.3f s, %d ok", len(data), time.perf_counter() - start, ok)
         return responses
 
@@ -82,6 +91,29 @@ def _body(item):
         raise InvalidRequest("body", "form fields" if item else "nothing",
                              "must be JSON (Content-Type: application/json) or plain text, not form-encoded or empty")
     return body
+
+
+# Metrics (declared in config/metrics.yaml; Prometheus on the metrics port). Histograms give P50/P95 in Prometheus.
+def _count(context, status: str) -> None:
+    if context.metrics is not None:
+        context.metrics.add_counter("ImagesGenerated", 1, None, [Dimension("Status", status)])
+
+
+def _observe(context, result, encode_seconds: float) -> None:
+    if context.metrics is None:
+        return
+    seconds = {"GenerationSeconds": result.seconds, "EncodeSeconds": encode_seconds,
+               "TextEncoderSeconds": result.stage_seconds.get("text_encoder"),
+               "DenoiseSeconds": result.stage_seconds.get("denoise"), "VaeSeconds": result.stage_seconds.get("vae")}
+    for name, value in seconds.items():
+        if value is not None:
+            context.metrics.add_metric(name, value, "Seconds", None, [], MetricTypes.HISTOGRAM)
+    if result.stage_seconds.get("denoise"):
+        steps_per_second = result.request.num_inference_steps / result.stage_seconds["denoise"]
+        context.metrics.add_metric("StepsPerSecond", steps_per_second, "Count", None, [], MetricTypes.GAUGE)
+    if result.peak_memory_bytes is not None:
+        context.metrics.add_metric("PeakGPUMemory", result.peak_memory_bytes / 2**20, "Megabytes", None, [],
+                                   MetricTypes.GAUGE)
 
 
 def _declared_json(context, index) -> bool:

@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -181,3 +182,51 @@ def test_workflow_registration_needs_the_management_key_and_an_allowed_url(serve
     management_key = read_key(server.work / "key_file.json", "management")
     status, _, body = request(url, management_key, b"", "application/json")
     assert status >= 400 and b"evil.war" not in request(f"{server.management}/workflows", management_key)[2]
+
+
+def scrape(server) -> dict[str, float]:
+    """Prometheus text -> {'name{label="v",...}': value}, labels sorted, TorchServe's hostname label dropped."""
+    status, _, body = request(f"{server.metrics}/metrics")
+    assert status == 200
+    samples = {}
+    for line in body.decode().splitlines():
+        match = re.fullmatch(r'(\w+)(?:\{(.*)\})?\s+(\S+)', line.strip())
+        if line.startswith("#") or not match:
+            continue
+        labels = sorted(p for p in re.findall(r'(\w+)="([^"]*)"', match.group(2) or "") if p[0] != "Hostname")
+        samples[match.group(1) + "{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}"] = float(match.group(3))
+    return samples
+
+
+def metric(samples, name, **labels) -> float:
+    wanted = {f'{k}="{v}"' for k, v in labels.items()}
+    return sum(v for key, v in samples.items() if key.split("{")[0] == name and wanted <= set(
+        key[key.index("{") + 1:-1].split(",")))
+
+
+def test_metrics_endpoint_counts_images_by_status_and_times_each_stage(server):
+    before = scrape(server)
+    token = server.token
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda p: server.predict(p, token), [{"prompt": f"m{i}", "seed": i} for i in range(3)]
+                                + [{"prompt": "bad", "quality": 0}]))
+    assert [a[0] for a in answers] == [200, 200, 200, 400]
+
+    def delta(name, **labels):
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    # The worker's metric lines reach the frontend after the responses: poll until all four are counted.
+    deadline = time.monotonic() + 30
+    while True:
+        after = scrape(server)
+        if delta("ImagesGenerated") >= 4 and delta("EncodeSeconds_count") >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+
+    assert delta("ImagesGenerated", Status="ok") == 3
+    assert delta("ImagesGenerated", Status="invalid") == 1
+    for name in ("GenerationSeconds", "TextEncoderSeconds", "DenoiseSeconds", "VaeSeconds", "EncodeSeconds"):
+        assert delta(f"{name}_count") == 3, name
+        assert delta(f"{name}_sum") > 0, name
+    assert delta("BatchSize_sum") == 4 and delta("BatchSize_count") >= 1  # 4 requests, in however many batches
+    assert metric(after, "StepsPerSecond") > 0

@@ -65,6 +65,8 @@ class _FailingPipe:
     def __init__(self, error):
         self.error = error
         self.tokenizer = build_tokenizer()
+        self.text_encoder = self.unet = torch.nn.Identity()  # for StageTimer's hooks; never called
+        self.vae = types.SimpleNamespace(decode=None)
 
     def set_progress_bar_config(self, **kwargs):
         pass
@@ -155,3 +157,11 @@ def test_prompts_are_logged_only_at_debug(tiny_engine, cpu_config, caplog):
     with caplog.at_level("DEBUG", logger="sd_engine"):
         tiny_engine.generate([parse_request({"prompt": "secret-prompt-text", "seed": 1}, cpu_config)])
     assert "secret-prompt-text" in caplog.text
+
+
+def test_results_carry_stage_times(tiny_engine, cpu_config):
+    [result] = tiny_engine.generate([parse_request({"prompt": "a fox", "seed": 1}, cpu_config)])
+    assert set(result.stage_seconds) == {"text_encoder", "denoise", "vae"}
+    assert all(v > 0 for v in result.stage_seconds.values())
+    assert sum(result.stage_seconds.values()) <= result.seconds
+    assert result.peak_memory_bytes is None  # CPU

@@ -24,6 +24,7 @@ class Server:
     work: Path
     inference: str
     management: str
+    metrics: str
 
     @property
     def token(self) -> str:
@@ -54,9 +55,12 @@ def server_config(work: Path) -> tuple[Path, str, str]:
         assert count == 1, key
     text += (f"\ngrpc_inference_port={grpc_inference}\ngrpc_management_port={grpc_management}\n"
              f"initial_worker_port={worker}\n")
+    text, count = re.subn(r"^metrics_config=(.*)$", lambda m: f"metrics_config={ROOT / m.group(1)}", text,
+                          flags=re.M)  # the shipped path is relative to the repo root; tests start elsewhere
+    assert count == 1
     path = work / "config.properties"
     path.write_text(text)
-    return path, f"http://127.0.0.1:{inference}", f"http://127.0.0.1:{management}"
+    return path, *(f"http://127.0.0.1:{port}" for port in (inference, management, metrics))
 
 
 def run_or_explain(command, log: Path, **kwargs):
@@ -74,7 +78,7 @@ def start_server(work: Path, weights: Path, model_config: Path = ROOT / "config"
     store = work / "model_store"
     run_or_explain([sys.executable, str(ROOT / "scripts" / "package_model.py"), str(weights), str(store),
                     "--config", str(model_config)], work / "package.out")
-    config, inference, management = server_config(work)
+    config, inference, management, metrics = server_config(work)
     # Own TMPDIR/TEMP: TorchServe keeps its pid file and worker sockets there, so runs never collide.
     env = dict(os.environ, TMPDIR=str(work), TEMP=str(work), LOG_LOCATION=str(work / "logs"),
                METRICS_LOCATION=str(work / "logs"))
@@ -83,7 +87,7 @@ def start_server(work: Path, weights: Path, model_config: Path = ROOT / "config"
     run_or_explain(start, work / "torchserve.out", cwd=work, env=env)
     try:
         wait_until_ready(management, MODEL, work / "key_file.json", timeout=240)
-        yield Server(work, inference, management)
+        yield Server(work, inference, management, metrics)
     finally:
         subprocess.run([str(BIN / "torchserve"), "--stop", "--foreground"], cwd=work, env=env, timeout=90,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -25,6 +25,7 @@ from .errors import EngineError, GenerationError, OutOfMemory
 from .loading import load_pipeline
 from .optimize import check_device, optimize, resolve_backend
 from .requests import GenerationRequest
+from .timing import StageTimer
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,10 @@ class GenerationResult:
     image: Image.Image
     seconds: float  # wall time of the pipeline call that produced it (shared by its batch)
     truncated: tuple[str, ...] = ()  # prompt fields longer than the text encoder's window, cut by the pipeline
+    # Seconds of its group's call spent in the text encoder, the denoising loop's UNet calls and the VAE decoder,
+    # and the peak GPU memory of that call (None on the CPU).
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    peak_memory_bytes: int | None = None
 
 
 class Engine:
@@ -44,6 +49,7 @@ class Engine:
         self.device = device
         self.backend = backend
         self.tokenizer = pipe.tokenizer
+        self.components = pipe  # whose text encoder, UNet and VAE StageTimer hooks
         self.timings: dict[str, float] = {}
         self.pipe.set_progress_bar_config(disable=True)
 
@@ -66,19 +72,25 @@ class Engine:
         first = group[0]
         logger.debug("generating %d image(s) %dx%d, %d steps, prompts %r", len(group), first.width, first.height,
                      first.num_inference_steps, [r.prompt for r in group])
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         try:
-            arrays = self.pipe(
-                prompt=[r.prompt for r in group],
-                negative_prompt=[r.negative_prompt or "" for r in group],
-                num_inference_steps=first.num_inference_steps,
-                guidance_scale=first.guidance_scale,
-                height=first.height,
-                width=first.width,
-                generator=[torch.Generator("cpu").manual_seed(r.seed) for r in group],
-                output_type="np",  # float pixels, so NaN from an fp16 overflow is visible before it becomes black
-            ).images
+            with StageTimer(self.components, cuda) as timer:
+                arrays = self.pipe(
+                    prompt=[r.prompt for r in group],
+                    negative_prompt=[r.negative_prompt or "" for r in group],
+                    num_inference_steps=first.num_inference_steps,
+                    guidance_scale=first.guidance_scale,
+                    height=first.height,
+                    width=first.width,
+                    generator=[torch.Generator("cpu").manual_seed(r.seed) for r in group],
+                    output_type="np",  # float pixels, so NaN from an fp16 overflow is visible before it turns black
+                ).images
             truncated = [self._truncated(r) for r in group]
+            stages = {("denoise" if k == "unet" else k): sum(v) / 1000 for k, v in timer.calls_ms().items()}
+            peak = torch.cuda.max_memory_allocated(self.device) if cuda else None
         except torch.OutOfMemoryError as e:
             error: EngineError = OutOfMemory(f"out of {self.device.type} memory generating {len(group)} image(s) "
                                              f"of {first.width}x{first.height}: {str(e).splitlines()[0]}")
@@ -98,7 +110,8 @@ class Engine:
                 results.append(GenerationError("generation produced NaN pixels; see the server log"))
             else:
                 image = Image.fromarray((np.clip(pixels, 0, 1) * 255).round().astype(np.uint8))
-                results.append(GenerationResult(request=request, image=image, seconds=seconds, truncated=cut))
+                results.append(GenerationResult(request=request, image=image, seconds=seconds, truncated=cut,
+                                                stage_seconds=stages, peak_memory_bytes=peak))
         return results
 
     def _truncated(self, request: GenerationRequest) -> tuple[str, ...]:
