@@ -16,8 +16,14 @@ MODEL_CONFIG ?= config/model-config-cpu.yaml
 TS_CONFIG    ?= config.properties
 PROMPT       ?= a photo of an astronaut riding a horse on mars
 WAIT         ?= 300
+# Offline installs: `make wheelhouse` on a connected machine, copy the folder, `make install WHEELHOUSE=wheelhouse`.
+# For another Python or platform (e.g. a GPU host), set WHEEL_TARGET, for example
+#   WHEEL_TARGET="--python-version 3.12 --platform manylinux_2_28_x86_64 --only-binary=:all:" TORCH=torch==2.11.0
+WHEELHOUSE   ?=
+WHEEL_TARGET ?=
+PIP_SOURCE   := $(if $(WHEELHOUSE),--no-index --find-links $(WHEELHOUSE))
 
-.PHONY: help install install-dev model package serve query stop demo test clean
+.PHONY: help install install-dev wheelhouse model package serve query stop demo test clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -25,15 +31,22 @@ help: ## List the targets
 install: $(VENV)/.installed ## Create .venv with the pinned runtime dependencies and the engine
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(if $(TORCH),$(BIN)/pip install $(TORCH))
-	$(BIN)/pip install --no-build-isolation -r requirements.txt
-	$(BIN)/pip install --no-build-isolation --no-deps -e .
+	$(if $(TORCH),$(BIN)/pip install $(PIP_SOURCE) $(TORCH))
+	$(BIN)/pip install $(PIP_SOURCE) --no-build-isolation -r requirements.txt
+	$(BIN)/pip install $(PIP_SOURCE) --no-build-isolation --no-deps -e .
 	touch $@
 
 install-dev: $(VENV)/.installed-dev ## Add the test tools to .venv
 $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
-	$(BIN)/pip install -r requirements-dev.txt
+	$(BIN)/pip install $(PIP_SOURCE) -r requirements-dev.txt
 	touch $@
+
+wheelhouse: install ## Download every wheel (deepspeed built into one) into wheelhouse/ for offline installs
+	mkdir -p wheelhouse
+	$(BIN)/pip wheel --no-deps --no-build-isolation -w wheelhouse $$(grep -E '^deepspeed==' requirements.txt)
+	grep -v -E '^deepspeed==' requirements.txt > wheelhouse/requirements-rest.txt
+	$(BIN)/pip download $(WHEEL_TARGET) -d wheelhouse $(TORCH) wheelhouse/deepspeed-*.whl \
+		-r wheelhouse/requirements-rest.txt -r requirements-dev.txt setuptools wheel
 
 model: install ## Build the embedded tiny random model (noise images, nothing downloaded) into $(TINY_MODEL)
 	$(BIN)/python scripts/make_tiny_model.py --out $(TINY_MODEL)
@@ -61,4 +74,4 @@ test: install-dev ## Run all CPU tests: unit, handler, and the real TorchServe e
 	$(BIN)/python -m pytest -ra
 
 clean: ## Remove built models, archives, logs and outputs (keeps .venv)
-	rm -rf build $(MODEL_STORE) logs key_file.json output-*.jpg output-*.png .pytest_cache
+	rm -rf build $(MODEL_STORE) logs key_file.json output-*.jpg output-*.png .pytest_cache wheelhouse

@@ -38,6 +38,7 @@ from sd_engine.loading import load_pipeline
 from sd_engine.optimize import deepspeed_inject
 from sd_engine.random_models import save_pipeline
 from sd_engine.requests import GenerationRequest
+from sd_engine.timing import StageTimer
 
 log = logging.getLogger("benchmark")
 PRESET_SIZES = {"sd15": 512}
@@ -60,47 +61,6 @@ def requests_for(batch: int, steps: int, size: int) -> list[GenerationRequest]:
             for i in range(batch)]
 
 
-class ComponentTimer:
-    """CUDA events around every UNet / text encoder / VAE decode call of the pipeline, read after a sync."""
-
-    def __init__(self, pipe):
-        self.spans = {"unet": [], "text_encoder": [], "vae": []}
-        self.handles = []
-        for name in ("unet", "text_encoder"):
-            module = getattr(pipe, name)
-            self.handles.append(module.register_forward_pre_hook(lambda m, a, name=name: self._start(name)))
-            self.handles.append(module.register_forward_hook(lambda m, a, o, name=name: self._stop(name)))
-        self.pipe, self.decode = pipe, pipe.vae.decode
-
-        def timed_decode(*args, **kwargs):
-            self._start("vae")
-            out = self.decode(*args, **kwargs)
-            self._stop("vae")
-            return out
-
-        pipe.vae.decode = timed_decode
-
-    def _start(self, name):
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        self.spans[name].append([event, None])
-
-    def _stop(self, name):
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        self.spans[name][-1][1] = event
-
-    def mean_ms(self) -> dict[str, float]:
-        torch.cuda.synchronize()
-        return {name: round(statistics.mean(a.elapsed_time(b) for a, b in spans), 3) if spans else None
-                for name, spans in self.spans.items()}
-
-    def remove(self):
-        for handle in self.handles:
-            handle.remove()
-        self.pipe.vae.decode = self.decode
-
-
 def pixels(results) -> list[np.ndarray]:
     for r in results:
         if not isinstance(r, GenerationResult):
@@ -117,15 +77,15 @@ def measure(engine: Engine, batch: int, args, references: dict) -> dict:
     images = pixels(engine.generate(requests))  # warm-up: captures graphs for this shape
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    timer = ComponentTimer(engine.pipe)
     times = []
-    for _ in range(args.runs):
-        start = time.perf_counter()
-        engine.generate(requests)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    components = timer.mean_ms()
-    timer.remove()
+    with StageTimer(engine.components, cuda=True) as timer:
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            engine.generate(requests)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    components = {stage: round(statistics.mean(calls), 3) if calls else None  # mean milliseconds per call
+                  for stage, calls in timer.calls_ms().items()}
     latency = statistics.median(times)
     reference = references.setdefault(batch, images)
     return {"batch": batch, "latency_s": round(latency, 4), "images_per_s": round(batch / latency, 3),

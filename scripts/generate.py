@@ -20,7 +20,8 @@ from sd_engine.config import EngineConfig
 from sd_engine.engine import GenerationResult, load_engine, pick_device
 from sd_engine.errors import ConfigError, InvalidRequest
 from sd_engine.imaging import encode_image
-from sd_engine.requests import FIELDS, parse_request
+from query import add_request_arguments, request_fields
+from sd_engine.requests import parse_request
 
 
 def main(argv=None) -> int:
@@ -31,15 +32,7 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", choices=("auto", "deepspeed", "eager"), help="override the config's backend")
     parser.add_argument("--device", choices=("auto", "cpu"), default="auto",
                         help="auto: the first CUDA GPU if there is one, else the CPU (default: auto)")
-    parser.add_argument("--prompt", required=True, help="what to draw")
-    parser.add_argument("--negative-prompt", help="what to steer away from")
-    parser.add_argument("--num-inference-steps", type=int, help="denoising steps (config default if omitted)")
-    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale")
-    parser.add_argument("--height", type=int, help="image height, a multiple of 8")
-    parser.add_argument("--width", type=int, help="image width, a multiple of 8")
-    parser.add_argument("--seed", type=int, help="seed (random if omitted; printed)")
-    parser.add_argument("--format", choices=("jpeg", "png"), help="image format")
-    parser.add_argument("--quality", type=int, help="JPEG quality 1-100")
+    add_request_arguments(parser)
     parser.add_argument("--output", type=Path, help="output file (default: output-<timestamp>.<ext>)")
     parser.add_argument("--verbose", action="store_true", help="log at DEBUG (includes prompts)")
     args = parser.parse_args(argv)
@@ -51,8 +44,7 @@ def main(argv=None) -> int:
         config = EngineConfig.from_mapping(block)
         if args.backend:
             config = config.replace(backend=args.backend)
-        request = parse_request({"prompt": args.prompt, **{f: getattr(args, f) for f in FIELDS
-                                                           if f != "prompt" and getattr(args, f) is not None}}, config)
+        request = parse_request(request_fields(args), config)
     except (ConfigError, InvalidRequest, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

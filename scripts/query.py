@@ -92,17 +92,29 @@ def wait_until_ready(management_url: str, model: str, key_file: str | Path | Non
     raise ServerUnreachable(f"model {model!r} not ready after {timeout:.0f} s ({last})")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_request_arguments(parser: argparse.ArgumentParser) -> None:
+    """The request fields as flags (shared with scripts/generate.py); omitted ones take the server's defaults."""
     parser.add_argument("--prompt", required=True, help="what to draw")
     parser.add_argument("--negative-prompt", help="what to steer away from")
-    parser.add_argument("--num-inference-steps", type=int, help="denoising steps (server default if omitted)")
+    parser.add_argument("--num-inference-steps", type=int, help="denoising steps (config default if omitted)")
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale")
     parser.add_argument("--height", type=int, help="image height in pixels, a multiple of 8")
     parser.add_argument("--width", type=int, help="image width in pixels, a multiple of 8")
-    parser.add_argument("--seed", type=int, help="seed; the same seed and fields give the same image")
-    parser.add_argument("--format", choices=("jpeg", "png"), help="image format (server default: jpeg)")
+    parser.add_argument("--seed", type=int, help="seed (random if omitted); the same seed and fields give the same image")
+    parser.add_argument("--format", choices=("jpeg", "png"), help="image format (default: jpeg)")
     parser.add_argument("--quality", type=int, help="JPEG quality 1-100")
+
+
+def request_fields(args: argparse.Namespace) -> dict:
+    """The JSON body for the flags add_request_arguments defined (only those given)."""
+    payload = {"prompt": args.prompt}
+    payload.update({f: getattr(args, f) for f in FIELDS if getattr(args, f) is not None})
+    return payload
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_request_arguments(parser)
     parser.add_argument("--url", default="http://127.0.0.1:8080", help="inference address (default: %(default)s)")
     parser.add_argument("--management-url", default="http://127.0.0.1:8081",
                         help="management address, used by --wait (default: %(default)s)")
@@ -116,8 +128,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, help="where to write the image (default: output-<timestamp>.<ext>)")
     args = parser.parse_args(argv)
 
-    payload = {"prompt": args.prompt}
-    payload.update({f: getattr(args, f) for f in FIELDS if getattr(args, f) is not None})
+    payload = request_fields(args)
     key_file = Path(args.key_file)
     try:
         if args.wait:
