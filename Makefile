@@ -73,5 +73,5 @@ demo: model package ## Fresh machine, end to end: install, tiny model, package, 
 test: install-dev ## Run all CPU tests: unit, handler, and the real TorchServe end to end (GPU tests skip)
 	$(BIN)/python -m pytest -ra
 
-clean: ## Remove built models, archives, logs and outputs (keeps .venv)
-	rm -rf build $(MODEL_STORE) logs key_file.json output-*.jpg output-*.png .pytest_cache wheelhouse
+clean: ## Remove built models, archives, logs and outputs (keeps .venv and wheelhouse/)
+	rm -rf build $(MODEL_STORE) logs key_file.json output-*.jpg output-*.png .pytest_cache

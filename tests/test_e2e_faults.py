@@ -73,9 +73,9 @@ def test_killed_worker_fails_the_in_flight_request_and_is_restarted(small_queue_
             assert time.monotonic() < deadline, "the request never reached the worker"
             time.sleep(0.05)
         os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
         status, seconds, body = in_flight.result(timeout=120)
     assert status >= 500, (status, body[:200])  # an error, not a hang
-    killed = time.monotonic()
     wait_until_ready(server.management, MODEL, server.work / "key_file.json", timeout=180)
     print(f"worker restarted and READY {time.monotonic() - killed:.1f} s after the kill "
           f"(in-flight request answered {status} after {seconds:.1f} s)")

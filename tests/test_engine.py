@@ -43,14 +43,15 @@ def test_image_depends_on_its_seed_not_on_its_batch_neighbours(tiny_engine, cpu_
 
 def test_mixed_batch_returns_per_request_results_in_order(tiny_engine, cpu_config, monkeypatch):
     calls = []
-    real_pipe = tiny_engine.pipe
+    pipeline_class = type(tiny_engine.pipe)
+    real_call = pipeline_class.__call__
 
-    def counting_pipe(**kwargs):
+    def counting_call(self, **kwargs):  # counts calls, generates with the real pipeline
         calls.append((kwargs["height"], kwargs["width"], kwargs["num_inference_steps"], len(kwargs["prompt"])))
-        return real_pipe(**kwargs)
+        return real_call(self, **kwargs)
 
+    monkeypatch.setattr(pipeline_class, "__call__", counting_call)
     engine = tiny_engine
-    monkeypatch.setattr(engine, "pipe", counting_pipe)  # counts calls, generates with the real pipeline
     bodies = [{"prompt": "a", "seed": 1}, {"prompt": "b", "seed": 2, "height": 128},
               {"prompt": "c", "seed": 3}, {"prompt": "d", "seed": 4, "num_inference_steps": 2}]
     results = engine.generate([parse_request(b, cpu_config) for b in bodies])
@@ -83,11 +84,14 @@ class _FailingPipe:
     (RuntimeError("boom"), GenerationError, 500),
 ])
 def test_a_failing_group_fails_only_its_requests(cpu_config, error, expected, status):
-    engine = Engine(_FailingPipe(error), cpu_config, torch.device("cpu"))
+    pipe = _FailingPipe(error)
+    engine = Engine(pipe, cpu_config, torch.device("cpu"))
     results = engine.generate([parse_request({"prompt": "ok"}, cpu_config),
                                parse_request({"prompt": "big", "height": 128}, cpu_config)])
     assert isinstance(results[0], GenerationResult)
     assert isinstance(results[1], expected) and results[1].status == status
+    # The stage timer took its hooks off and put vae.decode back, although the pipeline raised.
+    assert not pipe.unet._forward_hooks and not pipe.unet._forward_pre_hooks and pipe.vae.decode is None
 
 
 def test_deepspeed_backend_and_cuda_graphs_need_cuda(cpu_config, tiny_model_dir):

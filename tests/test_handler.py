@@ -76,14 +76,15 @@ def test_form_encoded_or_empty_body_is_a_400_naming_body(handler_and_context):
 
 def test_generation_failure_is_a_per_request_500_and_the_handler_lives_on(handler_and_context, monkeypatch):
     handler, context = handler_and_context
-    real_pipe = handler.engine.pipe
+    pipeline_class = type(handler.engine.pipe)
+    real_call = pipeline_class.__call__
 
-    def pipe_failing_on_tall_images(**kwargs):  # a fault the tiny CPU model cannot produce by itself
+    def failing_on_tall_images(self, **kwargs):  # a fault the tiny CPU model cannot produce by itself
         if kwargs["height"] == 128:
             raise RuntimeError("simulated kernel failure")
-        return real_pipe(**kwargs)
+        return real_call(self, **kwargs)
 
-    monkeypatch.setattr(handler.engine, "pipe", pipe_failing_on_tall_images)
+    monkeypatch.setattr(pipeline_class, "__call__", failing_on_tall_images)
     results = handle(handler, context, [{"prompt": "tall", "height": 128}, {"prompt": "fine"}])
     assert results[0][0] == 500 and "RuntimeError" in json.loads(results[0][3])["message"]
     assert results[1][0] == 200
@@ -108,6 +109,7 @@ def test_an_unexpected_engine_exception_still_answers_every_request(handler_and_
     ('{"prompt": "x", "seed": ' + "9" * 5000 + "}", "body"),
     ('{"prompt": "\\ud800 unpaired"}', "prompt"),
     ({"prompt": "x", "guidance_scale": float("nan")}, "guidance_scale"),
+    ({"prompt": "x", "guidance_scale": 10**400}, "guidance_scale"),  # a dict, as TorchServe decodes JSON bodies
 ])
 def test_hostile_bodies_are_400s_with_valid_json(handler_and_context, body, field):
     handler, context = handler_and_context

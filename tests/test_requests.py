@@ -131,3 +131,10 @@ def test_any_input_parses_or_raises_invalid_request(body):
     assert 64 <= request.width <= 256 and request.width % 8 == 0
     assert math.isfinite(request.guidance_scale) and 0 <= request.guidance_scale <= CONFIG.max_guidance_scale
     assert 0 <= request.seed <= MAX_SEED and request.format in ("jpeg", "png") and 1 <= request.quality <= 100
+
+
+def test_integers_beyond_float_range_are_a_400_not_an_overflow():
+    with pytest.raises(InvalidRequest) as caught:
+        parse_request({"prompt": "x", "guidance_scale": 10**400}, CONFIG)
+    assert caught.value.field == "guidance_scale"
+    assert EngineConfig(max_prompt_chars=1).max_prompt_chars == 1  # defaults check uses a 1-character prompt

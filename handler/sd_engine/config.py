@@ -103,7 +103,7 @@ class EngineConfig:
         from .requests import parse_request  # here: requests imports this module
 
         try:
-            parse_request({"prompt": "default", "seed": 0}, self)
+            parse_request({"prompt": "x", "seed": 0}, self)
         except InvalidRequest as e:
             raise ConfigError(f"handler.{e.field}: the default {e.reason}, got {e.value!r}") from None
 

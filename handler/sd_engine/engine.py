@@ -49,7 +49,6 @@ class Engine:
         self.device = device
         self.backend = backend
         self.tokenizer = pipe.tokenizer
-        self.components = pipe  # whose text encoder, UNet and VAE StageTimer hooks
         self.timings: dict[str, float] = {}
         self.pipe.set_progress_bar_config(disable=True)
 
@@ -77,7 +76,7 @@ class Engine:
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         try:
-            with StageTimer(self.components, cuda) as timer:
+            with StageTimer(self.pipe, cuda) as timer:
                 arrays = self.pipe(
                     prompt=[r.prompt for r in group],
                     negative_prompt=[r.negative_prompt or "" for r in group],
@@ -128,8 +127,10 @@ class Engine:
         """Generate at the default shape with batch 1 and `max_batch_size`, so JIT builds, compilation and graph
         capture happen now rather than in a request; fail loudly unless every image is finite and of the right size."""
         start = time.perf_counter()
-        # Largest first: over DeepSpeed a larger batch drops the graphs captured before it (see graphs.py).
-        for batch in sorted({1, max_batch_size}, reverse=True):
+        # Over DeepSpeed, largest first: a larger batch drops the graphs captured before it (see graphs.py). Otherwise
+        # batch 1 first, the order measured in bench/results/h200-sd15-2026-11-21.json (with compile, batch 4 ran 11%
+        # slower after a largest-first warm-up in the smoke run).
+        for batch in sorted({1, max_batch_size}, reverse=self.backend == "deepspeed"):
             requests = [GenerationRequest(prompt="warm-up", negative_prompt=None,
                                           num_inference_steps=self.config.warmup_steps,
                                           guidance_scale=self.config.guidance_scale, height=self.config.height,

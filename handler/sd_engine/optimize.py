@@ -30,7 +30,7 @@ def resolve_backend(backend: str, device_type: str) -> str:
     """Turn `auto` into a concrete backend and refuse backends the device cannot run."""
     if backend == "auto":
         # Measured (bench/results/h200-sd15-2026-11-21.json): with our CUDA graphs DeepSpeed's kernels are within 3%
-        # of PyTorch's SDPA at batch 1 (0.411 vs 0.423 s) and 18-24% slower from batch 4 up, and only eager can add
+        # of PyTorch's SDPA at batch 1 (0.411 vs 0.423 s) and 18-20% lower in images/s from batch 4 up, and only eager can add
         # torch.compile (0.227 s); so auto is eager at every batch size. deepspeed stays selectable.
         return "eager"
     if backend == "deepspeed" and device_type != "cuda":

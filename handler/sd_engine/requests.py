@@ -132,9 +132,13 @@ def _number(fields: dict, name: str, default: float, low: float, high: float) ->
     value = fields.get(name, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidRequest(name, value, "must be a number")
-    if not math.isfinite(value) or not low <= value <= high:
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond float range
+        number = math.inf
+    if not math.isfinite(number) or not low <= number <= high:
         raise InvalidRequest(name, value, f"must be a finite number in {low:g}..{high:g}")
-    return float(value)
+    return number
 
 
 def _side(fields: dict, name: str, default: int, high: int) -> int:

@@ -1,7 +1,8 @@
 """Per-stage timing of one pipeline call: text encoder, denoising (every UNet call) and VAE decode.
 
-Hooks record a timestamp around each call: CUDA events on a GPU (read after the pipeline has synchronised, so timing
-adds no sync of its own), the wall clock on the CPU. Used by the engine for its metrics and by the benchmark.
+Hooks record a timestamp around each call: CUDA events on a GPU (read after the call, with one synchronize that the
+pipeline's own copy of the image to the host has already made cheap), the wall clock on the CPU. Used by the engine
+for its metrics and by the benchmark.
 """
 
 from __future__ import annotations
@@ -45,11 +46,9 @@ class StageTimer:
         self.spans[stage][-1][1] = self._stamp()
 
     def __enter__(self) -> "StageTimer":
-        for stage in ("text_encoder", "unet"):
-            module = getattr(self.pipe, stage)
-            self.handles.append(module.register_forward_pre_hook(lambda m, a, stage=stage: self._start(stage)))
-            self.handles.append(module.register_forward_hook(lambda m, a, o, stage=stage: self._stop(stage)))
-        self.decode = self.pipe.vae.decode
+        vae = self.pipe.vae
+        self.decode = vae.decode
+        self.own_decode = "decode" in vars(vae)  # an instance attribute (e.g. the graph cache's) to put back
 
         def timed_decode(*args, **kwargs):
             self._start("vae")
@@ -57,13 +56,20 @@ class StageTimer:
             self._stop("vae")
             return out
 
-        self.pipe.vae.decode = timed_decode
+        for stage in ("text_encoder", "unet"):
+            module = getattr(self.pipe, stage)
+            self.handles.append(module.register_forward_pre_hook(lambda m, a, stage=stage: self._start(stage)))
+            self.handles.append(module.register_forward_hook(lambda m, a, o, stage=stage: self._stop(stage)))
+        vae.decode = timed_decode
         return self
 
     def __exit__(self, *exc) -> None:
         for handle in self.handles:
             handle.remove()
-        self.pipe.vae.decode = self.decode
+        if self.own_decode:
+            self.pipe.vae.decode = self.decode
+        else:
+            del self.pipe.vae.decode  # back to the class's method
 
     def calls_ms(self) -> dict[str, list[float]]:
         """Milliseconds of each completed call, per stage."""
