@@ -127,9 +127,7 @@ class Engine:
         """Generate at the default shape with batch 1 and `max_batch_size`, so JIT builds, compilation and graph
         capture happen now rather than in a request; fail loudly unless every image is finite and of the right size."""
         start = time.perf_counter()
-        # Over DeepSpeed, largest first: a larger batch drops the graphs captured before it (see graphs.py). Otherwise
-        # batch 1 first, the order measured in bench/results/h200-sd15-2026-11-21.json (with compile, batch 4 ran 11%
-        # slower after a largest-first warm-up in the smoke run).
+        # Over DeepSpeed, largest first: a larger batch drops the graphs captured before it (see graphs.py).
         for batch in sorted({1, max_batch_size}, reverse=self.backend == "deepspeed"):
             requests = [GenerationRequest(prompt="warm-up", negative_prompt=None,
                                           num_inference_steps=self.config.warmup_steps,
