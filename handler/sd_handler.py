@@ -62,7 +62,13 @@ class StableDiffusionHandler:
                 _count(context, "out_of_memory" if result.status == 507 else "failed")
                 continue
             encode_start = time.perf_counter()
-            payload, content_type = encode_image(result.image, request.format, request.quality)
+            try:
+                payload, content_type = encode_image(result.image, request.format, request.quality)
+            except Exception:  # noqa: BLE001 - one image's encoding must not fail its batch
+                logger.exception("encoding a %s image failed", request.format)
+                responses[i] = _error(context, i, GenerationError("encoding the image failed; see the server log"))
+                _count(context, "failed")
+                continue
             encode_ms = (time.perf_counter() - encode_start) * 1000
             context.set_response_content_type(i, content_type)
             context.set_response_header(i, "X-Seed", str(request.seed))
