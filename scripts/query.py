@@ -76,7 +76,10 @@ def wait_until_ready(management_url: str, model: str, key_file: str | Path | Non
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
-        token = read_key(key_file, "management") if key_file and Path(key_file).is_file() else None
+        try:
+            token = read_key(key_file, "management") if key_file else None
+        except (OSError, ValueError, KeyError):  # not there yet, or created but not yet written
+            token = None
         try:
             status, _, body = request(f"{management_url.rstrip('/')}/models/{model}", token, timeout=10)
             if status == 200:
