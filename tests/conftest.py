@@ -30,4 +30,4 @@ def cpu_config() -> EngineConfig:
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_model_dir, cpu_config):
-    return load_engine(cpu_config, tiny_model_dir, torch.device("cpu"))
+    return load_engine(cpu_config, tiny_model_dir, torch.device("cpu"), max_batch_size=4)  # batchSize of the CPU config

@@ -169,3 +169,12 @@ def test_results_carry_stage_times(tiny_engine, cpu_config):
     assert all(v > 0 for v in result.stage_seconds.values())
     assert sum(result.stage_seconds.values()) <= result.seconds
     assert result.peak_memory_bytes is None  # CPU
+
+
+def test_groups_never_exceed_the_warmed_up_batch(tiny_engine, cpu_config):
+    # A KServe body may ask for several images, so one TorchServe batch can hold more images than batchSize.
+    requests = [parse_request({"prompt": "p", "seed": i}, cpu_config) for i in range(7)]
+    requests.append(parse_request({"prompt": "p", "seed": 9, "num_inference_steps": 2}, cpu_config))
+    engine = Engine(tiny_engine.pipe, cpu_config, tiny_engine.device, max_batch_size=3)
+    assert [len(g) for g in engine._groups(requests)] == [3, 3, 1, 1]
+    assert sorted(i for g in engine._groups(requests) for i in g) == list(range(8))

@@ -43,11 +43,14 @@ class GenerationResult:
 
 
 class Engine:
-    def __init__(self, pipe, config: EngineConfig, device: torch.device, backend: str = "eager"):
+    def __init__(self, pipe, config: EngineConfig, device: torch.device, backend: str = "eager",
+                 max_batch_size: int | None = None):
         self.pipe = pipe
         self.config = config
         self.device = device
         self.backend = backend
+        self.max_batch_size = max_batch_size  # images per pipeline call at most (what was warmed up); None: any
+        self.device_failure: str | None = None  # set when the GPU's context is lost; the worker must restart
         self.tokenizer = pipe.tokenizer
         self.timings: dict[str, float] = {}
         self.pipe.set_progress_bar_config(disable=True)
@@ -62,10 +65,13 @@ class Engine:
         return results
 
     def _groups(self, requests: Sequence[GenerationRequest]) -> list[list[int]]:
+        """Indices of requests that can share a pipeline call, at most max_batch_size per call (a KServe body can
+        ask for several images, so a TorchServe batch may hold more images than batchSize)."""
         groups: dict[tuple, list[int]] = {}
         for i, request in enumerate(requests):
             groups.setdefault(request.shape_key, []).append(i)
-        return list(groups.values())
+        size = self.max_batch_size or len(requests) or 1
+        return [group[start:start + size] for group in groups.values() for start in range(0, len(group), size)]
 
     def _run_group(self, group: list[GenerationRequest]) -> list[GenerationResult | EngineError]:
         first = group[0]
@@ -98,6 +104,11 @@ class Engine:
             return [error] * len(group)
         except Exception as e:  # noqa: BLE001 - one group's failure must not take down the batch or the worker
             logger.exception("generation failed for a group of %d", len(group))
+            if cuda and not self._device_usable():
+                # A sticky CUDA error (an illegal address, a device-side assert) poisons this process's context:
+                # every later call would fail the same way. Say so; the adapter restarts the worker.
+                self.device_failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                logger.critical("the GPU context of %s is unusable after %s", self.device, self.device_failure)
             return [GenerationError(f"generation failed ({type(e).__name__}); see the server log")] * len(group)
         seconds = time.perf_counter() - start
         logger.info("generated %d image(s) %dx%d x%d steps in %.3f s", len(group), first.width, first.height,
@@ -118,6 +129,14 @@ class Engine:
         return tuple(name for name in ("prompt", "negative_prompt")
                      if getattr(request, name) and len(self.tokenizer(getattr(request, name)).input_ids)
                      > self.tokenizer.model_max_length)
+
+    def _device_usable(self) -> bool:
+        try:
+            torch.cuda.synchronize(self.device)
+            torch.zeros(1, device=self.device).add_(1).item()
+            return True
+        except Exception:  # noqa: BLE001 - any failure here means the context is gone
+            return False
 
     def _release_memory(self) -> None:
         if self.device.type == "cuda":
@@ -173,11 +192,11 @@ def load_engine(config: EngineConfig, source: str | Path, device: torch.device, 
 
     # 3. Optimize.
     start = time.perf_counter()
-    optimize(pipe, config, device, backend)
+    optimize(pipe, config, device, backend, max_batch_size)
     optimize_s = time.perf_counter() - start
 
     # 4. Warm up.
-    engine = Engine(pipe, config, device, backend)
+    engine = Engine(pipe, config, device, backend, max_batch_size)
     warmup_s = engine.warmup(max_batch_size) if config.warmup else 0.0
     logger.info("engine ready: torch %s, diffusers %s, device %s, dtype %s, backend %s, cuda_graph %s; "
                 "load %.1f s, optimize %.1f s, warm-up %.1f s", torch.__version__, _diffusers_version(), device,

@@ -43,8 +43,9 @@ def check_device(config, device: torch.device) -> None:
         raise ConfigError(f"handler.cuda_graph: true needs a CUDA GPU, but this worker runs on {device.type}")
 
 
-def optimize(pipe, config, device: torch.device, backend: str):
-    """Apply config's optimizations to a pipeline already on `device` and in its dtype. Returns the same pipeline."""
+def optimize(pipe, config, device: torch.device, backend: str, max_batch_size: int = 1):
+    """Apply config's optimizations to a pipeline already on `device` and in its dtype. Returns the same pipeline.
+    `max_batch_size`: the most images the engine will generate in one call (DeepSpeed's workspace is sized for it)."""
     if config.cache_dir:
         set_cache_dirs(config.cache_dir)
     if config.channels_last:
@@ -53,6 +54,8 @@ def optimize(pipe, config, device: torch.device, backend: str):
         logger.info("channels_last: UNet and VAE weights in NHWC")
     if backend == "deepspeed":
         deepspeed_inject(pipe)
+        if config.cuda_graph:
+            pin_deepspeed_workspace(pipe, device, max_batch_size)
     else:
         logger.info("backend eager: plain diffusers pipeline")
     if config.compile:
@@ -62,7 +65,7 @@ def optimize(pipe, config, device: torch.device, backend: str):
     if config.cuda_graph:
         from .graphs import graph_pipeline
 
-        # DeepSpeed reallocates its attention workspace when the batch grows; graphs made before would be stale.
+        # Should DeepSpeed's workspace still grow (a batch beyond the pinned size), graphs made before are dropped.
         graph_pipeline(pipe, device, config.max_cuda_graphs, reset_on_larger_batch=backend == "deepspeed")
         logger.info("cuda_graph: UNet, text encoder and VAE decoder captured per input shape (up to %d each)",
                     config.max_cuda_graphs)
@@ -102,6 +105,39 @@ def deepspeed_inject(pipe, enable_cuda_graph: bool = False):
     if not replaced.get("unet"):
         raise RuntimeError("DeepSpeed kernel injection replaced nothing in the UNet; refusing to serve unoptimized")
     return pipe
+
+
+def pin_deepspeed_workspace(pipe, device: torch.device, max_batch_size: int) -> None:
+    """Allocate DeepSpeed's kernel workspace once, at its largest, before any CUDA graph is captured.
+
+    DeepSpeed 0.19.8 keeps one workspace buffer for all injected kernels (InferenceContext::GenWorkSpace in
+    inference_context.h). Every call records the size it needed, and a call that needs more than the last recorded
+    size frees the buffer and allocates a new one. The UNet's first attention asks on every call, for that call's
+    batch, so serving batches 8, 1, then 3 reallocated at the 3, and the graphs captured for 8 and 1 still pointed
+    at the freed buffer: "an illegal memory access" on an H200 (bench/results/h200x2-sd15-2026-11-22-serving-ds-bug.json),
+    which poisons the worker's CUDA context for good. So:
+    1. run the text encoder once now: its layers ask for the workspace only on their first call;
+    2. make the UNet's first attention always ask for the largest batch seen, starting at 2 x `max_batch_size`
+       (classifier-free guidance doubles the UNet's batch), and ask once now. The buffer then never shrinks in
+       DeepSpeed's books, and grows only for a batch larger than any before, when graphs.reset_on_larger_batch
+       drops the UNet's graphs made before.
+    """
+    from deepspeed.ops.transformer.inference.diffusers_attention import DeepSpeedDiffusersAttention
+
+    with torch.no_grad():
+        pipe.text_encoder(torch.zeros((1, pipe.tokenizer.model_max_length), dtype=torch.long, device=device))
+    owners = [m for m in pipe.unet.modules() if isinstance(m, DeepSpeedDiffusersAttention) and m.config.layer_id == 0]
+    for module in owners:
+        largest = [2 * max_batch_size]
+
+        def allocate_largest(size, allocate=module.allocate_workspace, largest=largest):
+            largest[0] = max(largest[0], size[0])
+            allocate(torch.Size((largest[0], *size[1:])))
+
+        module.allocate_workspace = allocate_largest
+        module.allocate_workspace(torch.Size((2 * max_batch_size, 64, module.config.hidden_size)))
+    logger.info("DeepSpeed workspace pinned for UNet batches up to %d (%d owner module(s))", 2 * max_batch_size,
+                len(owners))
 
 
 def injection_report(pipe) -> dict[str, dict[str, int]]:
