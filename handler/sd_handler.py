@@ -3,11 +3,14 @@
 TorchServe imports this module by its bare name and needs exactly one class defined in it. It ships in the MAR next to
 the `sd_engine/` package, which the worker finds on its path (the model dir). Every request gets its own status:
 a bad request answers 400 with a JSON body naming the field while the rest of its batch still gets images, and no
-exception escapes `handle`, since TorchServe would fail the whole batch with it.
+exception escapes `handle`, since TorchServe would fail the whole batch with it. A request is the plain API (an
+image back) or a KServe v1/v2 body (sd_engine.protocols: JSON with base64 images, several per body).
 """
 
 import json
 import logging
+import os
+import sys
 import time
 
 from ts.metrics.dimension import Dimension
@@ -18,7 +21,9 @@ from sd_engine.engine import load_engine, pick_device
 from sd_engine.errors import EngineError, GenerationError, InvalidRequest
 from sd_engine.imaging import encode_image
 from sd_engine.loading import prepare_weights
-from sd_engine.requests import parse_request
+from sd_engine.protocols import (ENVELOPE_V2, PLAIN, V1, V2, EncodedImage, b64, decode, error_body,
+                                 from_envelope_tensors, is_envelope_tensor, protocol_of, v1_response, v2_response)
+from sd_engine.requests import parse_body
 
 logger = logging.getLogger(__name__)
 
@@ -41,50 +46,112 @@ class StableDiffusionHandler:
 
     def handle(self, data, context):
         start = time.perf_counter()
+        if data and all(is_envelope_tensor(item) for item in data):
+            return self._handle_envelope(data, context)
         responses = [None] * len(data)
-        parsed = []
+        jobs = []  # (row index, Decoded): a row is one HTTP request, which may ask for several images (KServe)
         for i, item in enumerate(data):
+            protocol = PLAIN
             try:
-                parsed.append((i, parse_request(_body(item), self.engine.config, _declared_json(context, i))))
+                fields = parse_body(_body(item), _declared_json(context, i))
+                protocol = protocol_of(fields)
+                jobs.append((i, decode(fields, self.engine.config)))
             except InvalidRequest as error:
-                responses[i] = _error(context, i, error)
+                responses[i] = _error(context, i, error, protocol)
                 _count(context, "invalid")
 
-        try:
-            results = self.engine.generate([request for _, request in parsed])
-        except Exception:  # noqa: BLE001 - the engine answers per group; this is the last guard for the batch
-            logger.exception("unexpected engine failure for a batch of %d", len(parsed))
-            results = [GenerationError("generation failed; see the server log")] * len(parsed)
-        ok = 0
-        for (i, request), result in zip(parsed, results):
-            if isinstance(result, EngineError):
-                responses[i] = _error(context, i, result)
-                _count(context, "out_of_memory" if result.status == 507 else "failed")
-                continue
-            encode_start = time.perf_counter()
-            try:
-                payload, content_type = encode_image(result.image, request.format, request.quality)
-            except Exception:  # noqa: BLE001 - one image's encoding must not fail its batch
-                logger.exception("encoding a %s image failed", request.format)
-                responses[i] = _error(context, i, GenerationError("encoding the image failed; see the server log"))
-                _count(context, "failed")
-                continue
-            encode_ms = (time.perf_counter() - encode_start) * 1000
-            context.set_response_content_type(i, content_type)
-            context.set_response_header(i, "X-Seed", str(request.seed))
-            if result.truncated:
-                context.set_response_header(i, "X-Prompt-Truncated", ",".join(result.truncated))
-            # engine: the pipeline call this request was part of; encode: its JPEG/PNG encoding (W3C Server-Timing).
-            context.set_response_header(i, "Server-Timing",
-                                        f"engine;dur={result.seconds * 1000:.1f}, encode;dur={encode_ms:.1f}")
-            responses[i] = payload
-            ok += 1
-            _count(context, "ok")
-            _observe(context, result, encode_ms / 1000)
+        results = self._generate([request for _, job in jobs for request in job.requests])
+        for i, job in jobs:
+            own, results = results[:len(job.requests)], results[len(job.requests):]
+            images = self._encode(context, own)
+            if isinstance(images, EngineError):
+                responses[i] = _error(context, i, images, job.protocol)
+            else:
+                responses[i] = _answer(context, i, job, images)
         if context.metrics is not None:
             context.metrics.add_metric("BatchSize", len(data), "Count", None, [], MetricTypes.HISTOGRAM)
-        logger.info("batch of %d handled in %.3f s, %d ok", len(data), time.perf_counter() - start, ok)
+        logger.info("batch of %d handled in %.3f s", len(data), time.perf_counter() - start)
+        self._exit_if_device_lost()
         return responses
+
+    def _exit_if_device_lost(self):
+        """A worker whose CUDA context is poisoned would answer 500 to everything while TorchServe lists it READY.
+        Exiting makes TorchServe answer this batch with 500s and start a fresh worker (a new CUDA context)."""
+        if self.engine.device_failure:
+            logger.critical("exiting so that TorchServe restarts this worker: %s", self.engine.device_failure)
+            exit_worker(1)
+
+    def _handle_envelope(self, tensors, context):
+        """TorchServe's kservev2 envelope is on: `tensors` are the first request's inputs, and the envelope wraps
+        what this returns as that request's outputs, so answer strings: the base64 image, or the error's JSON."""
+        try:
+            job = from_envelope_tensors(tensors, self.engine.config)
+        except InvalidRequest as error:
+            _count(context, "invalid")
+            return [_error(context, 0, error, ENVELOPE_V2).decode("utf-8")]
+        images = self._encode(context, self._generate(job.requests))
+        self._exit_if_device_lost()
+        if isinstance(images, EngineError):
+            return [_error(context, 0, images, ENVELOPE_V2).decode("utf-8")]
+        return [b64(images[0].payload)]
+
+    def _generate(self, requests):
+        try:
+            return self.engine.generate(requests)
+        except Exception:  # noqa: BLE001 - the engine answers per group; this is the last guard for the batch
+            logger.exception("unexpected engine failure for a batch of %d", len(requests))
+            return [GenerationError("generation failed; see the server log")] * len(requests)
+
+    def _encode(self, context, results):
+        """One HTTP request's images, encoded; or the error that fails the request (its first failure)."""
+        failures = [result for result in results if isinstance(result, EngineError)]
+        for failure in failures:
+            _count(context, "out_of_memory" if failure.status == 507 else "failed")
+        if failures:
+            return failures[0]
+        images = []
+        for result in results:
+            encode_start = time.perf_counter()
+            try:
+                payload, content_type = encode_image(result.image, result.request.format, result.request.quality)
+            except Exception:  # noqa: BLE001 - one image's encoding must not fail its batch
+                logger.exception("encoding a %s image failed", result.request.format)
+                _count(context, "failed")
+                return GenerationError("encoding the image failed; see the server log")
+            encode_seconds = time.perf_counter() - encode_start
+            _observe(context, result, encode_seconds)
+            images.append(EncodedImage(payload, content_type, result.request, result.truncated, result.seconds,
+                                       encode_seconds))
+        for _ in images:
+            _count(context, "ok")
+        return images
+
+
+def _answer(context, index, job, images):
+    """The plain API answers with the image itself; KServe bodies with a JSON document holding all their images."""
+    if job.protocol == V1:
+        context.set_response_content_type(index, "application/json")
+        return _json(v1_response(images))
+    if job.protocol == V2:
+        model = (context.manifest or {}).get("model", {})
+        context.set_response_content_type(index, "application/json")
+        return _json(v2_response(images, model.get("modelName", ""), model.get("modelVersion"), job.request_id))
+    image = images[0]
+    context.set_response_content_type(index, image.content_type)
+    context.set_response_header(index, "X-Seed", str(image.request.seed))
+    if image.truncated:
+        context.set_response_header(index, "X-Prompt-Truncated", ",".join(image.truncated))
+    # engine: the pipeline call this request was part of; encode: its JPEG/PNG encoding (W3C Server-Timing).
+    context.set_response_header(index, "Server-Timing", f"engine;dur={image.seconds * 1000:.1f}, "
+                                                        f"encode;dur={image.encode_seconds * 1000:.1f}")
+    return image.payload
+
+
+def exit_worker(code: int) -> None:
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # not SystemExit: TorchServe's worker loop must not get a chance to carry on
 
 
 def _body(item):
@@ -129,7 +196,12 @@ def _declared_json(context, index) -> bool:
     return content_type.split(";")[0].strip().lower() == "application/json"
 
 
-def _error(context, index, error):
+def _error(context, index, error, protocol=PLAIN):
+    """A JSON error at this index: ours names the field and value; KServe's protocols want {"error": message}."""
     context.set_response_status(error.status, STATUS_PHRASES.get(error.status, "Error"), idx=index)
     context.set_response_content_type(index, "application/json")
-    return json.dumps(error.to_dict(), allow_nan=False).encode("utf-8")
+    return _json(error.to_dict() if protocol == PLAIN else error_body(str(error)))
+
+
+def _json(document) -> bytes:
+    return json.dumps(document, allow_nan=False).encode("utf-8")

@@ -4,6 +4,7 @@ TorchServe 0.12's MockContext has no per-request response API (set_response_stat
 tests build the real ts.context.Context the worker passes, as ts/service.py does.
 """
 
+import base64
 import io
 import json
 import re
@@ -134,3 +135,61 @@ def test_an_encoding_failure_fails_only_its_request(handler_and_context, monkeyp
     results = handle(handler, context, [{"prompt": "a", "format": "png"}, {"prompt": "b"}])
     assert [r[0] for r in results] == [500, 200]
     assert json.loads(results[0][3])["error"] == "GenerationError"
+
+
+def test_kserve_bodies_share_the_batch_and_fail_on_their_own(handler_and_context):
+    handler, context = handler_and_context
+    context.manifest = {"model": {"modelName": "stable-diffusion", "modelVersion": "1.0"}}
+    v2 = {"id": "r-1", "inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [2], "data": ["a", "b"]},
+                                  {"name": "seed", "datatype": "INT64", "shape": [2], "data": [3, 4]}]}
+    results = handle(handler, context, [
+        {"instances": [{"prompt": "a cat", "seed": 1}, "a dog"]},
+        v2,
+        {"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [1], "data": ["x"]},
+                    {"name": "height", "datatype": "INT64", "shape": [1], "data": [65]}]},
+        "a plain prompt",
+    ])
+    status, content_type, _, body = results[0]
+    assert (status, content_type) == (200, "application/json")
+    predictions = json.loads(body)["predictions"]
+    assert [p["seed"] for p in predictions][0] == 1 and len(predictions) == 2
+    for p in predictions:
+        assert Image.open(io.BytesIO(base64.b64decode(p["image"]["b64"]))).size == (64, 64)
+
+    status, content_type, _, body = results[1]
+    document = json.loads(body)
+    assert (status, document["id"], document["model_name"]) == (200, "r-1", "stable-diffusion")
+    outputs = {o["name"]: o for o in document["outputs"]}
+    assert outputs["seed"]["data"] == [3, 4] and outputs["image"]["shape"] == [2]
+    images = [base64.b64decode(data) for data in outputs["image"]["data"]]
+    assert all(image[:2] == b"\xff\xd8" for image in images) and images[0] != images[1]
+
+    status, content_type, _, body = results[2]
+    assert (status, content_type) == (400, "application/json")
+    assert json.loads(body) == {"error": json.loads(body)["error"]} and "inputs[1].data[0]" in json.loads(body)["error"]
+    assert results[3][0] == 200 and results[3][1] == "image/jpeg"
+
+
+def test_under_torchserves_kservev2_envelope_the_answer_is_a_base64_string(handler_and_context):
+    # What TorchServe's kservev2 envelope hands the handler: the first request's tensors, BYTES data unpacked.
+    handler, context = handler_and_context
+    context.request_processor = [RequestProcessor({})]
+    (answer,) = handler.handle([{"name": "prompt", "datatype": "BYTES", "shape": [1], "data": "a cat"}], context)
+    assert context.get_response_status(0)[0] == 200
+    assert Image.open(io.BytesIO(base64.b64decode(answer))).format == "JPEG"
+    (answer,) = handler.handle([{"name": "prompt", "datatype": "BYTES", "shape": [1], "data": "a cat"},
+                                {"name": "seed", "datatype": "INT64", "shape": [1], "data": [-1]}], context)
+    assert context.get_response_status(0)[0] == 400 and "inputs[1].data[0]" in json.loads(answer)["error"]
+
+
+def test_a_lost_gpu_context_makes_the_worker_exit_so_torchserve_restarts_it(handler_and_context, monkeypatch):
+    # A sticky CUDA error cannot be produced on the CPU: the engine's flag is set by hand here, as
+    # Engine._run_group sets it when a failed call leaves the device unusable (seen on an H200, see optimize.py).
+    handler, context = handler_and_context
+    exits = []
+    monkeypatch.setattr("sd_handler.exit_worker", exits.append)
+    handle(handler, context, ["a fine prompt"])
+    assert exits == []
+    monkeypatch.setattr(handler.engine, "device_failure", "AcceleratorError: an illegal memory access")
+    handle(handler, context, ["a fine prompt"])
+    assert exits == [1]

@@ -44,20 +44,22 @@ def free_ports(count):
     return ports
 
 
-def server_config(work: Path) -> tuple[Path, str, str]:
-    """The shipped config.properties with its addresses moved to free ports (everything else unchanged)."""
+def server_config(work: Path, properties: Path = ROOT / "config.properties", extra: str = "") -> tuple[Path, str, str]:
+    """`properties` (the shipped config.properties by default) with its addresses moved to free loopback ports and
+    its metrics declaration pointed at this repo's; everything else unchanged, plus the `extra` lines."""
     inference, management, metrics, grpc_inference, grpc_management, worker = free_ports(6)
-    text = (ROOT / "config.properties").read_text()
+    text = properties.read_text()
     for key, port in (("inference_address", inference), ("management_address", management),
                       ("metrics_address", metrics)):
-        text, count = re.subn(rf"^{key}=http://127\.0\.0\.1:\d+$", f"{key}=http://127.0.0.1:{port}", text,
-                              flags=re.M)
+        text, count = re.subn(rf"^{key}=http://[0-9.]+:\d+$", f"{key}=http://127.0.0.1:{port}", text, flags=re.M)
         assert count == 1, key
     text += (f"\ngrpc_inference_port={grpc_inference}\ngrpc_management_port={grpc_management}\n"
-             f"initial_worker_port={worker}\n")
-    text, count = re.subn(r"^metrics_config=(.*)$", lambda m: f"metrics_config={ROOT / m.group(1)}", text,
-                          flags=re.M)  # the shipped path is relative to the repo root; tests start elsewhere
+             f"initial_worker_port={worker}\n{extra}\n")
+    # The shipped paths are relative to the repo root (or /mnt/models in a KServe pod); tests start elsewhere.
+    text, count = re.subn(r"^metrics_config=.*$", f"metrics_config={ROOT / 'config' / 'metrics.yaml'}", text,
+                          flags=re.M)
     assert count == 1
+    text = re.sub(r"^model_store=.*$", f"model_store={work / 'model_store'}", text, flags=re.M)
     path = work / "config.properties"
     path.write_text(text)
     return path, *(f"http://127.0.0.1:{port}" for port in (inference, management, metrics))
@@ -73,17 +75,21 @@ def run_or_explain(command, log: Path, **kwargs):
 
 
 @contextlib.contextmanager
-def start_server(work: Path, weights: Path, model_config: Path = ROOT / "config" / "model-config-cpu.yaml"):
-    """Package `weights` with `model_config`, start TorchServe in `work`, yield a Server once a worker is READY."""
+def start_server(work: Path, weights: Path, model_config: Path = ROOT / "config" / "model-config-cpu.yaml",
+                 properties: Path = ROOT / "config.properties", extra: str = "", as_kserve: bool = False):
+    """Package `weights` with `model_config`, start TorchServe in `work`, yield a Server once a worker is READY.
+    as_kserve: start it as KServe's TorchServe runtime does: the no-archive folder, loaded by the model_snapshot in
+    `properties`, and no --ncs/--models."""
     store = work / "model_store"
     run_or_explain([sys.executable, str(ROOT / "scripts" / "package_model.py"), str(weights), str(store),
-                    "--config", str(model_config)], work / "package.out")
-    config, inference, management, metrics = server_config(work)
+                    "--config", str(model_config)] + (["--no-archive"] if as_kserve else []), work / "package.out")
+    config, inference, management, metrics = server_config(work, properties, extra)
     # Own TMPDIR/TEMP: TorchServe keeps its pid file and worker sockets there, so runs never collide.
     env = dict(os.environ, TMPDIR=str(work), TEMP=str(work), LOG_LOCATION=str(work / "logs"),
                METRICS_LOCATION=str(work / "logs"))
-    start = [str(BIN / "torchserve"), "--start", "--ncs", "--ts-config", str(config), "--model-store", str(store),
-             "--models", f"{MODEL}={MODEL}.mar"]
+    start = [str(BIN / "torchserve"), "--start", "--ts-config", str(config), "--model-store", str(store)]
+    if not as_kserve:
+        start += ["--ncs", "--models", f"{MODEL}={MODEL}.mar"]
     run_or_explain(start, work / "torchserve.out", cwd=work, env=env)
     try:
         wait_until_ready(management, MODEL, work / "key_file.json", timeout=240)
