@@ -18,16 +18,18 @@ from ts.metrics.metric_type_enum import MetricTypes
 
 from sd_engine.config import EngineConfig
 from sd_engine.engine import load_engine, pick_device
-from sd_engine.errors import EngineError, GenerationError, InvalidRequest
+from sd_engine.errors import AnswerTooLarge, EngineError, GenerationError, InvalidRequest
 from sd_engine.imaging import encode_image
 from sd_engine.loading import prepare_weights
-from sd_engine.protocols import (ENVELOPE_V2, PLAIN, V1, V2, EncodedImage, b64, decode, error_body,
-                                 from_envelope_tensors, is_envelope_tensor, protocol_of, v1_response, v2_response)
+from sd_engine.protocols import (ENVELOPE_V2, MAX_ANSWER_BYTES, MAX_IMAGES_PER_BODY, PLAIN, V1, V2, EncodedImage, b64,
+                                 decode, error_body, from_envelope_tensors, is_envelope_tensor, protocol_of,
+                                 v1_response, v2_response)
 from sd_engine.requests import parse_body
 
 logger = logging.getLogger(__name__)
 
-STATUS_PHRASES = {400: "Bad Request", 500: "Internal Server Error", 507: "Insufficient Storage"}
+STATUS_PHRASES = {400: "Bad Request", 413: "Content Too Large", 500: "Internal Server Error",
+                  507: "Insufficient Storage"}
 
 
 class StableDiffusionHandler:
@@ -55,9 +57,15 @@ class StableDiffusionHandler:
             try:
                 fields = parse_body(_body(item), _declared_json(context, i))
                 protocol = protocol_of(fields)
-                jobs.append((i, decode(fields, self.engine.config)))
+                max_images = self.engine.max_batch_size or MAX_IMAGES_PER_BODY
+                jobs.append((i, decode(fields, self.engine.config, max_images)))
             except InvalidRequest as error:
                 responses[i] = _error(context, i, error, protocol)
+                _count(context, "invalid")
+            except Exception as e:  # noqa: BLE001 - a body the checks above did not foresee fails alone, as a 400
+                logger.exception("request %d of the batch could not be read", i)
+                responses[i] = _error(context, i, InvalidRequest("body", "<unreadable>", f"could not be read "
+                                                                 f"({type(e).__name__})"), protocol)
                 _count(context, "invalid")
 
         results = self._generate([request for _, job in jobs for request in job.requests])
@@ -93,6 +101,7 @@ class StableDiffusionHandler:
         self._exit_if_device_lost()
         if isinstance(images, EngineError):
             return [_error(context, 0, images, ENVELOPE_V2).decode("utf-8")]
+        _count(context, "ok")
         return [b64(images[0].payload)]
 
     def _generate(self, requests):
@@ -122,21 +131,25 @@ class StableDiffusionHandler:
             _observe(context, result, encode_seconds)
             images.append(EncodedImage(payload, content_type, result.request, result.truncated, result.seconds,
                                        encode_seconds))
-        for _ in images:
-            _count(context, "ok")
         return images
 
 
 def _answer(context, index, job, images):
     """The plain API answers with the image itself; KServe bodies with a JSON document holding all their images."""
-    if job.protocol == V1:
-        context.set_response_content_type(index, "application/json")
-        return _json(v1_response(images))
-    if job.protocol == V2:
+    if job.protocol in (V1, V2):
         model = (context.manifest or {}).get("model", {})
+        document = _json(v1_response(images) if job.protocol == V1 else
+                         v2_response(images, model.get("modelName", ""), model.get("modelVersion"), job.request_id))
+        if len(document) > MAX_ANSWER_BYTES:  # TorchServe would drop the whole batch's message and the worker
+            _count(context, "too_large", len(images))
+            return _error(context, index, AnswerTooLarge(
+                f"the answer would be {len(document) / 2**20:.1f} MiB of base64 images, over the "
+                f"{MAX_ANSWER_BYTES / 2**20:.0f} MiB limit; ask for fewer or smaller images, or JPEG"), job.protocol)
         context.set_response_content_type(index, "application/json")
-        return _json(v2_response(images, model.get("modelName", ""), model.get("modelVersion"), job.request_id))
+        _count(context, "ok", len(images))
+        return document
     image = images[0]
+    _count(context, "ok")
     context.set_response_content_type(index, image.content_type)
     context.set_response_header(index, "X-Seed", str(image.request.seed))
     if image.truncated:
@@ -167,9 +180,9 @@ def _body(item):
 
 
 # Metrics (declared in config/metrics.yaml; Prometheus on the metrics port). Histograms give P50/P95 in Prometheus.
-def _count(context, status: str) -> None:
+def _count(context, status: str, images: int = 1) -> None:
     if context.metrics is not None:
-        context.metrics.add_counter("ImagesGenerated", 1, None, [Dimension("Status", status)])
+        context.metrics.add_counter("ImagesGenerated", images, None, [Dimension("Status", status)])
 
 
 def _observe(context, result, encode_seconds: float) -> None:

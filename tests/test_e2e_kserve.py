@@ -81,7 +81,7 @@ def test_bad_v1_request_is_a_400_naming_the_instance_field(kserve):
 
 def test_the_wrapper_can_poll_readiness_without_a_token(kserve):
     # KServe's wrapper polls management_address/models/<name> with no token before it routes traffic.
-    status, _, body = request(f"{kserve.management}/models/{MODEL}", None, timeout=30)
+    status, _, body = request(f"{kserve.management}/models/{MODEL}?customized=false", None, timeout=30)
     assert status == 200 and json.loads(body)[0]["workers"][0]["status"] == "READY"
 
 

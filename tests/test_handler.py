@@ -193,3 +193,20 @@ def test_a_lost_gpu_context_makes_the_worker_exit_so_torchserve_restarts_it(hand
     monkeypatch.setattr(handler.engine, "device_failure", "AcceleratorError: an illegal memory access")
     handle(handler, context, ["a fine prompt"])
     assert exits == [1]
+
+
+def test_hostile_kserve_bodies_fail_alone_and_an_oversized_answer_is_a_413(handler_and_context, monkeypatch):
+    handler, context = handler_and_context
+    nested = []
+    for _ in range(900):
+        nested = [nested]
+    results = handle(handler, context, [
+        {"inputs": [{"name": "prompt", "datatype": {"a": 1}, "shape": [1], "data": ["x"]}]},
+        {"prompt": nested},
+        {"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [10**300] * 50, "data": ["x"]}]},
+        "a good prompt",
+    ])
+    assert [r[0] for r in results] == [400, 400, 400, 200]
+    monkeypatch.setattr("sd_handler.MAX_ANSWER_BYTES", 1000)  # a 64x64 JPEG is ~3 kB as base64
+    ((status, content_type, _, body),) = handle(handler, context, [{"instances": ["a cat"]}])
+    assert (status, content_type) == (413, "application/json") and "MiB limit" in json.loads(body)["error"]

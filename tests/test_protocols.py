@@ -1,13 +1,15 @@
 """KServe v1 / v2 (Open Inference Protocol) bodies -> requests, and the response documents."""
 
 import base64
+import re
+from pathlib import Path
 
 import pytest
 
 from sd_engine.config import EngineConfig
 from sd_engine.errors import InvalidRequest
-from sd_engine.protocols import (MAX_IMAGES_PER_BODY, PLAIN, V1, V2, EncodedImage, decode, from_envelope_tensors,
-                                 is_envelope_tensor, v1_response, v2_response)
+from sd_engine.protocols import (MAX_ANSWER_BYTES, MAX_IMAGES_PER_BODY, PLAIN, V1, V2, EncodedImage, decode,
+                                 from_envelope_tensors, is_envelope_tensor, v1_response, v2_response)
 from sd_engine.requests import parse_request
 
 CONFIG = EngineConfig(num_inference_steps=4, height=64, width=64)
@@ -109,3 +111,46 @@ def test_responses_carry_base64_images_in_request_order():
     assert outputs["image"]["datatype"] == "BYTES" and outputs["image"]["shape"] == [2]
     assert base64.b64decode(outputs["image"]["data"][1]) == b"\x89PNGtwo"
     assert outputs["content_type"]["data"] == ["image/jpeg", "image/png"] and outputs["seed"]["data"] == [1, 2]
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"inputs": [{"name": "prompt", "datatype": ["BYTES"], "shape": [1], "data": ["x"]}]}, "inputs[0].datatype"),
+    ({"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [10**4000] * 250, "data": ["x"]}]},
+     "inputs[0].shape"),  # each size is checked before multiplying
+    ({"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [-1, -1], "data": ["x"]}]}, "inputs[0].shape"),
+    ({"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": "1", "data": ["x"]}]}, "inputs[0].shape"),
+    ({"inputs": [prompt_tensor("x")], "parameters": []}, "parameters"),
+    ({"inputs": [prompt_tensor("x")], "id": 7}, "id"),
+])
+def test_hostile_v2_bodies_are_invalid_requests(body, field):
+    assert field_of(body) == field
+
+
+def test_deeply_nested_values_are_reported_without_overflowing():
+    nested = []
+    for _ in range(5000):
+        nested = [nested]
+    with pytest.raises(InvalidRequest) as caught:
+        decode({"instances": [{"prompt": nested}]}, CONFIG)
+    assert caught.value.field == "instances[0].prompt" and "[[[" in str(caught.value)
+    assert len(str(caught.value.to_dict())) < 400
+
+
+def test_a_body_may_ask_for_at_most_max_images():
+    body = {"instances": ["a", "b", "c"]}
+    assert len(decode(body, CONFIG, max_images=3).requests) == 3
+    with pytest.raises(InvalidRequest, match="at most 2 images"):
+        decode(body, CONFIG, max_images=2)
+
+
+def test_form_fields_named_like_a_tensor_are_not_taken_for_torchserves_envelope():
+    assert not is_envelope_tensor({"name": b"x", "datatype": b"BYTES"})  # form values arrive as bytes
+    assert not is_envelope_tensor({"name": "x", "datatype": "BYTES"})  # no shape
+
+
+@pytest.mark.parametrize("properties", ["config.properties", "config/kserve/config.properties"])
+def test_the_answer_cap_fits_torchserves_max_response_size(properties):
+    # Above max_response_size TorchServe's frontend drops the worker's whole message (every request of the batch).
+    text = (Path(__file__).resolve().parent.parent / properties).read_text()
+    (limit,) = re.findall(r"^max_response_size=(\d+)$", text, flags=re.M)
+    assert MAX_ANSWER_BYTES + 64 * 1024 <= int(limit)

@@ -4,7 +4,19 @@ nothing about HTTP, it only says which kind of failure happened."""
 from __future__ import annotations
 
 import math
+import reprlib
 from typing import Any
+
+# Values are shown depth- and length-limited: a hostile body's deeply nested value would overflow a plain repr().
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxstring, _SHOW.maxother, _SHOW.maxlist, _SHOW.maxdict, _SHOW.maxlong = 3, 80, 80, 6, 6, 40
+
+
+def shown(value: Any) -> str:
+    try:
+        return _SHOW.repr(value)
+    except (ValueError, RecursionError):  # an integer over Python's digit limit
+        return f"<{type(value).__name__}>"
 
 
 class EngineError(Exception):
@@ -29,20 +41,26 @@ class InvalidRequest(EngineError, ValueError):
         self.field = field
         self.value = value
         self.reason = reason
-        shown = repr(value)
-        super().__init__(f"`{field}` {reason}, got {shown[:80] + '...' if len(shown) > 80 else shown}")
+        text = shown(value)
+        super().__init__(f"`{field}` {reason}, got {text[:80] + '...' if len(text) > 80 else text}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: long values are cut, non-finite numbers and other types become their repr."""
         value = self.value
         if isinstance(value, float) and not math.isfinite(value) or not isinstance(
                 value, (str, int, float, bool, type(None))):
-            value = repr(value)
+            value = shown(value)
         if isinstance(value, str) and len(value) > 200:
             value = value[:200] + "..."
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**64:
-            value = repr(value)[:40] + "..."
+            value = shown(value)
         return {"error": "InvalidRequest", "field": self.field, "value": value, "message": str(self)}
+
+
+class AnswerTooLarge(EngineError):
+    """The images a request asked for would not fit in one response."""
+
+    status = 413
 
 
 class ModelLoadError(EngineError):

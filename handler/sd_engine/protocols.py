@@ -8,10 +8,13 @@
   (BYTES), seed (INT64)]}`.
 - Errors in both: `{"error": "<message naming the field>"}` with the 4xx/5xx status.
 
-A body asking for several images joins the server's batch like separate requests would; a bad value fails its own body
-only. TorchServe's own `kservev2` envelope (service_envelope / TS_SERVICE_ENVELOPE) hands the handler one request's
-tensors already unpacked, one value each: `from_envelope_tensors` takes those. That envelope reads only the first
-request of a batch, so it needs batchSize 1; without it, this module does the same job with batching intact.
+A body asking for several images (at most the server's batchSize, so one TorchServe batch stays within batchSize
+pipeline calls) joins the server's batch like separate requests would; a bad value fails its own body only.
+
+TorchServe's own `kservev2` envelope (service_envelope / TS_SERVICE_ENVELOPE) hands the handler one request's tensors
+already unpacked (the first value of each BYTES tensor; `parameters` dropped): `from_envelope_tensors` takes those.
+That envelope reads only the first request of a batch, so it needs batchSize 1; without it, this module does the
+same job with batching intact. TorchServe's v1 `kserve` envelope is not supported.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from .errors import InvalidRequest
 from .requests import FIELDS, GenerationRequest, parse_request
 
 PLAIN, V1, V2, ENVELOPE_V2 = "plain", "v1", "v2", "envelope-v2"
-MAX_IMAGES_PER_BODY = 16  # one body's images run in one worker's batch; more would starve everyone else
+MAX_IMAGES_PER_BODY = 16  # the default cap when no batchSize is given (the handler passes batchSize)
+MAX_ANSWER_BYTES = 15 * 2**20  # a JSON answer's cap: under config.properties' max_response_size (16 MiB), beyond
+# which TorchServe's frontend drops the worker's whole message and restarts the worker
 STRING_FIELDS = {"prompt", "negative_prompt", "format"}
 INT_TYPES = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
 FLOAT_TYPES = {"FP16", "FP32", "FP64"}
@@ -58,34 +63,36 @@ def protocol_of(fields: dict[str, Any]) -> str:
     return PLAIN
 
 
-def decode(fields: dict[str, Any], config: EngineConfig) -> Decoded:
+def decode(fields: dict[str, Any], config: EngineConfig, max_images: int = MAX_IMAGES_PER_BODY) -> Decoded:
     """The requests of a parsed JSON body. Raises InvalidRequest naming the field as a path into the body."""
     protocol = protocol_of(fields)
     if protocol == V1:
-        return Decoded(V1, _v1_requests(fields, config))
+        return Decoded(V1, _v1_requests(fields, config, max_images))
     if protocol == V2:
-        requests, request_id = _v2_requests(fields, config)
+        requests, request_id = _v2_requests(fields, config, max_images)
         return Decoded(V2, requests, request_id)
     return Decoded(PLAIN, [parse_request(fields, config)])
 
 
 def is_envelope_tensor(item: Any) -> bool:
-    """TorchServe's kservev2 envelope replaces each request row by the tensors of the first request."""
-    return isinstance(item, dict) and "datatype" in item and "name" in item and "body" not in item
+    """TorchServe's kservev2 envelope replaces each request row by the tensors of the first request. A request row
+    has a "body" (or is form fields, whose values are bytes); a tensor has a str name and datatype and a list shape."""
+    return (isinstance(item, dict) and "body" not in item and isinstance(item.get("name"), str)
+            and isinstance(item.get("datatype"), str) and isinstance(item.get("shape"), list))
 
 
 def from_envelope_tensors(tensors: list[dict], config: EngineConfig) -> Decoded:
-    requests, _ = _v2_requests({"inputs": tensors}, config)
+    requests, _ = _v2_requests({"inputs": tensors}, config, MAX_IMAGES_PER_BODY)
     if len(requests) != 1:
         raise InvalidRequest("inputs", len(requests), "must ask for one image under TorchServe's kservev2 envelope "
                                                       "(unset service_envelope to send several in one body)")
     return Decoded(ENVELOPE_V2, requests)
 
 
-def _v1_requests(fields: dict[str, Any], config: EngineConfig) -> list[GenerationRequest]:
+def _v1_requests(fields: dict[str, Any], config: EngineConfig, max_images: int) -> list[GenerationRequest]:
     _only_keys(fields, ("instances",))
     instances = fields["instances"]
-    _check_count("instances", instances)
+    _check_count("instances", instances, max_images)
     requests = []
     for i, instance in enumerate(instances):
         if isinstance(instance, str):
@@ -99,12 +106,13 @@ def _v1_requests(fields: dict[str, Any], config: EngineConfig) -> list[Generatio
     return requests
 
 
-def _v2_requests(fields: dict[str, Any], config: EngineConfig) -> tuple[list[GenerationRequest], str | None]:
+def _v2_requests(fields: dict[str, Any], config: EngineConfig,
+                 max_images: int) -> tuple[list[GenerationRequest], str | None]:
     _only_keys(fields, ("id", "inputs", "outputs", "parameters"))
     request_id = fields.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidRequest("id", request_id, "must be a string")
-    parameters = fields.get("parameters") or {}
+    parameters = fields.get("parameters", {})
     if not isinstance(parameters, dict):
         raise InvalidRequest("parameters", parameters, "must be a JSON object")
     inputs = fields["inputs"]
@@ -120,7 +128,7 @@ def _v2_requests(fields: dict[str, Any], config: EngineConfig) -> tuple[list[Gen
     if "prompt" not in columns:
         raise InvalidRequest("inputs", sorted(columns), "must include a tensor named 'prompt'")
     count = max(len(values) for _, values in columns.values())
-    _check_count("inputs", range(count))
+    _check_count("inputs", range(count), max_images)
     for name, (k, values) in columns.items():
         if len(values) not in (1, count):
             raise InvalidRequest(f"inputs[{k}].data", len(values),
@@ -151,7 +159,7 @@ def _tensor(k: int, tensor: Any) -> tuple[str, list]:
     datatype = tensor.get("datatype")
     expected = ({"BYTES"} if name in STRING_FIELDS else INT_TYPES | FLOAT_TYPES if name == "guidance_scale"
                 else INT_TYPES)
-    if datatype not in expected:
+    if not isinstance(datatype, str) or datatype not in expected:
         raise InvalidRequest(f"inputs[{k}].datatype", datatype, f"must be {' or '.join(sorted(expected))} "
                                                                 f"for {name}")
     data = tensor.get("data")
@@ -160,7 +168,9 @@ def _tensor(k: int, tensor: Any) -> tuple[str, list]:
     if data is None or not values:
         raise InvalidRequest(f"inputs[{k}].data", data, "must hold at least one value")
     shape = tensor.get("shape")
-    sizes_ok = isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+    # Each size is checked before multiplying: a product of huge integers would cost seconds of CPU.
+    sizes_ok = isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= len(values)
+                                               for d in shape)
     if isinstance(data, list) and not (sizes_ok and math.prod(shape) == len(values)):
         raise InvalidRequest(f"inputs[{k}].shape", shape,
                              f"must be a list of sizes whose product is the number of values in data ({len(values)})")
@@ -186,11 +196,12 @@ def _only_keys(fields: dict[str, Any], allowed: tuple[str, ...]) -> None:
         raise InvalidRequest(unknown[0], fields[unknown[0]], f"is not a known key here (known: {', '.join(allowed)})")
 
 
-def _check_count(name: str, items: Any) -> None:
+def _check_count(name: str, items: Any, max_images: int) -> None:
     if not isinstance(items, (list, range)) or not items:
         raise InvalidRequest(name, items, "must be a non-empty list")
-    if len(items) > MAX_IMAGES_PER_BODY:
-        raise InvalidRequest(name, f"<{len(items)} items>", f"must ask for at most {MAX_IMAGES_PER_BODY} images")
+    if len(items) > max_images:
+        raise InvalidRequest(name, f"<{len(items)} items>", f"must ask for at most {max_images} images (the "
+                                                             "server's batchSize)")
 
 
 # Responses, with the images in request order.
