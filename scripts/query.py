@@ -68,8 +68,9 @@ def predict(base_url: str, model: str, payload: dict | str, token: str | None = 
     return request(f"{base_url.rstrip('/')}/predictions/{model}", token, body, content_type, timeout)
 
 
-def wait_until_ready(management_url: str, model: str, key_file: str | Path | None, timeout: float) -> None:
-    """Poll GET /models/<model> until a worker is READY (TorchServe's /ping stays Healthy even while loading).
+def wait_until_ready(management_url: str, model: str, key_file: str | Path | None, timeout: float,
+                     workers: int = 1) -> None:
+    """Poll GET /models/<model> until `workers` workers are READY (TorchServe's /ping stays Healthy while loading).
 
     The management key is read from `key_file` on each try: `torchserve --start` returns before it writes the file.
     """
@@ -83,10 +84,10 @@ def wait_until_ready(management_url: str, model: str, key_file: str | Path | Non
         try:
             status, _, body = request(f"{management_url.rstrip('/')}/models/{model}", token, timeout=10)
             if status == 200:
-                workers = [w for entry in json.loads(body) for w in entry.get("workers", [])]
-                if any(w.get("status") == "READY" for w in workers):
+                states = [w.get("status") for entry in json.loads(body) for w in entry.get("workers", [])]
+                if states.count("READY") >= workers:
                     return
-                last = f"workers {[w.get('status') for w in workers]}"
+                last = f"workers {states}"
             else:
                 last = f"HTTP {status}"
         except ServerUnreachable as e:

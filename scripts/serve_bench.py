@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from query import ServerUnreachable, read_key, request
+from query import read_key, request, wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "stable-diffusion"
@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     args.work.mkdir(parents=True)
     summary = {"kind": "torchserve-serving", "date": time.strftime("%Y-%m-%d"), "gpus": gpu_inventory(),
                "versions": versions(), "preset": args.preset, "backend": args.backend, "compile": args.compile,
-               "batch_size": args.batch_size, "steps": args.steps, "size": args.size, "phases": {}}
+               "batch_size": args.batch_size, "steps": args.steps, "size": args.size,
+               "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "phases": {}}
     save = lambda: (args.out / "serving.json").write_text(json.dumps(summary, indent=1) + "\n")  # noqa: E731
     save()
 
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001 - record it and go on to the next phase
             phase["error"] = f"{type(e).__name__}: {e}"
         finally:
-            stop_server(args.work)
+            stop_server(args.work, [w["pid"] for w in phase.get("worker_gpus", []) if w.get("pid")])
             save()
             # One archive of every phase's logs, curl/query.py JPEGs and load-test records.
             subprocess.run(["tar", "-czf", str(args.out / "logs.tar.gz"), "-C", str(args.work / "logs"), "."])
@@ -106,7 +107,11 @@ def main(argv=None) -> int:
     save()
     plot(summary, args.out / "serving.png")
     print(json.dumps(summary, indent=1))
-    return 0
+    failed = [name for name, phase in summary["phases"].items() if phase.get("error") or any(
+        set(run.get("status_counts", {"none": 1})) != {"200"} for run in phase.get("loadtest", {}).values())]
+    if failed:
+        print(f"phases with errors: {failed}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def run_phase(name, phase, args, workers, concurrencies, clients, save):
@@ -120,7 +125,8 @@ def run_phase(name, phase, args, workers, concurrencies, clients, save):
         subprocess.run(TORCHSERVE + ["--start", "--ncs", "--ts-config", str(config), "--model-store",
                                      str(args.work / "model_store"), "--models", f"{MODEL}={MODEL}"],
                        cwd=args.work, env=env, stdout=out, stderr=subprocess.STDOUT, check=True)
-    phase["start_to_ready_s"] = round(wait_for_workers(args.work, workers, timeout=900, since=started), 1)
+    wait_until_ready(MANAGEMENT, MODEL, args.work / "key_file.json", timeout=900, workers=workers)
+    phase["start_to_ready_s"] = round(time.perf_counter() - started, 1)
     phase["engine_ready_lines"] = engine_ready_lines(logs / "model_log.log")
     phase["worker_gpus"] = worker_gpus(args.work)
     save()
@@ -161,24 +167,6 @@ def server_properties(work: Path) -> Path:
     path = work / "config.properties"
     path.write_text(text)
     return path
-
-
-def wait_for_workers(work: Path, workers: int, timeout: float, since: float) -> float:
-    """Seconds from `since` until `workers` workers are READY."""
-    deadline = time.monotonic() + timeout
-    last = "no answer"
-    while time.monotonic() < deadline:
-        try:
-            token = read_key(work / "key_file.json", "management")
-            status, _, body = request(f"{MANAGEMENT}/models/{MODEL}", token, timeout=10)
-            states = [w.get("status") for entry in json.loads(body) for w in entry.get("workers", [])]
-            if status == 200 and states.count("READY") >= workers:
-                return time.perf_counter() - since
-            last = f"HTTP {status}, workers {states}"
-        except (OSError, ValueError, KeyError, ServerUnreachable) as e:
-            last = str(e)
-        time.sleep(0.5)  # polling an external condition, bounded by the deadline
-    raise TimeoutError(f"{workers} worker(s) not READY after {timeout:.0f} s ({last})")
 
 
 def engine_ready_lines(log: Path) -> list[str]:
@@ -236,22 +224,33 @@ def loadtest(args, concurrency: int, logs: Path) -> dict:
     return result
 
 
-def stop_server(work: Path) -> None:
+def stop_server(work: Path, worker_pids: list[int]) -> None:
     env = dict(os.environ, TMPDIR=str(work), TEMP=str(work))
-    subprocess.run(TORCHSERVE + ["--stop", "--foreground"], cwd=work, env=env, timeout=120,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # A worker that outlives the frontend would hold its GPU into the next phase.
-    subprocess.run(["pkill", "-f", "model_service_worker"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        subprocess.run(TORCHSERVE + ["--stop", "--foreground"], cwd=work, env=env, timeout=120,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        print("torchserve --stop timed out", file=sys.stderr)
+    for pid in worker_pids:  # a worker that outlived its frontend would hold its GPU into the next phase
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
 
 
 def scaling(summary: dict) -> dict:
-    """Peak images/s of each phase with load, and the N-GPU peak over the 1-GPU peak."""
-    peaks = {name: max((r.get("throughput_rps") or 0.0 for r in phase.get("loadtest", {}).values()), default=0.0)
-             for name, phase in summary["phases"].items() if phase.get("loadtest")}
+    """Peak images/s of each phase (over load-test runs in which every request got a 200), the N-GPU peak over the
+    1-GPU peak, and the ratio at each concurrency both ran."""
+    clean = {name: {int(c): r["throughput_rps"] for c, r in phase.get("loadtest", {}).items()
+                    if r.get("throughput_rps") and set(r.get("status_counts", {})) == {"200"}}
+             for name, phase in summary["phases"].items()}
+    peaks = {name: max(runs.values()) for name, runs in clean.items() if runs}
     out = {"peak_images_per_s": peaks}
     multi = [name for name in peaks if not name.startswith("1gpu")]
     if multi and peaks.get("1gpu-cold"):
+        single, many = clean["1gpu-cold"], clean[multi[0]]
         out["speedup"] = round(peaks[multi[0]] / peaks["1gpu-cold"], 2)
+        out["speedup_at_same_concurrency"] = {c: round(many[c] / single[c], 2) for c in sorted(set(single) & set(many))}
     return out
 
 

@@ -117,16 +117,22 @@ def test_deepspeed_branch_calls_init_inference_with_the_clip_shim(monkeypatch, t
 
     DSUNet.__module__ = "deepspeed.model_implementations.diffusers.unet"
 
+    class DeepSpeedDiffusersAttention:  # DeepSpeed numbers these with a class-wide counter
+        layer_id = 32  # as left by an earlier pipeline injected in this process
+
     def init_inference(model, **kwargs):
-        seen.update(kwargs, text_model=model.text_encoder.text_model)
+        seen.update(kwargs, text_model=model.text_encoder.text_model, layer_id=DeepSpeedDiffusersAttention.layer_id)
         model.unet = DSUNet(model.unet)
 
     monkeypatch.setitem(sys.modules, "deepspeed", types.SimpleNamespace(init_inference=init_inference,
                                                                          __version__="fake"))
+    monkeypatch.setitem(sys.modules, "deepspeed.ops.transformer.inference.diffusers_attention",
+                        types.SimpleNamespace(DeepSpeedDiffusersAttention=DeepSpeedDiffusersAttention))
     assert optimize(pipe, cpu_config.replace(backend="deepspeed"), torch.device("cpu"), "deepspeed") is pipe
     assert seen["dtype"] is torch.half and seen["replace_with_kernel_inject"] is True
     assert seen["enable_cuda_graph"] is False  # DeepSpeed's one-shape graphs stay off; ours are shape-keyed
     assert seen["text_model"] is pipe.text_encoder  # DSClipEncoder reaches enc.text_model
+    assert seen["layer_id"] == 0  # so this pipeline's first attention module owns the kernel workspace
     assert pipe.text_encoder not in list(pipe.text_encoder.children())  # not registered as a submodule
     assert injection_report(pipe)["unet"] == {"DSUNet": 1}
 

@@ -8,9 +8,10 @@ gets its own graph, captured on first use and kept in a least-recently-used cach
 All graphs of a pipeline share one memory pool: the pipeline calls its modules one after another on one stream and
 every output is cloned before the next replay, so one graph's scratch memory may be reused by the next.
 
-DeepSpeed's attention kernels keep one workspace buffer that is freed and reallocated when the batch grows past the
-largest seen; graphs captured before that point would write into freed memory. `reset_on_larger_batch` drops every
-graph of the cache before capturing a larger batch than it has seen.
+DeepSpeed's attention kernels keep one workspace buffer, freed and reallocated whenever a call needs more than the
+call before it; graphs captured before would then write into freed memory. optimize.pin_deepspeed_workspace makes it
+ask for the largest batch seen, so it only grows with a batch larger than any before; `reset_on_larger_batch` then
+drops every graph of the cache before capturing that batch.
 """
 
 from __future__ import annotations

@@ -95,6 +95,12 @@ def deepspeed_inject(pipe, enable_cuda_graph: bool = False):
     if not hasattr(encoder, "text_model"):
         object.__setattr__(encoder, "text_model", encoder)
 
+    # DeepSpeed numbers its diffusers attention modules with a class-wide counter, and only number 0 allocates the
+    # kernel workspace. Start from 0, so that this pipeline has that module even if an earlier one (a benchmark's,
+    # a test's) was injected in this process.
+    from deepspeed.ops.transformer.inference.diffusers_attention import DeepSpeedDiffusersAttention
+
+    DeepSpeedDiffusersAttention.layer_id = 0
     # DeepSpeed mutates the pipeline in place (pipe.unet becomes DSUNet, ...); the returned engine is not needed.
     # Its kernels JIT-build on first use: set TORCH_CUDA_ARCH_LIST so they are built for this GPU only.
     deepspeed.init_inference(pipe, dtype=torch.half, replace_with_kernel_inject=True,
@@ -110,34 +116,34 @@ def deepspeed_inject(pipe, enable_cuda_graph: bool = False):
 def pin_deepspeed_workspace(pipe, device: torch.device, max_batch_size: int) -> None:
     """Allocate DeepSpeed's kernel workspace once, at its largest, before any CUDA graph is captured.
 
-    DeepSpeed 0.19.8 keeps one workspace buffer for all injected kernels (InferenceContext::GenWorkSpace in
+    DeepSpeed 0.19.8 keeps one workspace buffer for its injected kernels (InferenceContext::GenWorkSpace in
     inference_context.h). Every call records the size it needed, and a call that needs more than the last recorded
-    size frees the buffer and allocates a new one. The UNet's first attention asks on every call, for that call's
-    batch, so serving batches 8, 1, then 3 reallocated at the 3, and the graphs captured for 8 and 1 still pointed
-    at the freed buffer: "an illegal memory access" on an H200 (bench/results/h200x2-sd15-2026-11-22-serving-ds-bug.json),
-    which poisons the worker's CUDA context for good. So:
-    1. run the text encoder once now: its layers ask for the workspace only on their first call;
-    2. make the UNet's first attention always ask for the largest batch seen, starting at 2 x `max_batch_size`
-       (classifier-free guidance doubles the UNet's batch), and ask once now. The buffer then never shrinks in
-       DeepSpeed's books, and grows only for a batch larger than any before, when graphs.reset_on_larger_batch
-       drops the UNet's graphs made before.
+    size frees the buffer and allocates a new one. The UNet's first attention module (layer_id 0; the text encoder
+    and VAE get no kernels) asks on every call, for that call's batch, so serving batches 8, 1, then 3 reallocated
+    at the 3, and the graphs captured for 8 and 1 still pointed at the freed buffer: "an illegal memory access" on an
+    H200 (bench/results/h200x2-sd15-2026-11-22-serving-ds-bug.json, h200-2026-11-22-pytest-gpu-pin-disabled.log),
+    which poisons the worker's CUDA context for good. So that module always asks for the largest batch seen,
+    starting at 2 x `max_batch_size` (classifier-free guidance doubles the UNet's batch), and asks once now: the
+    buffer never shrinks in DeepSpeed's books, and grows only for a batch larger than any before (which the engine's
+    batch cap rules out), when graphs.reset_on_larger_batch drops the UNet's graphs made before.
     """
     from deepspeed.ops.transformer.inference.diffusers_attention import DeepSpeedDiffusersAttention
 
-    with torch.no_grad():
-        pipe.text_encoder(torch.zeros((1, pipe.tokenizer.model_max_length), dtype=torch.long, device=device))
     owners = [m for m in pipe.unet.modules() if isinstance(m, DeepSpeedDiffusersAttention) and m.config.layer_id == 0]
-    for module in owners:
-        largest = [2 * max_batch_size]
+    if len(owners) != 1:
+        raise RuntimeError(f"expected one DeepSpeed attention module with layer_id 0 in the UNet, found {len(owners)}; "
+                           "its workspace cannot be pinned, and CUDA graphs over it would not be safe")
+    (owner,) = owners
+    largest = [2 * max_batch_size]
+    allocate = owner.allocate_workspace
 
-        def allocate_largest(size, allocate=module.allocate_workspace, largest=largest):
-            largest[0] = max(largest[0], size[0])
-            allocate(torch.Size((largest[0], *size[1:])))
+    def allocate_largest(size):
+        largest[0] = max(largest[0], size[0])
+        allocate(torch.Size((largest[0], *size[1:])))
 
-        module.allocate_workspace = allocate_largest
-        module.allocate_workspace(torch.Size((2 * max_batch_size, 64, module.config.hidden_size)))
-    logger.info("DeepSpeed workspace pinned for UNet batches up to %d (%d owner module(s))", 2 * max_batch_size,
-                len(owners))
+    owner.allocate_workspace = allocate_largest
+    owner.allocate_workspace(torch.Size((2 * max_batch_size, 64, owner.config.hidden_size)))
+    logger.info("DeepSpeed workspace pinned for UNet batches up to %d", 2 * max_batch_size)
 
 
 def injection_report(pipe) -> dict[str, dict[str, int]]:
