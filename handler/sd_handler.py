@@ -62,13 +62,14 @@ class StableDiffusionHandler:
             except InvalidRequest as error:
                 responses[i] = _error(context, i, error, protocol)
                 _count(context, "invalid")
-            except Exception as e:  # noqa: BLE001 - a body the checks above did not foresee fails alone, as a 400
+            except Exception as e:  # noqa: BLE001 - a body the checks above did not foresee: our bug, its row only
                 logger.exception("request %d of the batch could not be read", i)
-                responses[i] = _error(context, i, InvalidRequest("body", "<unreadable>", f"could not be read "
-                                                                 f"({type(e).__name__})"), protocol)
-                _count(context, "invalid")
+                responses[i] = _error(context, i, EngineError(f"the request could not be read ({type(e).__name__}); "
+                                                              "see the server log"), protocol)
+                _count(context, "failed")
 
         results = self._generate([request for _, job in jobs for request in job.requests])
+        self._exit_if_device_lost()  # before anything is counted as delivered: TorchServe will fail the whole batch
         for i, job in jobs:
             own, results = results[:len(job.requests)], results[len(job.requests):]
             images = self._encode(context, own)
@@ -79,7 +80,6 @@ class StableDiffusionHandler:
         if context.metrics is not None:
             context.metrics.add_metric("BatchSize", len(data), "Count", None, [], MetricTypes.HISTOGRAM)
         logger.info("batch of %d handled in %.3f s", len(data), time.perf_counter() - start)
-        self._exit_if_device_lost()
         return responses
 
     def _exit_if_device_lost(self):

@@ -99,7 +99,8 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001 - record it and go on to the next phase
             phase["error"] = f"{type(e).__name__}: {e}"
         finally:
-            stop_server(args.work, [w["pid"] for w in phase.get("worker_gpus", []) if w.get("pid")])
+            recorded = phase.get("worker_gpus", []) + phase.get("worker_gpus_after_load", [])
+            stop_server(args.work, {w["pid"] for w in recorded if w.get("pid")})
             save()
             # One archive of every phase's logs, curl/query.py JPEGs and load-test records.
             subprocess.run(["tar", "-czf", str(args.out / "logs.tar.gz"), "-C", str(args.work / "logs"), "."])
@@ -107,8 +108,7 @@ def main(argv=None) -> int:
     save()
     plot(summary, args.out / "serving.png")
     print(json.dumps(summary, indent=1))
-    failed = [name for name, phase in summary["phases"].items() if phase.get("error") or any(
-        set(run.get("status_counts", {"none": 1})) != {"200"} for run in phase.get("loadtest", {}).values())]
+    failed = [name for name, phase in summary["phases"].items() if not phase_ok(phase)]
     if failed:
         print(f"phases with errors: {failed}", file=sys.stderr)
     return 1 if failed else 0
@@ -144,6 +144,14 @@ def run_phase(name, phase, args, workers, concurrencies, clients, save):
     (logs / "metrics.txt").write_bytes(body)
     phase["metrics"] = {line.split(" ")[0]: float(line.split(" ")[-1]) for line in body.decode().splitlines()
                         if line.startswith(("ImagesGenerated", "PeakGPUMemory", "StepsPerSecond"))}
+
+
+def phase_ok(phase: dict) -> bool:
+    """No error, curl and query.py got JPEGs, and every load-test request got a 200 with its own image."""
+    curl_ok = phase.get("curl", {}).get("http_code") == "200" and phase.get("curl", {}).get("jpeg")
+    query_ok = "query_py" not in phase or (phase["query_py"]["returncode"] == 0 and phase["query_py"]["jpeg"])
+    load_ok = all(run.get("returncode") == 0 for run in phase.get("loadtest", {}).values())
+    return not phase.get("error") and bool(curl_ok) and query_ok and load_ok
 
 
 def write_model_config(store: Path, args, workers: int) -> None:
@@ -224,7 +232,13 @@ def loadtest(args, concurrency: int, logs: Path) -> dict:
     return result
 
 
-def stop_server(work: Path, worker_pids: list[int]) -> None:
+def stop_server(work: Path, worker_pids: set[int]) -> None:
+    """`torchserve --stop`, then kill any worker left over: those recorded, those the management API lists now (a
+    restarted worker has a new pid), checked to be TorchServe workers before they are killed."""
+    try:
+        worker_pids |= {w["pid"] for w in worker_gpus(work) if w.get("pid")}
+    except Exception:  # noqa: BLE001 - the frontend may be down already
+        pass
     env = dict(os.environ, TMPDIR=str(work), TEMP=str(work))
     try:
         subprocess.run(TORCHSERVE + ["--stop", "--foreground"], cwd=work, env=env, timeout=120,
@@ -233,7 +247,8 @@ def stop_server(work: Path, worker_pids: list[int]) -> None:
         print("torchserve --stop timed out", file=sys.stderr)
     for pid in worker_pids:  # a worker that outlived its frontend would hold its GPU into the next phase
         try:
-            os.kill(pid, 9)
+            if b"model_service_worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, 9)
         except OSError:
             pass
 

@@ -145,7 +145,7 @@ def test_a_body_may_ask_for_at_most_max_images():
 
 def test_form_fields_named_like_a_tensor_are_not_taken_for_torchserves_envelope():
     assert not is_envelope_tensor({"name": b"x", "datatype": b"BYTES"})  # form values arrive as bytes
-    assert not is_envelope_tensor({"name": "x", "datatype": "BYTES"})  # no shape
+    assert is_envelope_tensor({"name": "prompt", "datatype": "BYTES", "data": "x"})  # the envelope allows no shape
 
 
 @pytest.mark.parametrize("properties", ["config.properties", "config/kserve/config.properties"])
@@ -154,3 +154,13 @@ def test_the_answer_cap_fits_torchserves_max_response_size(properties):
     text = (Path(__file__).resolve().parent.parent / properties).read_text()
     (limit,) = re.findall(r"^max_response_size=(\d+)$", text, flags=re.M)
     assert MAX_ANSWER_BYTES + 64 * 1024 <= int(limit)
+
+
+def test_a_shape_with_many_dimensions_is_refused_without_multiplying_it_out():
+    values = ["x"] * 2000
+    body = {"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [2000] * 160000, "data": values}]}
+    assert field_of(body) == "inputs[0].shape"  # multiplied out, this 0.9 MiB body took 8 s of CPU
+
+
+def test_null_parameters_are_no_parameters():
+    assert len(decode({"inputs": [prompt_tensor("x")], "parameters": None}, CONFIG).requests) == 1

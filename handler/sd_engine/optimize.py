@@ -126,6 +126,9 @@ def pin_deepspeed_workspace(pipe, device: torch.device, max_batch_size: int) -> 
     starting at 2 x `max_batch_size` (classifier-free guidance doubles the UNet's batch), and asks once now: the
     buffer never shrinks in DeepSpeed's books, and grows only for a batch larger than any before (which the engine's
     batch cap rules out), when graphs.reset_on_larger_batch drops the UNet's graphs made before.
+
+    The workspace belongs to the process, not the pipeline: pin one live DeepSpeed engine per process (a TorchServe
+    worker has one). Two live engines pinned to different sizes would reallocate it under each other's graphs.
     """
     from deepspeed.ops.transformer.inference.diffusers_attention import DeepSpeedDiffusersAttention
 

@@ -20,7 +20,6 @@ same job with batching intact. TorchServe's v1 `kserve` envelope is not supporte
 from __future__ import annotations
 
 import base64
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +31,7 @@ PLAIN, V1, V2, ENVELOPE_V2 = "plain", "v1", "v2", "envelope-v2"
 MAX_IMAGES_PER_BODY = 16  # the default cap when no batchSize is given (the handler passes batchSize)
 MAX_ANSWER_BYTES = 15 * 2**20  # a JSON answer's cap: under config.properties' max_response_size (16 MiB), beyond
 # which TorchServe's frontend drops the worker's whole message and restarts the worker
+MAX_DIMENSIONS = 8
 STRING_FIELDS = {"prompt", "negative_prompt", "format"}
 INT_TYPES = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
 FLOAT_TYPES = {"FP16", "FP32", "FP64"}
@@ -76,9 +76,9 @@ def decode(fields: dict[str, Any], config: EngineConfig, max_images: int = MAX_I
 
 def is_envelope_tensor(item: Any) -> bool:
     """TorchServe's kservev2 envelope replaces each request row by the tensors of the first request. A request row
-    has a "body" (or is form fields, whose values are bytes); a tensor has a str name and datatype and a list shape."""
+    has a "body" (or is form fields, whose values are bytes); a tensor has a str name and datatype."""
     return (isinstance(item, dict) and "body" not in item and isinstance(item.get("name"), str)
-            and isinstance(item.get("datatype"), str) and isinstance(item.get("shape"), list))
+            and isinstance(item.get("datatype"), str))
 
 
 def from_envelope_tensors(tensors: list[dict], config: EngineConfig) -> Decoded:
@@ -112,7 +112,8 @@ def _v2_requests(fields: dict[str, Any], config: EngineConfig,
     request_id = fields.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidRequest("id", request_id, "must be a string")
-    parameters = fields.get("parameters", {})
+    parameters = fields.get("parameters")
+    parameters = {} if parameters is None else parameters
     if not isinstance(parameters, dict):
         raise InvalidRequest("parameters", parameters, "must be a JSON object")
     inputs = fields["inputs"]
@@ -168,13 +169,25 @@ def _tensor(k: int, tensor: Any) -> tuple[str, list]:
     if data is None or not values:
         raise InvalidRequest(f"inputs[{k}].data", data, "must hold at least one value")
     shape = tensor.get("shape")
-    # Each size is checked before multiplying: a product of huge integers would cost seconds of CPU.
-    sizes_ok = isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= len(values)
-                                               for d in shape)
-    if isinstance(data, list) and not (sizes_ok and math.prod(shape) == len(values)):
-        raise InvalidRequest(f"inputs[{k}].shape", shape,
-                             f"must be a list of sizes whose product is the number of values in data ({len(values)})")
+    if isinstance(data, list) and not _shape_holds(shape, len(values)):
+        raise InvalidRequest(f"inputs[{k}].shape", shape, f"must be a list of at most {MAX_DIMENSIONS} sizes whose "
+                                                          f"product is the number of values in data ({len(values)})")
     return name, values
+
+
+def _shape_holds(shape: Any, count: int) -> bool:
+    """Whether `shape` multiplies out to `count`, stopping as soon as it cannot: multiplying a hostile shape out
+    (thousands of sizes, or huge ones) would cost seconds of CPU per request."""
+    if not isinstance(shape, list) or len(shape) > MAX_DIMENSIONS:
+        return False
+    product = 1
+    for size in shape:
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= count:
+            return False
+        product *= size
+        if product > count:
+            return False
+    return product == count
 
 
 def _flatten(data: list) -> list:
