@@ -52,12 +52,12 @@ class StableDiffusionHandler:
             return self._handle_envelope(data, context)
         responses = [None] * len(data)
         jobs = []  # (row index, Decoded): a row is one HTTP request, which may ask for several images (KServe)
+        max_images = self.engine.max_batch_size or MAX_IMAGES_PER_BODY
         for i, item in enumerate(data):
             protocol = PLAIN
             try:
                 fields = parse_body(_body(item), _declared_json(context, i))
                 protocol = protocol_of(fields)
-                max_images = self.engine.max_batch_size or MAX_IMAGES_PER_BODY
                 jobs.append((i, decode(fields, self.engine.config, max_images)))
             except InvalidRequest as error:
                 responses[i] = _error(context, i, error, protocol)
@@ -97,8 +97,9 @@ class StableDiffusionHandler:
         except InvalidRequest as error:
             _count(context, "invalid")
             return [_error(context, 0, error, ENVELOPE_V2).decode("utf-8")]
-        images = self._encode(context, self._generate(job.requests))
-        self._exit_if_device_lost()
+        results = self._generate(job.requests)
+        self._exit_if_device_lost()  # as in handle(): before anything is counted
+        images = self._encode(context, results)
         if isinstance(images, EngineError):
             return [_error(context, 0, images, ENVELOPE_V2).decode("utf-8")]
         _count(context, "ok")

@@ -182,11 +182,16 @@ def engine_ready_lines(log: Path) -> list[str]:
     return [line.split("engine ready: ", 1)[1] for line in text.splitlines() if "engine ready: " in line]
 
 
-def worker_gpus(work: Path) -> list[dict]:
-    """Each worker's pid and the GPU(s) nvidia-smi lists that pid on."""
+def listed_workers(work: Path) -> list[dict]:
+    """The model's workers as the management API describes them now."""
     token = read_key(work / "key_file.json", "management")
     _, _, body = request(f"{MANAGEMENT}/models/{MODEL}", token, timeout=10)
-    workers = [w for entry in json.loads(body) for w in entry.get("workers", [])]
+    return [w for entry in json.loads(body) for w in entry.get("workers", [])]
+
+
+def worker_gpus(work: Path) -> list[dict]:
+    """Each worker's pid and the GPU(s) nvidia-smi lists that pid on."""
+    workers = listed_workers(work)
     index = dict(line.split(", ")[::-1] for line in smi("--query-gpu=index,pci.bus_id"))
     apps = [line.split(", ") for line in smi("--query-compute-apps=pid,gpu_bus_id,used_memory")]
     return [{"id": w.get("id"), "pid": w.get("pid"), "status": w.get("status"),
@@ -236,7 +241,7 @@ def stop_server(work: Path, worker_pids: set[int]) -> None:
     """`torchserve --stop`, then kill any worker left over: those recorded, those the management API lists now (a
     restarted worker has a new pid), checked to be TorchServe workers before they are killed."""
     try:
-        worker_pids |= {w["pid"] for w in worker_gpus(work) if w.get("pid")}
+        worker_pids |= {w["pid"] for w in listed_workers(work) if w.get("pid")}
     except Exception:  # noqa: BLE001 - the frontend may be down already
         pass
     env = dict(os.environ, TMPDIR=str(work), TEMP=str(work))
