@@ -9,7 +9,9 @@ BIN          := $(VENV)/bin
 # host keep the CUDA torch already installed (measured with 2.11.0+cu130) with `make install TORCH=`.
 TORCH        ?= torch==2.13.0
 MODEL_NAME   ?= stable-diffusion
-TINY_MODEL   ?= build/tiny-sd
+# The embedded model's family: tiny (SD 1.x), tiny-sd2 (SD 2.x, v-prediction) or tiny-sdxl (SDXL).
+PRESET       ?= tiny
+TINY_MODEL   ?= build/$(PRESET)
 WEIGHTS      ?= $(TINY_MODEL)
 MODEL_STORE  ?= model_store
 MODEL_CONFIG ?= config/model-config-cpu.yaml
@@ -48,8 +50,8 @@ wheelhouse: install ## Download every wheel (deepspeed built into one) into whee
 	$(BIN)/pip download $(WHEEL_TARGET) -d wheelhouse $(TORCH) wheelhouse/deepspeed-*.whl \
 		-r wheelhouse/requirements-rest.txt -r requirements-dev.txt setuptools wheel
 
-model: install ## Build the embedded tiny random model (noise images, nothing downloaded) into $(TINY_MODEL)
-	$(BIN)/python scripts/make_tiny_model.py --out $(TINY_MODEL)
+model: install ## Build the embedded tiny random model of PRESET (noise images, nothing downloaded) into $(TINY_MODEL)
+	$(BIN)/python scripts/make_tiny_model.py --preset $(PRESET) --out $(TINY_MODEL)
 
 package: install ## Zip $(WEIGHTS) into model.zip and build $(MODEL_STORE)/$(MODEL_NAME).mar with $(MODEL_CONFIG)
 	$(BIN)/python scripts/package_model.py $(WEIGHTS) $(MODEL_STORE) --config $(MODEL_CONFIG) --model-name $(MODEL_NAME)

@@ -58,7 +58,7 @@ class StableDiffusionHandler:
             try:
                 fields = parse_body(_body(item), _declared_json(context, i))
                 protocol = protocol_of(fields)
-                jobs.append((i, decode(fields, self.engine.config, max_images)))
+                jobs.append((i, decode(fields, self.engine.rules, max_images)))
             except InvalidRequest as error:
                 responses[i] = _error(context, i, error, protocol)
                 _count(context, "invalid")
@@ -93,7 +93,7 @@ class StableDiffusionHandler:
         """TorchServe's kservev2 envelope is on: `tensors` are the first request's inputs, and the envelope wraps
         what this returns as that request's outputs, so answer strings: the base64 image, or the error's JSON."""
         try:
-            job = from_envelope_tensors(tensors, self.engine.config)
+            job = from_envelope_tensors(tensors, self.engine.rules)
         except InvalidRequest as error:
             _count(context, "invalid")
             return [_error(context, 0, error, ENVELOPE_V2).decode("utf-8")]

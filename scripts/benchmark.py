@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
-"""Side-by-side GPU benchmark of the engine's backends on an SD architecture with random weights, in one process.
+"""Side-by-side GPU benchmark of the engine's backends on an SD-family architecture (SD 1.5, SD 2.1, SDXL) with random
+weights, in one process.
 
 For each backend and batch size: end-to-end latency (median of --runs after a warm-up), images/s, mean UNet step
 (one UNet call at batch 2B under classifier-free guidance), text-encoder and VAE-decode time per pipeline call
 (CUDA events around the modules during the timed runs), peak GPU memory, and parity (RMSE on [0,1] pixels and NaN
-count) against eager float16 on the same seeds and batch. Speed equals real weights; quality is parity.
+count) against eager float16 on the same seeds and batch. Speed equals real weights; quality is parity. Each preset
+runs at its native size with its pipeline's own guidance (7.5 for SD, 5.0 for SDXL) and scheduler.
 
 Backends form a ladder: eager fp32 -> eager fp16 -> + our CUDA graphs -> DeepSpeed kernels -> DeepSpeed + its own
-graph (stock) -> DeepSpeed + our graphs -> ours (eager + channels_last + our graphs). It also records a shape-safety
-check (batch 1 -> 3 -> 1 and 512 -> 768 -> 512 through one graphed engine, compared with eager) and the cold start
-(fresh process -> engine ready, DeepSpeed's JIT build already cached).
+graph (stock) -> DeepSpeed + our graphs -> ours (eager + compile + channels_last + our graphs), and ours with the
+further levers (fused QKV, FP8 matmuls). It also records a shape-safety check (batch 1 -> 3 -> 1 and 512 -> 768 -> 512
+through one graphed engine, compared with eager) and the cold start (fresh process -> engine ready). For a pipeline
+that upcasts its VAE (SDXL) it times one VAE decode in float32 and in float16 (`vae_decode_ms`).
 
 Writes <out-dir>/<gpu>-<preset>-<date>.json (a list of rows under "rows") and a .png plot next to it, after every row,
 so a run cut short keeps what it measured. Progress on stderr. Exit codes: 0 done; 1 a backend failed; 2 no CUDA GPU.
@@ -35,13 +38,13 @@ import torch
 from sd_engine.config import EngineConfig
 from sd_engine.engine import Engine, GenerationResult, load_engine
 from sd_engine.loading import load_pipeline
-from sd_engine.optimize import deepspeed_inject
-from sd_engine.random_models import save_pipeline
+from sd_engine.deepspeed_backend import deepspeed_inject
+from sd_engine.random_models import native_size, save_pipeline
 from sd_engine.requests import GenerationRequest
 from sd_engine.timing import StageTimer
 
 log = logging.getLogger("benchmark")
-PRESET_SIZES = {"sd15": 512}
+PRESETS = ("sd15", "sd21", "sdxl")
 BACKENDS = {  # name -> handler: block overrides; None marks stock DeepSpeed, built by hand below
     "eager-fp16": {"backend": "eager"},
     "eager-fp32": {"backend": "eager", "dtype": "float32"},
@@ -51,14 +54,20 @@ BACKENDS = {  # name -> handler: block overrides; None marks stock DeepSpeed, bu
     "deepspeed+graph": {"backend": "deepspeed", "cuda_graph": True},
     # The recommended GPU config (config/model-config.yaml).
     "ours": {"backend": "eager", "cuda_graph": True, "compile": True, "channels_last": True},
+    # Further levers, on top of ours (and one without compile, to see FP8's speed and parity in seconds).
+    "ours+fuse_qkv": {"backend": "eager", "cuda_graph": True, "compile": True, "channels_last": True,
+                      "fuse_qkv": True},
+    "ours+fp8": {"backend": "eager", "cuda_graph": True, "compile": True, "channels_last": True, "fuse_qkv": True,
+                 "fp8": True},
+    "eager-fp16+graph+fp8": {"backend": "eager", "cuda_graph": True, "channels_last": True, "fp8": True},
 }
 LADDER_ONLY = {"eager-fp32": (1,), "deepspeed": (1, 8), "deepspeed+stock-graph": (1, 8)}  # fewer batch sizes
 
 
-def requests_for(batch: int, steps: int, size: int) -> list[GenerationRequest]:
+def requests_for(batch: int, steps: int, size: int, guidance: float = 7.5) -> list[GenerationRequest]:
     return [GenerationRequest(prompt=f"a photo of an astronaut riding a horse on mars, take {i}", negative_prompt=None,
-                              num_inference_steps=steps, guidance_scale=7.5, height=size, width=size, seed=1000 + i)
-            for i in range(batch)]
+                              num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                              seed=1000 + i) for i in range(batch)]
 
 
 def pixels(results) -> list[np.ndarray]:
@@ -73,7 +82,7 @@ def rmse(images, references) -> float:
 
 
 def measure(engine: Engine, batch: int, args, references: dict) -> dict:
-    requests = requests_for(batch, args.steps, args.size)
+    requests = requests_for(batch, args.steps, args.size, engine.rules.guidance_scale)  # the model's own guidance
     images = pixels(engine.generate(requests))  # warm-up: captures graphs for this shape
     torch.cuda.synchronize()
     times, peaks = [], []
@@ -161,6 +170,36 @@ def check_cold_start(base: dict, weights: Path, record: dict, save, names=None) 
         save()
 
 
+def vae_decode_ms(weights: Path, size: int, runs: int = 5) -> dict | None:
+    """For a pipeline that upcasts its VAE (SDXL): one eager, channels-last decode of a batch-1 latent in float32 (what
+    the engine does, as diffusers does) and in float16 (what a VAE without force_upcast, e.g. the fp16-fix one, costs).
+    Median milliseconds, CUDA events."""
+    import diffusers
+    from diffusers import AutoencoderKL
+
+    index = json.loads((weights / "model_index.json").read_text())
+    if not hasattr(getattr(diffusers, index["_class_name"]), "upcast_vae"):
+        return None
+    timings = {}
+    for dtype in (torch.float32, torch.float16):
+        vae = AutoencoderKL.from_pretrained(weights / "vae", dtype=dtype).to("cuda", memory_format=torch.channels_last)
+        latent = torch.randn(1, 4, size // 8, size // 8, device="cuda", dtype=dtype)
+        times = []
+        with torch.no_grad():
+            for _ in range(runs + 1):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                vae.decode(latent)
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+        timings[str(dtype).removeprefix("torch.")] = round(statistics.median(times[1:]), 2)
+        del vae
+        free()
+    log.info("VAE decode at %dx%d, batch 1, eager: %s ms", size, size, timings)
+    return timings
+
+
 def plot(record: dict, path: Path) -> None:
     import matplotlib
 
@@ -183,7 +222,8 @@ def plot(record: dict, path: Path) -> None:
     right.set_xscale("log", base=2)
     right.legend(fontsize=8)
     fig.suptitle(f"{record['gpu']}: {record['preset']} architecture, {record['height']}x{record['width']}, "
-                 f"{record['steps']} steps, CFG 7.5 (torch {record['torch']}, deepspeed {record['deepspeed']})")
+                 f"{record['steps']} steps, CFG {record['guidance_scale']} (torch {record['torch']}, "
+                 f"deepspeed {record['deepspeed']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -191,15 +231,17 @@ def plot(record: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESET_SIZES), default="sd15", help="architecture (default: sd15)")
+    parser.add_argument("--preset", choices=PRESETS, default="sd15",
+                        help="architecture, run at its native size (default: sd15)")
     parser.add_argument("--steps", type=int, default=30, help="denoising steps (default: %(default)s)")
     parser.add_argument("--batch-sizes", default="1,4,8,16", help="comma-separated (default: %(default)s)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per row, median reported (default: 3)")
     parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated subset of: "
                         + ", ".join(BACKENDS))
-    parser.add_argument("--weights", type=Path, default=Path("/tmp/bench-weights"),
-                        help="where to build the random-weight folder (default: %(default)s)")
+    parser.add_argument("--weights", type=Path, help="where to build the random-weight folder (default: "
+                        "/tmp/bench-weights-<preset>)")
     parser.add_argument("--out-dir", type=Path, default=Path("bench/results"), help="where the JSON and PNG go")
+    parser.add_argument("--tag", help="appended to the result files' names, e.g. the part of a ladder a run holds")
     parser.add_argument("--check", choices=("shape-safety", "cold-start"),
                         help="instead of the table, run one check and write <name>-<check>.json")
     args = parser.parse_args(argv)
@@ -211,15 +253,17 @@ def main(argv=None) -> int:
     import deepspeed
     import diffusers
 
-    args.size = PRESET_SIZES[args.preset]
+    args.size = native_size(args.preset)
+    args.weights = args.weights or Path(f"/tmp/bench-weights-{args.preset}")
     batches = [int(b) for b in args.batch_sizes.split(",")]
     gpu = torch.cuda.get_device_name(0)
     stem = f"{gpu.replace('NVIDIA ', '').split()[0].lower()}-{args.preset}-{date.today().isoformat()}"
     stem += f"-{args.check}" if args.check else ""
+    stem += f"-{args.tag}" if args.tag else ""
     out_json, out_png = args.out_dir / f"{stem}.json", args.out_dir / f"{stem}.png"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     record = {"gpu": gpu, "preset": args.preset, "steps": args.steps, "height": args.size, "width": args.size,
-              "guidance_scale": 7.5, "torch": torch.__version__, "cuda": torch.version.cuda,
+              "guidance_scale": None, "torch": torch.__version__, "cuda": torch.version.cuda,
               "deepspeed": deepspeed.__version__, "diffusers": diffusers.__version__, "runs": args.runs, "rows": []}
 
     def save():
@@ -229,8 +273,10 @@ def main(argv=None) -> int:
 
     if not (args.weights / "model_index.json").is_file():
         save_pipeline(args.preset, args.weights, seed=0, device="cuda", dtype=torch.float16)
-    base = {"weights": str(args.weights), "num_inference_steps": args.steps, "height": args.size,
-            "width": args.size, "max_height": 1024, "max_width": 1024, "warmup_steps": 2}
+    base = {"weights": str(args.weights), "num_inference_steps": args.steps, "warmup_steps": 2}
+    if not args.check:
+        record["vae_decode_ms"] = vae_decode_ms(args.weights, args.size)
+        save()
     if args.check == "shape-safety":
         check_shape_safety(args, base, record, save)
     elif args.check == "cold-start":
@@ -259,6 +305,7 @@ def main(argv=None) -> int:
                         ready_s = round(sum(engine.timings.values()), 2) if engine.timings else None
                     row["ready_s"] = ready_s
                     row.update(measure(engine, batch, args, references))
+                    record["guidance_scale"] = engine.rules.guidance_scale
                 except Exception as e:  # noqa: BLE001 - record the failure, keep measuring the others
                     log.exception("%s batch %d failed", name, batch)
                     row["error"] = f"{type(e).__name__}: {e}"[:500]

@@ -21,6 +21,10 @@ def main(argv=None) -> int:
     parser.add_argument("--model", required=True, help="hub id, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5")
     parser.add_argument("--out", type=Path, required=True, help="folder to write the diffusers pipeline into")
     parser.add_argument("--revision", help="git revision on the hub (default: main)")
+    parser.add_argument("--variant", help="weights variant to download, e.g. fp16 (SDXL's repository has "
+                        "diffusion_pytorch_model.fp16.safetensors next to the full-precision files): half the download")
+    parser.add_argument("--vae", help="hub id of a VAE to use instead of the model's own, e.g. "
+                        "madebyollin/sdxl-vae-fp16-fix (SDXL's VAE decodes in float32; this one in float16)")
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16",
                         help="dtype to save in; float16 halves the size (default: %(default)s)")
     parser.add_argument("--token-file", type=Path, help="file holding the HF token (default: $HF_TOKEN)")
@@ -29,9 +33,15 @@ def main(argv=None) -> int:
     token = args.token_file.read_text().strip() if args.token_file else os.environ.get("HF_TOKEN")
     from diffusers import DiffusionPipeline
 
+    dtype = getattr(torch, args.dtype)
     try:
-        pipe = DiffusionPipeline.from_pretrained(args.model, revision=args.revision, token=token,
-                                                 dtype=getattr(torch, args.dtype), use_safetensors=True)
+        extra = {}
+        if args.vae:
+            from diffusers import AutoencoderKL
+
+            extra["vae"] = AutoencoderKL.from_pretrained(args.vae, token=token, dtype=dtype, use_safetensors=True)
+        pipe = DiffusionPipeline.from_pretrained(args.model, revision=args.revision, variant=args.variant, token=token,
+                                                 dtype=dtype, use_safetensors=True, **extra)
     except Exception as e:  # noqa: BLE001 - hub, network and format errors all end here
         print(f"error: could not download {args.model}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

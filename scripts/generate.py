@@ -44,13 +44,13 @@ def main(argv=None) -> int:
         config = EngineConfig.from_mapping(block)
         if args.backend:
             config = config.replace(backend=args.backend)
-        request = parse_request(request_fields(args), config)
+        device = pick_device(0 if args.device == "auto" else None)
+        engine = load_engine(config, args.model, device)
+        # After loading: the defaults and size limits are the model's own where the config leaves them out.
+        request = parse_request(request_fields(args), engine.rules)
     except (ConfigError, InvalidRequest, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-    device = pick_device(0 if args.device == "auto" else None)
-    engine = load_engine(config, args.model, device)
     start = time.perf_counter()
     [result] = engine.generate([request])
     seconds = time.perf_counter() - start

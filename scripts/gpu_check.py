@@ -33,7 +33,7 @@ from PIL import Image
 from benchmark import free, pixels
 from sd_engine.config import EngineConfig
 from sd_engine.engine import load_engine
-from sd_engine.optimize import injection_report
+from sd_engine.deepspeed_backend import injection_report
 from sd_engine.random_models import save_pipeline
 from sd_engine.requests import GenerationRequest
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Write a Stable Diffusion pipeline with seeded random weights as a diffusers folder (save_pretrained).
 
-The default `tiny` preset is the embedded demo/test model: a few MB, 64x64 images, noise rather than pictures, and
-nothing downloaded. `--preset sd15` builds the full SD 1.5 architecture (about 2 GB in float16) for GPU timing.
+The tiny presets are the embedded demo/test models, one per family: `tiny` (SD 1.x), `tiny-sd2` (SD 2.x,
+v-prediction) and `tiny-sdxl` (SDXL): a few MB each, 64x64 images, noise rather than pictures, nothing downloaded.
+`sd15`, `sd21` and `sdxl` build the full architectures for GPU timing (about 2, 2.6 and 7 GB in float16).
 
 Exit codes: 0 written, 2 bad arguments.
 """

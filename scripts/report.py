@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Turn committed result files into the README's tables: scripts/benchmark.py's JSON into the performance table,
-scripts/serve_bench.py's JSONs into the serving table.
+"""Turn committed result files into the README's tables: scripts/benchmark.py's JSON into the performance table (SD
+1.5) and the families table (SD 2.1, SDXL), scripts/serve_bench.py's JSONs into the serving table.
 
-Prints the Markdown; with --update-readme it replaces the blocks between the `perf-table` and `serving-table`
-markers in README.md, so the README's numbers always come from committed result files (tests/test_readme.py checks
-they still do).
+Prints the Markdown; with --update-readme it replaces the blocks between the `perf-table`, `family-table` and
+`serving-table` markers in README.md, so the README's numbers always come from committed result files
+(tests/test_readme.py checks they still do).
 
 Exit codes: 0 done; 1 README has no markers; 2 bad arguments.
 """
@@ -21,6 +21,12 @@ START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
 SERVING_RESULTS = [ROOT / "bench" / "results" / f"h200x2-sd15-2026-11-22-serving-{name}.json"
                    for name in ("deepspeed", "compile")]
 SERVING_START, SERVING_END = "<!-- serving-table:start -->", "<!-- serving-table:end -->"
+# One file per GPU call: each row's "vs eager" and RMSE compare with the eager fp16 run of its own file.
+FAMILY_RESULTS = [ROOT / "bench" / "results" / f"h200-{name}.json" for name in (
+    "sd21-2026-12-02-ladder", "sdxl-2026-12-02-ladder", "sdxl-2026-12-02-ours", "sdxl-2026-12-02-ours-b4",
+    "sdxl-2026-12-02-fp8")]
+FAMILY_START, FAMILY_END = "<!-- family-table:start -->", "<!-- family-table:end -->"
+SCHEDULERS = {"sd15": "PNDM", "sd21": "DDIM, v-prediction", "sdxl": "Euler"}
 
 
 def table(record: dict) -> str:
@@ -28,7 +34,8 @@ def table(record: dict) -> str:
     eager = {r["batch"]: r for r in rows if r["backend"] == "eager-fp16"}
     lines = [
         f"{record['gpu']}, {record['preset']} architecture with random weights, {record['height']}x{record['width']}, "
-        f"{record['steps']} steps, guidance {record['guidance_scale']}, PNDM; torch {record['torch']}, "
+        f"{record['steps']} steps, guidance {record['guidance_scale']}, {SCHEDULERS[record['preset']]}; "
+        f"torch {record['torch']}, "
         f"deepspeed {record['deepspeed']}, diffusers {record['diffusers']}; median of {record['runs']} runs.",
         "",
         "| backend | batch | latency (s) | images/s | vs eager | UNet step (ms) | text enc. (ms) | VAE (ms) "
@@ -41,6 +48,32 @@ def table(record: dict) -> str:
             f"| {r['backend']} | {r['batch']} | {r['latency_s']:.3f} | {r['images_per_s']:.2f} | "
             f"{f'{speedup:.2f}x' if speedup else '-'} | {r['unet_step_ms']:.1f} | {r['text_encoder_ms']:.1f} | "
             f"{r['vae_ms']:.1f} | {r['peak_mem_gib']:.2f} | {r['rmse_vs_eager']:.4f} |")
+    return "\n".join(lines)
+
+
+def family_table(records: list[tuple[str, dict]]) -> str:
+    """SD 2.1 and SDXL rows, each with the file it comes from; speed-ups against that file's eager fp16 row."""
+    first = records[0][1]
+    lines = [
+        f"{first['gpu']}, random weights, each model at its native size with its own guidance and scheduler, "
+        f"{first['steps']} steps; torch {first['torch']}, deepspeed {first['deepspeed']}, diffusers "
+        f"{first['diffusers']}; median of {first['runs']} runs. Each file is one process on one GPU call.",
+        "",
+        "| model | backend | batch | latency (s) | images/s | vs eager (same file) | UNet step (ms) | VAE (ms) "
+        "| peak mem (GiB) | RMSE vs eager fp16 | file |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, record in records:
+        rows = [r for r in record["rows"] if "error" not in r]
+        eager = {r["batch"]: r for r in rows if r["backend"] == "eager-fp16"}
+        model = (f"{record['preset']} {record['height']}x{record['width']}, CFG {record['guidance_scale']:g}, "
+                 f"{SCHEDULERS[record['preset']]}")
+        for r in rows:
+            speedup = eager[r["batch"]]["latency_s"] / r["latency_s"] if r["batch"] in eager else None
+            lines.append(
+                f"| {model} | {r['backend']} | {r['batch']} | {r['latency_s']:.3f} | {r['images_per_s']:.2f} | "
+                f"{f'{speedup:.2f}x' if speedup else '-'} | {r['unet_step_ms']:.1f} | {r['vae_ms']:.1f} | "
+                f"{r['peak_mem_gib']:.2f} | {r['rmse_vs_eager']:.4f} | `{name}` |")
     return "\n".join(lines)
 
 
@@ -84,17 +117,20 @@ def main(argv=None) -> int:
     parser.add_argument("--update-readme", type=Path, metavar="README", help="rewrite the table block in README")
     args = parser.parse_args(argv)
     text = table(json.loads(args.result.read_text()))
+    families = family_table([(path.stem, json.loads(path.read_text())) for path in FAMILY_RESULTS])
     serving = serving_table([json.loads(path.read_text()) for path in SERVING_RESULTS])
     if not args.update_readme:
-        print(text + "\n\n" + serving)
+        print(text + "\n\n" + families + "\n\n" + serving)
         return 0
     readme = args.update_readme.read_text()
-    for start, end in ((START, END), (SERVING_START, SERVING_END)):
+    blocks = ((START, END, text), (FAMILY_START, FAMILY_END, families), (SERVING_START, SERVING_END, serving))
+    for start, end, _ in blocks:
         if start not in readme or end not in readme:
             print(f"error: {args.update_readme} has no {start} ... {end} block", file=sys.stderr)
             return 1
-    readme = replace_block(readme, START, END, text)
-    args.update_readme.write_text(replace_block(readme, SERVING_START, SERVING_END, serving))
+    for start, end, block in blocks:
+        readme = replace_block(readme, start, end, block)
+    args.update_readme.write_text(readme)
     print(f"updated {args.update_readme} from {args.result} and {', '.join(p.name for p in SERVING_RESULTS)}")
     return 0
 

@@ -31,3 +31,9 @@ def cpu_config() -> EngineConfig:
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_model_dir, cpu_config):
     return load_engine(cpu_config, tiny_model_dir, torch.device("cpu"), max_batch_size=4)  # batchSize of the CPU config
+
+
+@pytest.fixture(scope="session")
+def cpu_rules(tiny_engine):
+    """The request defaults and limits the CPU config gives the tiny model (64x64, 4 steps, sides up to 256)."""
+    return tiny_engine.rules

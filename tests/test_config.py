@@ -11,13 +11,15 @@ from sd_engine.errors import ConfigError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("name", ["model-config.yaml", "model-config-cpu.yaml"])
+@pytest.mark.parametrize("name", ["model-config.yaml", "model-config-sdxl.yaml", "model-config-cpu.yaml"])
 def test_shipped_configs_parse(name):
     block = yaml.safe_load((ROOT / "config" / name).read_text())["handler"]
     config = EngineConfig.from_mapping(block)
     assert config.weights == "model.zip"
     assert config.backend == "eager"
-    assert config.cuda_graph is config.compile is (name == "model-config.yaml")
+    assert config.cuda_graph is config.compile is (name != "model-config-cpu.yaml")
+    # Size and guidance are the model's own in every shipped config.
+    assert config.height is config.width is config.guidance_scale is None
 
 
 def test_empty_block_gives_defaults():
@@ -39,6 +41,11 @@ def test_wrong_type_is_rejected_by_name(key, value):
         EngineConfig.from_mapping({key: value})
 
 
+def test_request_defaults_may_be_left_to_the_model():
+    config = EngineConfig.from_mapping({"height": None, "num_inference_steps": None})
+    assert config.height is config.num_inference_steps is config.guidance_scale is config.max_width is None
+
+
 def test_int_is_accepted_for_float():
     assert EngineConfig.from_mapping({"guidance_scale": 7}).guidance_scale == 7.0
 
@@ -47,12 +54,14 @@ def test_int_is_accepted_for_float():
     ({"backend": "tensorrt"}, "backend must be one of"),
     ({"dtype": "bfloat16"}, "dtype must be one of"),
     ({"format": "gif"}, "format must be one of"),
-    ({"height": 500}, "height must be a positive multiple of 8"),
+    ({"height": 500}, "height must be a multiple of 8 and at least 64"),
+    ({"max_width": 56}, "max_width must be a multiple of 8 and at least 64"),
     ({"quality": 0}, "quality must be in 1..100"),
-    ({"num_inference_steps": 200}, r"handler.num_inference_steps: the default must be in 1..150"),
-    ({"width": 2048}, r"handler.width: the default must be in 64..1024"),
-    ({"height": 56}, r"handler.height: the default must be in 64..1024"),
-    ({"guidance_scale": 60.0}, r"handler.guidance_scale: the default must be a finite number in 0..50"),
+    ({"num_inference_steps": 200}, r"handler.num_inference_steps: the default 200 is above "
+                                   r"handler.max_num_inference_steps \(150\)"),
+    ({"width": 2048, "max_width": 1024}, r"handler.width: the default 2048 is above handler.max_width"),
+    ({"guidance_scale": 60.0}, r"handler.guidance_scale: the default 60.0 is above handler.max_guidance_scale"),
+    ({"guidance_scale": -1}, r"handler.guidance_scale must be >= 0"),
     ({"backend": "deepspeed", "dtype": "float32"}, "float16 only"),
     ({"max_cuda_graphs": 0}, "max_cuda_graphs must be >= 1"),
     ({"backend": "deepspeed", "compile": True}, "compile: true works with backend eager"),

@@ -6,13 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from sd_engine.config import EngineConfig
 from sd_engine.errors import InvalidRequest
 from sd_engine.protocols import (MAX_ANSWER_BYTES, MAX_IMAGES_PER_BODY, PLAIN, V1, V2, EncodedImage, decode,
                                  from_envelope_tensors, is_envelope_tensor, v1_response, v2_response)
-from sd_engine.requests import parse_request
+from sd_engine.requests import RequestRules, parse_request
 
-CONFIG = EngineConfig(num_inference_steps=4, height=64, width=64)
+RULES = RequestRules(num_inference_steps=4, height=64, width=64)
 
 
 def prompt_tensor(*prompts, shape=None):
@@ -21,17 +20,17 @@ def prompt_tensor(*prompts, shape=None):
 
 def field_of(body):
     with pytest.raises(InvalidRequest) as caught:
-        decode(body, CONFIG)
+        decode(body, RULES)
     return caught.value.field
 
 
 def test_plain_body_is_one_request():
-    decoded = decode({"prompt": "a cat", "seed": 1}, CONFIG)
+    decoded = decode({"prompt": "a cat", "seed": 1}, RULES)
     assert decoded.protocol == PLAIN and [r.seed for r in decoded.requests] == [1]
 
 
 def test_v1_instances_are_objects_or_prompt_strings():
-    decoded = decode({"instances": [{"prompt": "a cat", "seed": 1, "num_inference_steps": 2}, "a dog"]}, CONFIG)
+    decoded = decode({"instances": [{"prompt": "a cat", "seed": 1, "num_inference_steps": 2}, "a dog"]}, RULES)
     assert decoded.protocol == V1
     first, second = decoded.requests
     assert (first.prompt, first.seed, first.num_inference_steps) == ("a cat", 1, 2)
@@ -56,7 +55,7 @@ def test_v2_one_value_per_image_or_one_for_all_and_parameters_for_all():
         prompt_tensor("a cat", "a dog"),
         {"name": "seed", "datatype": "INT64", "shape": [2, 1], "data": [[5], [6]]},
         {"name": "guidance_scale", "datatype": "FP32", "shape": [1], "data": [2.5]},
-    ]}, CONFIG)
+    ]}, RULES)
     assert decoded.protocol == V2 and decoded.request_id == "r-1"
     assert [(r.prompt, r.seed, r.guidance_scale, r.num_inference_steps) for r in decoded.requests] == [
         ("a cat", 5, 2.5, 3), ("a dog", 6, 2.5, 3)]
@@ -90,17 +89,17 @@ def test_torchserve_envelope_tensors_arrive_unpacked_and_ask_for_one_image():
     tensors = [{"name": "prompt", "datatype": "BYTES", "shape": [1], "data": "a cat"},
                {"name": "seed", "datatype": "INT64", "shape": [1], "data": [7]}]
     assert all(is_envelope_tensor(t) for t in tensors) and not is_envelope_tensor({"body": b"{}"})
-    (request,) = from_envelope_tensors(tensors, CONFIG).requests
+    (request,) = from_envelope_tensors(tensors, RULES).requests
     assert (request.prompt, request.seed) == ("a cat", 7)
     with pytest.raises(InvalidRequest, match="one image"):
         from_envelope_tensors(tensors[:1] + [{"name": "seed", "datatype": "INT64", "shape": [2], "data": [1, 2]}],
-                              CONFIG)
+                              RULES)
 
 
 def test_responses_carry_base64_images_in_request_order():
-    images = [EncodedImage(b"\xff\xd8one\xff\xd9", "image/jpeg", parse_request({"prompt": "a", "seed": 1}, CONFIG),
+    images = [EncodedImage(b"\xff\xd8one\xff\xd9", "image/jpeg", parse_request({"prompt": "a", "seed": 1}, RULES),
                            ("prompt",)),
-              EncodedImage(b"\x89PNGtwo", "image/png", parse_request({"prompt": "b", "seed": 2}, CONFIG))]
+              EncodedImage(b"\x89PNGtwo", "image/png", parse_request({"prompt": "b", "seed": 2}, RULES))]
     v1 = v1_response(images)["predictions"]
     assert [base64.b64decode(p["image"]["b64"]) for p in v1] == [b"\xff\xd8one\xff\xd9", b"\x89PNGtwo"]
     assert [p["seed"] for p in v1] == [1, 2] and v1[0]["truncated"] == ["prompt"] and "truncated" not in v1[1]
@@ -131,16 +130,16 @@ def test_deeply_nested_values_are_reported_without_overflowing():
     for _ in range(5000):
         nested = [nested]
     with pytest.raises(InvalidRequest) as caught:
-        decode({"instances": [{"prompt": nested}]}, CONFIG)
+        decode({"instances": [{"prompt": nested}]}, RULES)
     assert caught.value.field == "instances[0].prompt" and "[[[" in str(caught.value)
     assert len(str(caught.value.to_dict())) < 400
 
 
 def test_a_body_may_ask_for_at_most_max_images():
     body = {"instances": ["a", "b", "c"]}
-    assert len(decode(body, CONFIG, max_images=3).requests) == 3
+    assert len(decode(body, RULES, max_images=3).requests) == 3
     with pytest.raises(InvalidRequest, match="at most 2 images"):
-        decode(body, CONFIG, max_images=2)
+        decode(body, RULES, max_images=2)
 
 
 def test_form_fields_named_like_a_tensor_are_not_taken_for_torchserves_envelope():
@@ -163,4 +162,4 @@ def test_a_shape_with_many_dimensions_is_refused_without_multiplying_it_out():
 
 
 def test_null_parameters_are_no_parameters():
-    assert len(decode({"inputs": [prompt_tensor("x")], "parameters": None}, CONFIG).requests) == 1
+    assert len(decode({"inputs": [prompt_tensor("x")], "parameters": None}, RULES).requests) == 1

@@ -6,7 +6,8 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
-from report import DEFAULT_RESULT, END, SERVING_END, SERVING_RESULTS, SERVING_START, START, serving_table, table
+from report import (DEFAULT_RESULT, END, FAMILY_END, FAMILY_RESULTS, FAMILY_START, SERVING_END, SERVING_RESULTS,
+                    SERVING_START, START, family_table, serving_table, table)
 from sd_engine.config import EngineConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,6 +17,11 @@ README = (ROOT / "README.md").read_text()
 def test_performance_table_is_generated_from_the_committed_result():
     block = README[README.index(START) + len(START):README.index(END)].strip()
     assert block == table(json.loads(DEFAULT_RESULT.read_text()))
+
+
+def test_family_table_is_generated_from_the_committed_results():
+    block = README[README.index(FAMILY_START) + len(FAMILY_START):README.index(FAMILY_END)].strip()
+    assert block == family_table([(path.stem, json.loads(path.read_text())) for path in FAMILY_RESULTS])
 
 
 def test_serving_table_is_generated_from_the_committed_serving_results():

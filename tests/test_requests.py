@@ -1,5 +1,6 @@
 """The request contract: parse_request turns a body into a GenerationRequest or an InvalidRequest naming the field."""
 
+import dataclasses
 import json
 import math
 
@@ -7,20 +8,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sd_engine.config import EngineConfig
 from sd_engine.errors import InvalidRequest
-from sd_engine.requests import MAX_SEED, GenerationRequest, parse_request
+from sd_engine.requests import MAX_SEED, GenerationRequest, RequestRules, parse_request
 
-CONFIG = EngineConfig(height=64, width=64, num_inference_steps=4, max_height=256, max_width=256,
-                      max_num_inference_steps=50)
+RULES = RequestRules(height=64, width=64, num_inference_steps=4, max_height=256, max_width=256,
+                     max_num_inference_steps=50)
 
 
 def test_plain_text_is_the_prompt_with_config_defaults():
-    request = parse_request("  a red fox \n", CONFIG)
+    request = parse_request("  a red fox \n", RULES)
     assert request.prompt == "a red fox"
     assert (request.height, request.width, request.num_inference_steps) == (64, 64, 4)
-    assert request.guidance_scale == CONFIG.guidance_scale
-    assert request.format == "jpeg" and request.quality == CONFIG.quality
+    assert request.guidance_scale == RULES.guidance_scale
+    assert request.format == "jpeg" and request.quality == RULES.quality
     assert 0 <= request.seed <= MAX_SEED
 
 
@@ -29,21 +29,21 @@ def test_bytes_and_json_text_and_dict_are_equivalent():
             "guidance_scale": 5, "negative_prompt": "blurry", "format": "PNG", "quality": 80}
     expected = GenerationRequest(prompt="a fox", negative_prompt="blurry", num_inference_steps=3, guidance_scale=5.0,
                                  height=128, width=96, seed=5, format="png", quality=80)
-    assert parse_request(body, CONFIG) == expected
-    assert parse_request(json.dumps(body), CONFIG) == expected
-    assert parse_request(bytearray(json.dumps(body).encode()), CONFIG) == expected
+    assert parse_request(body, RULES) == expected
+    assert parse_request(json.dumps(body), RULES) == expected
+    assert parse_request(bytearray(json.dumps(body).encode()), RULES) == expected
 
 
 @pytest.mark.parametrize("body", ["just a string", ["a", "list"], 42, b"[1]", b"a plain prompt"])
 def test_declared_json_must_be_an_object(body):
     with pytest.raises(InvalidRequest, match="`body`") as caught:
-        parse_request(body, CONFIG, declared_json=True)
+        parse_request(body, RULES, declared_json=True)
     assert caught.value.field == "body"
-    assert parse_request(b'{"prompt": "x"}', CONFIG, declared_json=True).prompt == "x"
+    assert parse_request(b'{"prompt": "x"}', RULES, declared_json=True).prompt == "x"
 
 
 def test_a_compiled_server_serves_its_configured_size_only():
-    config = CONFIG.replace(compile=True)
+    config = dataclasses.replace(RULES, fixed_size=True)
     assert parse_request({"prompt": "x", "num_inference_steps": 7, "seed": 3}, config).height == 64
     for field in ("height", "width"):
         with pytest.raises(InvalidRequest, match="compile is on") as caught:
@@ -52,12 +52,12 @@ def test_a_compiled_server_serves_its_configured_size_only():
 
 
 def test_seed_null_is_drawn_at_random():
-    seeds = {parse_request({"prompt": "x", "seed": None}, CONFIG).seed for _ in range(5)}
+    seeds = {parse_request({"prompt": "x", "seed": None}, RULES).seed for _ in range(5)}
     assert len(seeds) > 1
 
 
 def test_jpg_is_an_alias_of_jpeg():
-    assert parse_request({"prompt": "x", "format": "jpg"}, CONFIG).format == "jpeg"
+    assert parse_request({"prompt": "x", "format": "jpg"}, RULES).format == "jpeg"
 
 
 @pytest.mark.parametrize("body, field", [
@@ -95,7 +95,7 @@ def test_jpg_is_an_alias_of_jpeg():
 ])
 def test_each_invalid_field_is_named(body, field):
     with pytest.raises(InvalidRequest) as caught:
-        parse_request(body, CONFIG)
+        parse_request(body, RULES)
     assert caught.value.field == field
     assert f"`{field}`" in str(caught.value)
     assert caught.value.status == 400
@@ -104,7 +104,7 @@ def test_each_invalid_field_is_named(body, field):
 
 def test_error_body_names_field_and_value():
     with pytest.raises(InvalidRequest) as caught:
-        parse_request({"prompt": "x", "height": 100}, CONFIG)
+        parse_request({"prompt": "x", "height": 100}, RULES)
     assert caught.value.to_dict() == {"error": "InvalidRequest", "field": "height", "value": 100,
                                       "message": "`height` must be a multiple of 8, got 100"}
 
@@ -121,20 +121,19 @@ field_names = st.sampled_from(["prompt", "negative_prompt", "num_inference_steps
                  st.text(max_size=64), json_values))
 def test_any_input_parses_or_raises_invalid_request(body):
     try:
-        request = parse_request(body, CONFIG)
+        request = parse_request(body, RULES)
     except InvalidRequest as error:
         assert isinstance(error.field, str) and f"`{error.field}`" in str(error)
         return
     assert request.prompt.strip()
-    assert 1 <= request.num_inference_steps <= CONFIG.max_num_inference_steps
+    assert 1 <= request.num_inference_steps <= RULES.max_num_inference_steps
     assert 64 <= request.height <= 256 and request.height % 8 == 0
     assert 64 <= request.width <= 256 and request.width % 8 == 0
-    assert math.isfinite(request.guidance_scale) and 0 <= request.guidance_scale <= CONFIG.max_guidance_scale
+    assert math.isfinite(request.guidance_scale) and 0 <= request.guidance_scale <= RULES.max_guidance_scale
     assert 0 <= request.seed <= MAX_SEED and request.format in ("jpeg", "png") and 1 <= request.quality <= 100
 
 
 def test_integers_beyond_float_range_are_a_400_not_an_overflow():
     with pytest.raises(InvalidRequest) as caught:
-        parse_request({"prompt": "x", "guidance_scale": 10**400}, CONFIG)
+        parse_request({"prompt": "x", "guidance_scale": 10**400}, RULES)
     assert caught.value.field == "guidance_scale"
-    assert EngineConfig(max_prompt_chars=1).max_prompt_chars == 1  # defaults check uses a 1-character prompt

@@ -1,8 +1,8 @@
 """Engine configuration: the `handler:` block of model-config.yaml, parsed into a frozen dataclass.
 
 Unknown keys and wrong types are rejected with a ConfigError naming the key, so a typo never silently falls back to a
-default. Impossible combinations (CUDA graphs without DeepSpeed, DeepSpeed in fp32) fail here, before any weights are
-loaded.
+default. Impossible combinations (compile with DeepSpeed, DeepSpeed in fp32) fail here, before any weights are loaded.
+Request defaults and size limits left out (None) are the model's own (native.request_rules, once it is loaded).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from .errors import ConfigError, InvalidRequest
+from .errors import ConfigError
 
 BACKENDS = ("auto", "deepspeed", "eager")
 DTYPES = ("auto", "float16", "float32")
@@ -36,6 +36,12 @@ class EngineConfig:
     # torch.compile (inductor) the UNet and the VAE decoder; with cuda_graph the compiled code runs inside the graphs.
     # Compiles on first use of each shape family (tens of seconds to minutes): the warm-up pays for the default shape.
     compile: bool = False
+    # Fuse each attention's q, k, v projections into one matmul (diffusers' fuse_qkv_projections), UNet and VAE.
+    # The same arithmetic, fewer and larger kernels. Eager backend only (DeepSpeed replaces the attention).
+    fuse_qkv: bool = False
+    # FP8 (e4m3) matmuls for the UNet's transformer layers (fp8.py): CUDA GPUs of compute capability 8.9+ (Hopper),
+    # eager backend only. Lossy: its parity against float16 is in the benchmark records.
+    fp8: bool = False
     # One persistent folder for every JIT cache: DeepSpeed's built CUDA ops (torch_extensions/), torch.compile's
     # Inductor artifacts (inductor/) and Triton kernels (triton/). Point it at a volume so a restart skips the builds.
     # Set, it overrides TORCH_EXTENSIONS_DIR, TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR; empty: their defaults.
@@ -46,18 +52,19 @@ class EngineConfig:
     warmup: bool = True
     warmup_steps: int = 2
 
-    # Request defaults (a request may override each).
-    num_inference_steps: int = 30
-    guidance_scale: float = 7.5
-    height: int = 512
-    width: int = 512
+    # Request defaults (a request may override each). None: the model's own, read from the loaded pipeline: its
+    # native size (UNet sample size x VAE scale factor) and its pipeline's defaults for steps and guidance.
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    height: int | None = None
+    width: int | None = None
     format: str = "jpeg"
     quality: int = 90
 
-    # Request limits.
+    # Request limits. None for a side: 1.5x the model's native side (768 for SD 1.5, 1536 for SDXL).
     max_num_inference_steps: int = 150
-    max_height: int = 1024
-    max_width: int = 1024
+    max_height: int | None = None
+    max_width: int | None = None
     max_prompt_chars: int = 2000
     max_guidance_scale: float = 50.0
 
@@ -86,30 +93,42 @@ class EngineConfig:
         _choice("format", self.format, FORMATS)
         if self.compile and self.backend == "deepspeed":
             raise ConfigError("handler.compile: true works with backend eager (DeepSpeed's kernels break the graph)")
+        for name in ("fuse_qkv", "fp8"):
+            if getattr(self, name) and self.backend == "deepspeed":
+                raise ConfigError(f"handler.{name}: true works with backend eager (DeepSpeed replaces the attention "
+                                  "and transformer layers it would change)")
+        if self.fp8 and self.dtype == "float32":
+            raise ConfigError("handler.fp8: true needs dtype auto or float16 (the unquantized layers run in float16)")
         if self.backend == "deepspeed" and self.dtype == "float32":
             raise ConfigError("handler.backend deepspeed runs in float16 only; set dtype: auto or float16")
         for name in ("warmup_steps", "num_inference_steps", "max_num_inference_steps", "max_prompt_chars",
                      "max_cuda_graphs"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"handler.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("height", "width", "max_height", "max_width"):
-            if getattr(self, name) < 8 or getattr(self, name) % 8:
-                raise ConfigError(f"handler.{name} must be a positive multiple of 8, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and (value < 64 or value % 8):
+                raise ConfigError(f"handler.{name} must be a multiple of 8 and at least 64, got {value}")
+        if self.guidance_scale is not None and self.guidance_scale < 0:
+            raise ConfigError(f"handler.guidance_scale must be >= 0, got {self.guidance_scale}")
         if not 1 <= self.quality <= 100:
             raise ConfigError(f"handler.quality must be in 1..100, got {self.quality}")
         if not (math.isfinite(self.max_guidance_scale) and self.max_guidance_scale >= 0):
             raise ConfigError(f"handler.max_guidance_scale must be finite and >= 0, got {self.max_guidance_scale}")
-        # The defaults must themselves be a valid request: one set of rules, the request parser's.
-        from .requests import parse_request  # here: requests imports this module
-
-        try:
-            parse_request({"prompt": "x", "seed": 0}, self)
-        except InvalidRequest as e:
-            raise ConfigError(f"handler.{e.field}: the default {e.reason}, got {e.value!r}") from None
+        # Defaults against limits where both are set here; native.request_rules checks the rest once the model's
+        # own values are known.
+        for name, limit in (("num_inference_steps", "max_num_inference_steps"), ("guidance_scale",
+                            "max_guidance_scale"), ("height", "max_height"), ("width", "max_width")):
+            value, high = getattr(self, name), getattr(self, limit)
+            if value is not None and high is not None and value > high:
+                raise ConfigError(f"handler.{name}: the default {value} is above handler.{limit} ({high})")
 
 
 def _coerce(name: str, annotation: str, value: Any) -> Any:
-    # Annotations are strings under `from __future__ import annotations`.
+    # Annotations are strings under `from __future__ import annotations`; "int | None" also takes null (the model's).
+    if value is None and annotation.endswith(" | None"):
+        return None
+    annotation = annotation.removesuffix(" | None")
     if annotation == "bool":
         if isinstance(value, bool):
             return value

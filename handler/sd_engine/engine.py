@@ -23,8 +23,9 @@ from PIL import Image
 from .config import EngineConfig
 from .errors import EngineError, GenerationError, OutOfMemory
 from .loading import load_pipeline
+from .native import native_defaults, request_rules
 from .optimize import check_device, optimize, resolve_backend
-from .requests import GenerationRequest
+from .requests import GenerationRequest, RequestRules
 from .timing import StageTimer
 
 logger = logging.getLogger(__name__)
@@ -44,9 +45,11 @@ class GenerationResult:
 
 class Engine:
     def __init__(self, pipe, config: EngineConfig, device: torch.device, backend: str = "eager",
-                 max_batch_size: int | None = None):
+                 max_batch_size: int | None = None, rules: RequestRules | None = None):
         self.pipe = pipe
         self.config = config
+        # Request defaults and limits: the config's explicit keys over the model's own (native.py).
+        self.rules = rules or request_rules(config, native_defaults(pipe))
         self.device = device
         self.backend = backend
         self.max_batch_size = max_batch_size  # images per pipeline call at most (what was warmed up); None: any
@@ -85,7 +88,8 @@ class Engine:
             with StageTimer(self.pipe, cuda) as timer:
                 arrays = self.pipe(
                     prompt=[r.prompt for r in group],
-                    negative_prompt=[r.negative_prompt or "" for r in group],
+                    # None (the group has none): the pipeline's own default, as diffusers users get it.
+                    negative_prompt=None if first.negative_prompt is None else [r.negative_prompt for r in group],
                     num_inference_steps=first.num_inference_steps,
                     guidance_scale=first.guidance_scale,
                     height=first.height,
@@ -146,16 +150,17 @@ class Engine:
         """Generate at the default shape with batch 1 and `max_batch_size`, so JIT builds, compilation and graph
         capture happen now rather than in a request; fail loudly unless every image is finite and of the right size."""
         start = time.perf_counter()
+        rules = self.rules
         # Over DeepSpeed, largest first: a larger batch drops the graphs captured before it (see graphs.py).
         for batch in sorted({1, max_batch_size}, reverse=self.backend == "deepspeed"):
             requests = [GenerationRequest(prompt="warm-up", negative_prompt=None,
                                           num_inference_steps=self.config.warmup_steps,
-                                          guidance_scale=self.config.guidance_scale, height=self.config.height,
-                                          width=self.config.width, seed=i) for i in range(batch)]
+                                          guidance_scale=rules.guidance_scale, height=rules.height,
+                                          width=rules.width, seed=i) for i in range(batch)]
             for result in self._run_group(requests):  # NaN pixels already come back as errors
                 if isinstance(result, EngineError):
                     raise RuntimeError(f"warm-up generation failed: {result}")
-                if result.image.size != (self.config.width, self.config.height):
+                if result.image.size != (rules.width, rules.height):
                     raise RuntimeError(f"warm-up produced a {result.image.size} image")
         return time.perf_counter() - start
 
@@ -189,6 +194,7 @@ def load_engine(config: EngineConfig, source: str | Path, device: torch.device, 
     start = time.perf_counter()
     pipe = load_pipeline(source, dtype).to(device)
     load_s = time.perf_counter() - start
+    rules = request_rules(config, native_defaults(pipe))  # a default the model cannot take fails before optimizing
 
     # 3. Optimize.
     start = time.perf_counter()
@@ -196,11 +202,13 @@ def load_engine(config: EngineConfig, source: str | Path, device: torch.device, 
     optimize_s = time.perf_counter() - start
 
     # 4. Warm up.
-    engine = Engine(pipe, config, device, backend, max_batch_size)
+    engine = Engine(pipe, config, device, backend, max_batch_size, rules)
     warmup_s = engine.warmup(max_batch_size) if config.warmup else 0.0
-    logger.info("engine ready: torch %s, diffusers %s, device %s, dtype %s, backend %s, cuda_graph %s; "
-                "load %.1f s, optimize %.1f s, warm-up %.1f s", torch.__version__, _diffusers_version(), device,
-                str(dtype).removeprefix("torch."), backend, config.cuda_graph, load_s, optimize_s, warmup_s)
+    logger.info("engine ready: %s, torch %s, diffusers %s, device %s, dtype %s, backend %s, cuda_graph %s; "
+                "default %dx%d, %d steps, guidance %g; load %.1f s, optimize %.1f s, warm-up %.1f s",
+                type(pipe).__name__, torch.__version__, _diffusers_version(), device, str(dtype).removeprefix("torch."),
+                backend, config.cuda_graph, rules.width, rules.height, rules.num_inference_steps,
+                rules.guidance_scale, load_s, optimize_s, warmup_s)
     engine.timings = {"load_s": load_s, "optimize_s": optimize_s, "warmup_s": warmup_s}
     return engine
 

@@ -113,15 +113,18 @@ def signature(leaves: list, spec) -> tuple | None:
 
 
 def graph_pipeline(pipe, device: torch.device, max_graphs: int = 8, reset_on_larger_batch: bool = False) -> dict:
-    """Route the pipeline's UNet, text encoder and VAE decoder through GraphCaches (patched in place)."""
+    """Route the pipeline's UNet, text encoder(s) (SDXL has two) and VAE decoder through GraphCaches, in place."""
     pool = torch.cuda.graph_pool_handle()
-    unet = GraphCache(pipe.unet.forward, "unet", device, pool, max_graphs, reset_on_larger_batch)
-    text = GraphCache(pipe.text_encoder.forward, "text_encoder", device, pool, max_graphs)
+    caches = {"unet": GraphCache(pipe.unet.forward, "unet", device, pool, max_graphs, reset_on_larger_batch)}
+    pipe.unet.forward = caches["unet"]
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipe, name, None)
+        if encoder is not None:
+            caches[name] = encoder.forward = GraphCache(encoder.forward, name, device, pool, max_graphs)
     # AutoencoderKL.decode accepts a `generator` and ignores it; dropping it keeps the call graphable.
     vae_decode = pipe.vae.decode
     vae = GraphCache(lambda z, return_dict=True: vae_decode(z, return_dict=return_dict), "vae_decode", device, pool,
                      max_graphs)
-    pipe.unet.forward = unet
-    pipe.text_encoder.forward = text
     pipe.vae.decode = lambda z, return_dict=True, generator=None: vae(z, return_dict=return_dict)
-    return {"unet": unet, "text_encoder": text, "vae_decode": vae}
+    caches["vae_decode"] = vae
+    return caches

@@ -23,9 +23,8 @@ import base64
 from dataclasses import dataclass
 from typing import Any
 
-from .config import EngineConfig
 from .errors import InvalidRequest
-from .requests import FIELDS, GenerationRequest, parse_request
+from .requests import FIELDS, GenerationRequest, RequestRules, parse_request
 
 PLAIN, V1, V2, ENVELOPE_V2 = "plain", "v1", "v2", "envelope-v2"
 MAX_IMAGES_PER_BODY = 16  # the default cap when no batchSize is given (the handler passes batchSize)
@@ -63,15 +62,15 @@ def protocol_of(fields: dict[str, Any]) -> str:
     return PLAIN
 
 
-def decode(fields: dict[str, Any], config: EngineConfig, max_images: int = MAX_IMAGES_PER_BODY) -> Decoded:
+def decode(fields: dict[str, Any], rules: RequestRules, max_images: int = MAX_IMAGES_PER_BODY) -> Decoded:
     """The requests of a parsed JSON body. Raises InvalidRequest naming the field as a path into the body."""
     protocol = protocol_of(fields)
     if protocol == V1:
-        return Decoded(V1, _v1_requests(fields, config, max_images))
+        return Decoded(V1, _v1_requests(fields, rules, max_images))
     if protocol == V2:
-        requests, request_id = _v2_requests(fields, config, max_images)
+        requests, request_id = _v2_requests(fields, rules, max_images)
         return Decoded(V2, requests, request_id)
-    return Decoded(PLAIN, [parse_request(fields, config)])
+    return Decoded(PLAIN, [parse_request(fields, rules)])
 
 
 def is_envelope_tensor(item: Any) -> bool:
@@ -81,15 +80,15 @@ def is_envelope_tensor(item: Any) -> bool:
             and isinstance(item.get("datatype"), str))
 
 
-def from_envelope_tensors(tensors: list[dict], config: EngineConfig) -> Decoded:
-    requests, _ = _v2_requests({"inputs": tensors}, config, MAX_IMAGES_PER_BODY)
+def from_envelope_tensors(tensors: list[dict], rules: RequestRules) -> Decoded:
+    requests, _ = _v2_requests({"inputs": tensors}, rules, MAX_IMAGES_PER_BODY)
     if len(requests) != 1:
         raise InvalidRequest("inputs", len(requests), "must ask for one image under TorchServe's kservev2 envelope "
                                                       "(unset service_envelope to send several in one body)")
     return Decoded(ENVELOPE_V2, requests)
 
 
-def _v1_requests(fields: dict[str, Any], config: EngineConfig, max_images: int) -> list[GenerationRequest]:
+def _v1_requests(fields: dict[str, Any], rules: RequestRules, max_images: int) -> list[GenerationRequest]:
     _only_keys(fields, ("instances",))
     instances = fields["instances"]
     _check_count("instances", instances, max_images)
@@ -100,13 +99,13 @@ def _v1_requests(fields: dict[str, Any], config: EngineConfig, max_images: int) 
         if not isinstance(instance, dict):
             raise InvalidRequest(f"instances[{i}]", instance, "must be a JSON object or a string (the prompt)")
         try:
-            requests.append(parse_request(instance, config))
+            requests.append(parse_request(instance, rules))
         except InvalidRequest as e:
             raise InvalidRequest(f"instances[{i}].{e.field}", e.value, e.reason) from None
     return requests
 
 
-def _v2_requests(fields: dict[str, Any], config: EngineConfig,
+def _v2_requests(fields: dict[str, Any], rules: RequestRules,
                  max_images: int) -> tuple[list[GenerationRequest], str | None]:
     _only_keys(fields, ("id", "inputs", "outputs", "parameters"))
     request_id = fields.get("id")
@@ -140,7 +139,7 @@ def _v2_requests(fields: dict[str, Any], config: EngineConfig,
         row = dict(parameters)
         row.update({name: values[0 if len(values) == 1 else j] for name, (_, values) in columns.items()})
         try:
-            requests.append(parse_request(row, config))
+            requests.append(parse_request(row, rules))
         except InvalidRequest as e:
             if e.field in columns:
                 k, values = columns[e.field]

@@ -2,8 +2,9 @@
 field. This is the one place that knows the fields, their types, ranges and defaults.
 
 A body is either plain text (the prompt) or a JSON object with diffusers' argument names plus `seed`, `format` and
-`quality`. A body whose first non-blank character is `{` or `[` is read as JSON. Missing fields take the defaults from
-EngineConfig; a missing or null seed is drawn at random and reported back so the image can be reproduced.
+`quality`. A body whose first non-blank character is `{` or `[` is read as JSON. Missing fields take the defaults of
+RequestRules (the config's explicit keys over the model's own defaults: native.request_rules); a missing or null seed is
+drawn at random and reported back so the image can be reproduced.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from .config import EngineConfig
 from .errors import InvalidRequest
 
 MAX_SEED = 2**63 - 1
@@ -22,6 +22,27 @@ MIN_SIDE = 64
 FORMAT_ALIASES = {"jpeg": "jpeg", "jpg": "jpeg", "png": "png"}
 FIELDS = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width", "seed", "format",
           "quality")
+
+
+@dataclass(frozen=True)
+class RequestRules:
+    """What a server accepts: the defaults a request's missing fields take, and the limits. Built per model by
+    native.request_rules; the values here are only the plain constructor's, for tests."""
+
+    num_inference_steps: int = 30
+    guidance_scale: float = 7.5
+    height: int = 512
+    width: int = 512
+    format: str = "jpeg"
+    quality: int = 90
+    max_num_inference_steps: int = 150
+    max_height: int = 1024
+    max_width: int = 1024
+    max_prompt_chars: int = 2000
+    max_guidance_scale: float = 50.0
+    # With torch.compile each new resolution recompiles the UNet inside the request (268 s measured for 768x768 on
+    # an H200), so a compiled server serves its default size only; graphs alone take any size.
+    fixed_size: bool = False
 
 
 @dataclass(frozen=True)
@@ -37,9 +58,11 @@ class GenerationRequest:
     quality: int = 90
 
     @property
-    def shape_key(self) -> tuple[int, int, int, float]:
-        """Requests with the same key can run in one pipeline call."""
-        return (self.height, self.width, self.num_inference_steps, self.guidance_scale)
+    def shape_key(self) -> tuple[int, int, int, float, bool]:
+        """Requests with the same key can run in one pipeline call. Whether a negative prompt is given is part of it:
+        without one, SDXL's pipeline guides with zeros instead of the empty prompt's embedding, so a request's image
+        must not depend on a neighbour's negative prompt."""
+        return (self.height, self.width, self.num_inference_steps, self.guidance_scale, self.negative_prompt is None)
 
 
 def parse_body(body: Any, declared_json: bool = False) -> dict[str, Any]:
@@ -70,30 +93,28 @@ def parse_body(body: Any, declared_json: bool = False) -> dict[str, Any]:
     return body
 
 
-def parse_request(body: Any, config: EngineConfig, declared_json: bool = False) -> GenerationRequest:
-    """Validate one request body against the contract and the configured defaults and limits."""
+def parse_request(body: Any, rules: RequestRules, declared_json: bool = False) -> GenerationRequest:
+    """Validate one request body against the contract and the server's defaults and limits."""
     fields = parse_body(body, declared_json)
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
         raise InvalidRequest(unknown[0], fields[unknown[0]], f"is not a known field (known: {', '.join(FIELDS)})")
 
-    prompt = _text(fields, "prompt", config.max_prompt_chars, required=True)
-    negative_prompt = _text(fields, "negative_prompt", config.max_prompt_chars, required=False)
-    steps = _int(fields, "num_inference_steps", config.num_inference_steps, 1, config.max_num_inference_steps)
-    guidance = _number(fields, "guidance_scale", config.guidance_scale, 0.0, config.max_guidance_scale)
-    height = _side(fields, "height", config.height, config.max_height)
-    width = _side(fields, "width", config.width, config.max_width)
+    prompt = _text(fields, "prompt", rules.max_prompt_chars, required=True)
+    negative_prompt = _text(fields, "negative_prompt", rules.max_prompt_chars, required=False)
+    steps = _int(fields, "num_inference_steps", rules.num_inference_steps, 1, rules.max_num_inference_steps)
+    guidance = _number(fields, "guidance_scale", rules.guidance_scale, 0.0, rules.max_guidance_scale)
+    height = _side(fields, "height", rules.height, rules.max_height)
+    width = _side(fields, "width", rules.width, rules.max_width)
     seed = fields.get("seed")
     seed = secrets.randbelow(MAX_SEED + 1) if seed is None else _int(fields, "seed", None, 0, MAX_SEED)
-    fmt = fields.get("format", config.format)
+    fmt = fields.get("format", rules.format)
     if not isinstance(fmt, str) or fmt.lower() not in FORMAT_ALIASES:
         raise InvalidRequest("format", fmt, "must be one of jpeg, png")
-    quality = _int(fields, "quality", config.quality, 1, 100)
+    quality = _int(fields, "quality", rules.quality, 1, 100)
 
-    if config.compile:
-        # Each new resolution recompiles the UNet inside the request (268 s measured for 768x768 on an H200), so a
-        # compiled server serves its configured size only; graphs alone take any size.
-        for name, value, fixed in (("height", height, config.height), ("width", width, config.width)):
+    if rules.fixed_size:
+        for name, value, fixed in (("height", height, rules.height), ("width", width, rules.width)):
             if value != fixed:
                 raise InvalidRequest(name, value, f"must be {fixed} on this server (compile is on)")
 

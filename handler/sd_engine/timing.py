@@ -1,4 +1,4 @@
-"""Per-stage timing of one pipeline call: text encoder, denoising (every UNet call) and VAE decode.
+"""Per-stage timing of one pipeline call: text encoder(s), denoising (every UNet call) and VAE decode.
 
 Hooks record a timestamp around each call: CUDA events on a GPU (read after the call, with one synchronize that the
 pipeline's own copy of the image to the host has already made cheap), the wall clock on the CPU. Used by the engine
@@ -56,8 +56,12 @@ class StageTimer:
             self._stop("vae")
             return out
 
-        for stage in ("text_encoder", "unet"):
-            module = getattr(self.pipe, stage)
+        # SDXL's second text encoder counts as text_encoder time: its calls follow the first encoder's, one at a time.
+        for attribute, stage in (("text_encoder", "text_encoder"), ("text_encoder_2", "text_encoder"),
+                                 ("unet", "unet")):
+            module = getattr(self.pipe, attribute, None)
+            if module is None:
+                continue
             self.handles.append(module.register_forward_pre_hook(lambda m, a, stage=stage: self._start(stage)))
             self.handles.append(module.register_forward_hook(lambda m, a, o, stage=stage: self._stop(stage)))
         vae.decode = timed_decode
