@@ -38,6 +38,7 @@ import torch
 from sd_engine.config import EngineConfig
 from sd_engine.engine import Engine, GenerationResult, load_engine
 from sd_engine.loading import load_pipeline
+from sd_engine.optimize import keep_vae_in_float32
 from sd_engine.deepspeed_backend import deepspeed_inject
 from sd_engine.random_models import native_size, save_pipeline
 from sd_engine.requests import GenerationRequest
@@ -112,6 +113,7 @@ def build_engine(name: str, base: dict, weights: Path, max_batch_size: int = 1) 
         return load_engine(EngineConfig.from_mapping({**base, **overrides}), weights, device, max_batch_size)
     # Stock DeepSpeed: kernel injection + DeepSpeed's own graphs, captured at the first call (one shape only).
     pipe = load_pipeline(weights, torch.float16).to(device)
+    keep_vae_in_float32(pipe)  # as optimize() does: DeepSpeed's VAE wrapper hides what diffusers' upcast reads
     deepspeed_inject(pipe, enable_cuda_graph=True)
     return Engine(pipe, EngineConfig.from_mapping({**base, "backend": "deepspeed"}), device, "deepspeed")
 

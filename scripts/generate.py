@@ -21,14 +21,17 @@ from sd_engine.engine import GenerationResult, load_engine, pick_device
 from sd_engine.errors import ConfigError, InvalidRequest
 from sd_engine.imaging import encode_image
 from query import add_request_arguments, request_fields
-from sd_engine.requests import parse_request
+from sd_engine.requests import RequestRules, parse_request
+
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="diffusers folder or hub id")
-    parser.add_argument("--config", type=Path, default=Path("config/model-config.yaml"),
-                        help="model-config.yaml whose handler: block to use (default: %(default)s)")
+    parser.add_argument("--config", type=Path, default=ROOT / "config" / "model-config.yaml",
+                        help="model-config.yaml whose handler: block to use (default: this repo's GPU config)")
     parser.add_argument("--backend", choices=("auto", "deepspeed", "eager"), help="override the config's backend")
     parser.add_argument("--device", choices=("auto", "cpu"), default="auto",
                         help="auto: the first CUDA GPU if there is one, else the CPU (default: auto)")
@@ -44,6 +47,11 @@ def main(argv=None) -> int:
         config = EngineConfig.from_mapping(block)
         if args.backend:
             config = config.replace(backend=args.backend)
+        # Fail in seconds on what needs no model (types, multiples of 8, the config's own limits); the model's size
+        # limits are checked once it is loaded.
+        parse_request(request_fields(args), RequestRules(
+            max_height=2**16, max_width=2**16, max_num_inference_steps=config.max_num_inference_steps,
+            max_prompt_chars=config.max_prompt_chars, max_guidance_scale=config.max_guidance_scale))
         device = pick_device(0 if args.device == "auto" else None)
         engine = load_engine(config, args.model, device)
         # After loading: the defaults and size limits are the model's own where the config leaves them out.

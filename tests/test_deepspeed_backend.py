@@ -33,6 +33,23 @@ def generate(pipe):
                 generator=[torch.Generator().manual_seed(s) for s in (1, 2)], output_type="np").images
 
 
+def ds_attention(fused: bool, norm_factor: float = 8 ** 0.5) -> DeepSpeedDiffusersAttention:
+    """DeepSpeed's attention module as its injection leaves it, without its __init__ (which JIT-builds CUDA ops)."""
+    module = DeepSpeedDiffusersAttention.__new__(DeepSpeedDiffusersAttention)
+    torch.nn.Module.__init__(module)
+    module.triton_flash_attn_kernel = torch.nn.Module()
+    module.attn_qkvw = torch.nn.Parameter(torch.ones(8, 24)) if fused else None
+    module.attn_qw = torch.nn.Parameter(torch.ones(8, 8))
+    module.norm_factor = norm_factor
+    return module
+
+
+class DSBlock(torch.nn.Module):  # DeepSpeedDiffusersTransformerBlock keeps its attention modules as attn_1, attn_2
+    def __init__(self):
+        super().__init__()
+        self.attn_1, self.attn_2 = ds_attention(fused=True), ds_attention(fused=False)
+
+
 def test_sdxl_runs_through_deepspeeds_wrappers_and_gives_the_plain_image(sdxl_dir, monkeypatch):
     seen = {}
 
@@ -40,6 +57,7 @@ def test_sdxl_runs_through_deepspeeds_wrappers_and_gives_the_plain_image(sdxl_di
         seen.update(dtype=dtype, inject=replace_with_kernel_inject, graph=enable_cuda_graph,
                     layer_id=DeepSpeedDiffusersAttention.layer_id)
         pipe.text_encoder = DSClipEncoder(pipe.text_encoder, enable_cuda_graph=enable_cuda_graph)
+        pipe.unet.ds_block = DSBlock()  # where injection would put its blocks; never called by the UNet's forward
         pipe.unet = DSUNet(pipe.unet, enable_cuda_graph=enable_cuda_graph)
         pipe.vae = DSVAE(pipe.vae, enable_cuda_graph=enable_cuda_graph)
 
@@ -53,8 +71,14 @@ def test_sdxl_runs_through_deepspeeds_wrappers_and_gives_the_plain_image(sdxl_di
     assert seen == {"dtype": torch.half, "inject": True, "graph": False, "layer_id": 0}
     assert text_encoder.text_model is text_encoder  # the transformers >= 5.6 shim DSClipEncoder needs
     assert text_encoder not in list(text_encoder.children())  # not registered as a submodule
-    assert injection_report(pipe) == {"unet": {"DSUNet": 1}, "vae": {"DSVAE": 1}, "text_encoder": {"DSClipEncoder": 1},
-                                      "text_encoder_2": {"DSClipEncoder": 1}}
+    assert injection_report(pipe) == {"unet": {"DSUNet": 1, "DeepSpeedDiffusersAttention": 2}, "vae": {"DSVAE": 1},
+                                      "text_encoder": {"DSClipEncoder": 1}, "text_encoder_2": {"DSClipEncoder": 1}}
+    block = pipe.unet.unet.ds_block
+    # Every attention module's flash kernel is guarded; only the cross-attention with its own query weights has the
+    # score scale folded in.
+    assert all(isinstance(m.triton_flash_attn_kernel, AlignedFlashAttention) for m in (block.attn_1, block.attn_2))
+    assert block.attn_2.norm_factor == 1.0 and torch.allclose(block.attn_2.attn_qw, torch.full((8, 8), 1 / 8))
+    assert block.attn_1.norm_factor == 8 ** 0.5 and torch.equal(block.attn_1.attn_qw, torch.ones(8, 8))
     assert type(pipe.unet).__name__ == "DSUNet" and isinstance(pipe.unet, DSUNet)
     assert pipe.unet.add_embedding is pipe.unet.unet.add_embedding  # SDXL's pipeline reads it
     # added_cond_kwargs (pooled text, size and crop) reach the UNet (without them SDXL's UNet raises): the images

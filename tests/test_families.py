@@ -61,6 +61,17 @@ def test_sdxl_vae_stays_in_float32_and_decodes_as_diffusers_upcast_does(tmp_path
     assert engine.pipe.vae.dtype == torch.float32  # still: nothing converted it back
 
 
+@pytest.mark.parametrize("preset, calls", [("tiny", 1), ("tiny-sdxl", 2)])
+def test_requests_with_and_without_a_negative_prompt_share_a_call_only_where_that_changes_nothing(
+        tmp_path, preset, calls):
+    """SD 1.x/2.x encode a missing negative prompt as the empty prompt; SDXL guides with zeros instead."""
+    engine = load_engine(EngineConfig(num_inference_steps=2, warmup=False), save_pipeline(preset, tmp_path / "w"),
+                         torch.device("cpu"), max_batch_size=2)
+    requests = [parse_request({"prompt": "a fox", "seed": 1}, engine.rules),
+                parse_request({"prompt": "a cat", "seed": 2, "negative_prompt": "dark"}, engine.rules)]
+    assert len(engine._groups(requests)) == calls
+
+
 def test_a_neighbours_negative_prompt_does_not_change_an_sdxl_image(tmp_path):
     """Without a negative prompt SDXL guides with zeros, with one it encodes it: such requests run in separate calls,
     so batching never changes what a request gets."""

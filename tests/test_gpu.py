@@ -120,6 +120,10 @@ def test_deepspeed_matches_eager_on_sdxl_and_sd21_at_every_size(preset, sizes):
     engine = load_engine(EngineConfig(backend="deepspeed", cuda_graph=True, warmup_steps=2), folder, device)
     report = injection_report(engine.pipe)
     assert report["unet"].get("DeepSpeedDiffusersTransformerBlock", 0) > 0
+    attention = [m for m in engine.pipe.unet.modules() if type(m).__name__ == "DeepSpeedDiffusersAttention"]
+    assert attention and all(type(m.triton_flash_attn_kernel).__name__ == "AlignedFlashAttention" for m in attention)
+    cross = [b.attn_2 for b in engine.pipe.unet.modules() if type(b).__name__ == "DeepSpeedDiffusersTransformerBlock"]
+    assert cross and all(m.norm_factor == 1.0 for m in cross)  # the score scale is in the query weights
     if preset == "sdxl":
         assert report["text_encoder_2"] == {"DSClipEncoder": 1}
     assert engine.rules.height == native_size(preset)

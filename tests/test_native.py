@@ -5,7 +5,7 @@ import torch
 
 from sd_engine.config import EngineConfig
 from sd_engine.engine import load_engine
-from sd_engine.errors import ConfigError
+from sd_engine.errors import ConfigError, InvalidRequest
 from sd_engine.native import NativeDefaults, native_defaults, request_rules
 from sd_engine.random_models import build_pipeline
 from sd_engine.requests import parse_request
@@ -37,17 +37,30 @@ def test_explicit_keys_win():
     assert request_rules(EngineConfig(height=1024), SD15).max_height == 1024
 
 
-def test_a_default_the_limits_refuse_names_the_key_once_the_model_is_known():
+def test_a_default_the_limits_refuse_names_both_keys_once_the_model_is_known():
     with pytest.raises(ConfigError, match=r"handler.width: the default must be in 64..1024, got 1536 \(the "
-                                          r"model's own; set the key"):
+                                          r"model's own; set handler.width or raise handler.max_width\)"):
         request_rules(EngineConfig(max_width=1024), NativeDefaults(1024, 1536, 50, 5.0))
+
+
+def test_a_unet_without_a_sample_size_needs_the_size_in_the_config():
+    with pytest.raises(ConfigError, match="handler.height: this model's UNet config has no sample_size"):
+        request_rules(EngineConfig(), NativeDefaults(None, None, 50, 7.5))
+    assert request_rules(EngineConfig(height=512, width=768), NativeDefaults(None, None, 50, 7.5)).max_width == 1152
+
+
+def test_a_rectangular_sample_size_gives_a_rectangular_native_size():
+    pipe = build_pipeline("tiny")
+    pipe.unet.register_to_config(sample_size=(32, 48))
+    assert native_defaults(pipe) == NativeDefaults(64, 96, 50, 7.5)
 
 
 def test_compile_pins_the_default_size():
     rules = request_rules(EngineConfig(compile=True), SDXL)
     assert parse_request({"prompt": "x"}, rules).height == 1024
-    with pytest.raises(Exception, match="must be 1024 on this server"):
+    with pytest.raises(InvalidRequest, match="must be 1024 on this server") as caught:
         parse_request({"prompt": "x", "width": 768}, rules)
+    assert caught.value.field == "width"
 
 
 def test_an_sdxl_engine_defaults_to_its_own_size_and_guidance(tmp_path):

@@ -57,6 +57,10 @@ class Engine:
         self.tokenizer = pipe.tokenizer
         self.timings: dict[str, float] = {}
         self.pipe.set_progress_bar_config(disable=True)
+        # SDXL's pipelines guide a request without a negative prompt with zeros, not with the empty prompt's
+        # embedding: such requests must not share a call with ones that have one, or a neighbour would change the
+        # image. SD 1.x/2.x treat both alike, so they batch together.
+        self.split_on_negative_prompt = bool(getattr(pipe, "config", {}).get("force_zeros_for_empty_prompt"))
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | EngineError]:
         """One result per request, in order. A failing group yields errors for its requests only."""
@@ -72,7 +76,10 @@ class Engine:
         ask for several images, so a TorchServe batch may hold more images than batchSize)."""
         groups: dict[tuple, list[int]] = {}
         for i, request in enumerate(requests):
-            groups.setdefault(request.shape_key, []).append(i)
+            key = request.shape_key
+            if self.split_on_negative_prompt:
+                key += (request.negative_prompt is None,)
+            groups.setdefault(key, []).append(i)
         size = self.max_batch_size or len(requests) or 1
         return [group[start:start + size] for group in groups.values() for start in range(0, len(group), size)]
 
@@ -88,8 +95,9 @@ class Engine:
             with StageTimer(self.pipe, cuda) as timer:
                 arrays = self.pipe(
                     prompt=[r.prompt for r in group],
-                    # None (the group has none): the pipeline's own default, as diffusers users get it.
-                    negative_prompt=None if first.negative_prompt is None else [r.negative_prompt for r in group],
+                    # None when no request has one: the pipeline's own default, as diffusers users get it.
+                    negative_prompt=None if all(r.negative_prompt is None for r in group)
+                    else [r.negative_prompt or "" for r in group],
                     num_inference_steps=first.num_inference_steps,
                     guidance_scale=first.guidance_scale,
                     height=first.height,

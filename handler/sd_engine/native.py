@@ -21,18 +21,18 @@ MAX_SIDE_FACTOR = 1.5
 
 @dataclass(frozen=True)
 class NativeDefaults:
-    height: int
-    width: int
+    height: int | None  # None: the UNet's config does not say (the config must)
+    width: int | None
     num_inference_steps: int
     guidance_scale: float
 
 
 def native_defaults(pipe) -> NativeDefaults:
-    sample = pipe.unet.config.sample_size
-    height, width = (sample, sample) if isinstance(sample, int) else tuple(sample)
+    sample = pipe.unet.config.get("sample_size")
+    height, width = (sample, sample) if isinstance(sample, int) or sample is None else tuple(sample)
     scale = pipe.vae_scale_factor
     parameters = inspect.signature(type(pipe).__call__).parameters
-    return NativeDefaults(height=height * scale, width=width * scale,
+    return NativeDefaults(height=height and height * scale, width=width and width * scale,
                           num_inference_steps=parameters["num_inference_steps"].default,
                           guidance_scale=float(parameters["guidance_scale"].default))
 
@@ -42,21 +42,30 @@ def request_rules(config: EngineConfig, native: NativeDefaults) -> RequestRules:
     resulting defaults are not themselves a valid request (one set of rules: the request parser's)."""
     height = config.height or native.height
     width = config.width or native.width
+    for name, value in (("height", height), ("width", width)):
+        if value is None:
+            raise ConfigError(f"handler.{name}: this model's UNet config has no sample_size, so it has no native "
+                              f"size; set handler.height and handler.width")
     rules = RequestRules(
         num_inference_steps=config.num_inference_steps or native.num_inference_steps,
         guidance_scale=native.guidance_scale if config.guidance_scale is None else config.guidance_scale,
         height=height, width=width, format=config.format, quality=config.quality,
         max_num_inference_steps=config.max_num_inference_steps,
-        max_height=config.max_height or max(height, _side_limit(native.height)),
-        max_width=config.max_width or max(width, _side_limit(native.width)),
+        max_height=config.max_height or max(height, _side_limit(native.height or height)),
+        max_width=config.max_width or max(width, _side_limit(native.width or width)),
         max_prompt_chars=config.max_prompt_chars, max_guidance_scale=config.max_guidance_scale,
         fixed_size=config.compile)
     try:
         parse_request({"prompt": "x", "seed": 0}, rules)
     except InvalidRequest as e:
-        from_model = hasattr(native, e.field) and getattr(config, e.field) is None
+        hints = []
+        if hasattr(native, e.field) and getattr(config, e.field) is None:
+            hints.append(f"the model's own; set handler.{e.field}")
+        limit = f"max_{e.field}"
+        if getattr(config, limit, None) is not None:
+            hints.append(f"or raise handler.{limit}" if hints else f"raise handler.{limit}")
         raise ConfigError(f"handler.{e.field}: the default {e.reason}, got {e.value!r}"
-                          + (" (the model's own; set the key to choose another)" if from_model else "")) from None
+                          + (f" ({' '.join(hints)})" if hints else "")) from None
     return rules
 
 

@@ -93,7 +93,9 @@ def optimize(pipe, config, device: torch.device, backend: str, max_batch_size: i
 
 def keep_vae_in_float32(pipe) -> bool:
     """Step 0 of optimize(): True when the VAE was moved to float32 for good (see the module docstring). Diffusers'
-    pipelines that honour `force_upcast` are those with an `upcast_vae` method (the SDXL family)."""
+    pipelines that honour `force_upcast` are those with an `upcast_vae` method (the SDXL family; diffusers means to
+    remove the method in 1.0: tests/test_families.py's float16 SDXL test fails if the signal goes while the pipeline
+    still upcasts)."""
     vae = pipe.vae
     if not (hasattr(pipe, "upcast_vae") and vae.dtype == torch.float16 and vae.config.get("force_upcast")):
         return False

@@ -58,11 +58,10 @@ class GenerationRequest:
     quality: int = 90
 
     @property
-    def shape_key(self) -> tuple[int, int, int, float, bool]:
-        """Requests with the same key can run in one pipeline call. Whether a negative prompt is given is part of it:
-        without one, SDXL's pipeline guides with zeros instead of the empty prompt's embedding, so a request's image
-        must not depend on a neighbour's negative prompt."""
-        return (self.height, self.width, self.num_inference_steps, self.guidance_scale, self.negative_prompt is None)
+    def shape_key(self) -> tuple[int, int, int, float]:
+        """Requests with the same key can run in one pipeline call (the engine may split further: see
+        Engine._groups)."""
+        return (self.height, self.width, self.num_inference_steps, self.guidance_scale)
 
 
 def parse_body(body: Any, declared_json: bool = False) -> dict[str, Any]:
