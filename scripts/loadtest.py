@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from query import ServerUnreachable, predict, resolve_token
+from query import KeyRenewalFailed, ServerUnreachable, predict_with_key_file
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -45,7 +45,7 @@ def is_image(body: bytes) -> bool:
     return (body[:2] == b"\xff\xd8" and body.rstrip(b"\0")[-2:] == b"\xff\xd9") or body[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def run(args, token: str | None) -> dict:
+def run(args) -> dict:
     deadline = time.monotonic() + args.max_seconds
     interval = 1.0 / args.rate if args.rate else 0.0
     start = time.monotonic()
@@ -61,10 +61,13 @@ def run(args, token: str | None) -> dict:
             seed = args.seed_base + index
             payload = dict(json.loads(args.payload), seed=seed)
             sent = time.perf_counter()
-            try:
-                status, headers, body = predict(args.url, args.model, payload, token, args.timeout)
+            try:  # the key is read (and renewed once expired) per request: a long run outlives a key
+                status, headers, body = predict_with_key_file(args.url, args.model, payload, args.token,
+                                                              args.key_file, args.management_url, args.timeout)
             except ServerUnreachable as e:
                 status, headers, body = "unreachable", {}, str(e).encode()
+            except KeyRenewalFailed as e:
+                status, headers, body = "key-renewal-failed", {}, str(e).encode()
             headers = {k.lower(): v for k, v in headers.items()}
             record = {"index": index, "status": status, "latency_s": time.perf_counter() - sent,
                       "own_image": status == 200 and is_image(body) and headers.get("x-seed") == str(seed),
@@ -103,6 +106,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="stable-diffusion", help="model name (default: %(default)s)")
     parser.add_argument("--token", help="inference token (default: $TS_INFERENCE_TOKEN or --key-file)")
     parser.add_argument("--key-file", default="key_file.json", help="TorchServe's key file (default: %(default)s)")
+    parser.add_argument("--management-url", default="http://127.0.0.1:8081",
+                        help="management address, to renew an expired key in --key-file (default: %(default)s)")
     parser.add_argument("--requests", type=int, default=100, help="how many requests (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight at most (default: 8)")
     parser.add_argument("--rate", type=float, help="send at this many requests/s instead of as fast as possible")
@@ -121,7 +126,7 @@ def main(argv=None) -> int:
     except json.JSONDecodeError as e:
         parser.error(f"--payload is not JSON: {e}")
 
-    summary = run(args, resolve_token(args.token, args.key_file))
+    summary = run(args)
     if summary["status_counts"].get("unreachable") == args.requests:
         print(f"error: could not reach {args.url}", file=sys.stderr)
         return 3

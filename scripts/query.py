@@ -5,6 +5,12 @@ Standard library only, so it runs anywhere. The token comes from --token, else $
 `inference` key in TorchServe's key_file.json (written into the directory `torchserve --start` ran in).
 --wait SECONDS first waits until the model has a READY worker (asks the management API with the management key).
 
+TorchServe's keys expire (`token_expiration_min`, 60 in config.properties) and it keeps one of each kind. A client
+that reads key_file.json renews an expired key there with the file's API key, under a lock shared by every client
+of that file, and only when the key in the file has expired: so no client replaces a key another has just renewed,
+and a server left running keeps serving them (`current_key`). A request that still meets an expired key re-reads
+the file and is sent once more. A token given with --token or $TS_INFERENCE_TOKEN is used as it is.
+
 Exit codes: 0 image written; 1 the server answered with an HTTP error (its JSON message is printed);
 2 bad arguments; 3 the server could not be reached or did not become ready in time.
 """
@@ -12,13 +18,15 @@ Exit codes: 0 image written; 1 the server answered with an HTTP error (its JSON 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
+import re
 import sys
 import time
 import urllib.error
 import urllib.request
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 FIELDS = ("negative_prompt", "num_inference_steps", "guidance_scale", "height", "width", "seed", "format", "quality")
@@ -34,11 +42,59 @@ def read_key(key_file: str | Path, kind: str = "inference") -> str:
     return json.loads(Path(key_file).read_text())[kind]["key"]
 
 
-def resolve_token(token: str | None, key_file: str | Path) -> str | None:
-    """--token, else $TS_INFERENCE_TOKEN, else the inference key in key_file (if it exists), else None."""
+class KeyRenewalFailed(Exception):
+    pass
+
+
+def current_key(key_file: str | Path, kind: str = "inference",
+                management_url: str = "http://127.0.0.1:8081") -> str:
+    """The `kind` key in key_file.json, renewed first if it has expired (see the module docstring)."""
+    path = Path(key_file)
+    keys = _read_keys(path)
+    if not _expired(keys[kind]):
+        return keys[kind]["key"]
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one renewal at a time among this file's clients
+        keys = _read_keys(path)
+        if _expired(keys[kind]):  # nobody renewed it while we waited for the lock
+            status, _, body = request(f"{management_url.rstrip('/')}/token?type={kind}", keys["API"]["key"],
+                                      timeout=30)
+            if status != 200:
+                raise KeyRenewalFailed(f"renewing the {kind} key failed: HTTP {status}: {body[:200]!r}")
+            keys = _read_keys(path)  # TorchServe rewrote the file before it answered
+        return keys[kind]["key"]
+
+
+def _read_keys(path: Path, attempts: int = 20) -> dict:
+    # TorchServe rewrites the file in place (truncate, then write): a read can catch it empty or half written.
+    for attempt in range(attempts):
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05)  # the writer's next few milliseconds, bounded by attempts
+    raise AssertionError("unreachable")
+
+
+def _expired(entry: dict) -> bool:
+    stamp = entry.get("expiration time")
+    if not stamp:  # the API key never expires
+        return False
+    stamp = re.sub(r"(\.\d{6})\d+", r"\1", stamp.replace("Z", "+00:00"))  # Java's Instant may print nanoseconds
+    return datetime.fromisoformat(stamp) <= datetime.now(timezone.utc)
+
+
+def is_token_failure(status: int, body: bytes) -> bool:
+    return status in (400, 401) and b"Token Authorization failed" in body
+
+
+def resolve_token(token: str | None, key_file: str | Path,
+                  management_url: str = "http://127.0.0.1:8081") -> str | None:
+    """--token, else $TS_INFERENCE_TOKEN, else the (renewed if expired) inference key in key_file, else None."""
     token = token or os.environ.get("TS_INFERENCE_TOKEN")
     if not token and Path(key_file).is_file():
-        token = read_key(key_file)
+        token = current_key(key_file, "inference", management_url)
     return token
 
 
@@ -68,6 +124,18 @@ def predict(base_url: str, model: str, payload: dict | str, token: str | None = 
     return request(f"{base_url.rstrip('/')}/predictions/{model}", token, body, content_type, timeout)
 
 
+def predict_with_key_file(base_url: str, model: str, payload: dict | str, token: str | None, key_file: str | Path,
+                          management_url: str, timeout: float = 600):
+    """predict() with the token resolve_token() finds; when that is key_file's key and it expired in flight, once
+    more with its successor (renewed if nobody has yet)."""
+    fixed = token or os.environ.get("TS_INFERENCE_TOKEN")
+    status, headers, body = predict(base_url, model, payload, resolve_token(token, key_file, management_url), timeout)
+    if is_token_failure(status, body) and not fixed and Path(key_file).is_file():
+        status, headers, body = predict(base_url, model, payload, resolve_token(None, key_file, management_url),
+                                        timeout)
+    return status, headers, body
+
+
 def wait_until_ready(management_url: str, model: str, key_file: str | Path | None, timeout: float,
                      workers: int = 1) -> None:
     """Poll GET /models/<model> until `workers` workers are READY (TorchServe's /ping stays Healthy while loading).
@@ -78,8 +146,8 @@ def wait_until_ready(management_url: str, model: str, key_file: str | Path | Non
     last = "no answer"
     while time.monotonic() < deadline:
         try:
-            token = read_key(key_file, "management") if key_file else None
-        except (OSError, ValueError, KeyError):  # not there yet, or created but not yet written
+            token = current_key(key_file, "management", management_url) if key_file else None
+        except (OSError, ValueError, KeyError, KeyRenewalFailed):  # not there yet, or created but not yet written
             token = None
         try:
             status, _, body = request(f"{management_url.rstrip('/')}/models/{model}", token, timeout=10)
@@ -121,7 +189,7 @@ def main(argv=None) -> int:
     add_request_arguments(parser)
     parser.add_argument("--url", default="http://127.0.0.1:8080", help="inference address (default: %(default)s)")
     parser.add_argument("--management-url", default="http://127.0.0.1:8081",
-                        help="management address, used by --wait (default: %(default)s)")
+                        help="management address, used by --wait and to renew an expired key (default: %(default)s)")
     parser.add_argument("--model", default="stable-diffusion", help="model name (default: %(default)s)")
     parser.add_argument("--token", help="inference token (default: $TS_INFERENCE_TOKEN or --key-file)")
     parser.add_argument("--key-file", default="key_file.json",
@@ -137,12 +205,15 @@ def main(argv=None) -> int:
     try:
         if args.wait:
             wait_until_ready(args.management_url, args.model, key_file, args.wait)
-        token = resolve_token(args.token, key_file)
         start = time.perf_counter()
-        status, headers, body = predict(args.url, args.model, payload, token, args.timeout)
+        status, headers, body = predict_with_key_file(args.url, args.model, payload, args.token, key_file,
+                                                      args.management_url, args.timeout)
     except ServerUnreachable as e:
         print(f"error: could not reach TorchServe: {e}", file=sys.stderr)
         return 3
+    except KeyRenewalFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if status != 200:
         print(f"error: HTTP {status}: {body.decode('utf-8', 'replace')}", file=sys.stderr)
         return 1
