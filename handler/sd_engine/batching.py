@@ -1,0 +1,122 @@
+"""Micro-batching for fronts that have no batcher of their own (KServe's model server; TorchServe batches itself).
+
+Requests submitted from many threads or asyncio tasks within `max_delay_s` of the first waiting one are handed to
+Engine.generate together, until they hold `max_images` images; the engine then groups them by shape into pipeline
+calls of at most its batch size. One worker thread owns the engine, so pipeline calls never overlap on the GPU (one
+engine per GPU process). Every submission gets its own results, in order: a failing group fails only its own
+requests (the engine's rule), an unexpected exception fails only the batch it happened in, and the worker goes on.
+
+close() stops taking submissions, finishes those already queued, then stops the worker: a front calls it on SIGTERM
+(a scale-down) so nothing accepted is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from .errors import EngineError, GenerationError
+from .requests import GenerationRequest
+
+logger = logging.getLogger(__name__)
+
+
+class BatcherClosed(EngineError):
+    """The server is shutting down and takes no new requests."""
+
+    status = 503
+
+
+@dataclass
+class _Job:
+    requests: list[GenerationRequest]
+    future: Future = field(default_factory=Future)
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Batch:
+    """What the worker handed to the engine in one go, for metrics."""
+
+    images: int
+    submissions: int
+    queue_seconds: list[float]  # per submission: from submit() to the start of its engine call
+
+
+class Batcher:
+    def __init__(self, engine, max_images: int, max_delay_s: float, on_batch=None):
+        if max_images < 1 or max_delay_s < 0:
+            raise ValueError(f"max_images must be >= 1 and max_delay_s >= 0, got {max_images}, {max_delay_s}")
+        self.engine = engine
+        self.max_images = max_images
+        self.max_delay_s = max_delay_s
+        self.on_batch = on_batch  # called with a Batch before each engine call (metrics); must not raise
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._worker = threading.Thread(target=self._run, name="sd-batcher", daemon=True)
+        self._worker.start()
+
+    def submit(self, requests: Sequence[GenerationRequest]) -> Future:
+        """Queue one submission (one or more images); its Future gives one result or EngineError per request."""
+        with self._lock:  # so that nothing is queued after close()'s end marker
+            if self._closed:
+                raise BatcherClosed("the server is shutting down and takes no new requests")
+            job = _Job(list(requests))
+            self._queue.put(job)
+        return job.future
+
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list:
+        """submit() for asyncio fronts: the event loop stays free while the GPU works."""
+        return await asyncio.wrap_future(self.submit(requests))
+
+    def close(self, timeout: float | None = None) -> None:
+        """Take no more submissions, finish the queued ones, stop the worker."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._queue.put(None)
+        self._worker.join(timeout)
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            job = self._queue.get()
+            if job is None:
+                break
+            batch, images = [job], len(job.requests)
+            deadline = time.monotonic() + self.max_delay_s
+            while images < self.max_images:
+                try:
+                    more = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if more is None:  # close(): this batch is the last
+                    stopping = True
+                    break
+                batch.append(more)
+                images += len(more.requests)
+            self._process(batch)
+
+    def _process(self, batch: list[_Job]) -> None:
+        requests = [request for job in batch for request in job.requests]
+        started = time.perf_counter()
+        if self.on_batch is not None:
+            try:
+                self.on_batch(Batch(len(requests), len(batch), [started - job.queued_at for job in batch]))
+            except Exception:  # noqa: BLE001 - metrics must never cost a request
+                logger.exception("on_batch failed")
+        try:
+            results = self.engine.generate(requests)
+        except Exception:  # noqa: BLE001 - the engine answers per group; this is the last guard for the batch
+            logger.exception("unexpected engine failure for a batch of %d", len(requests))
+            results = [GenerationError("generation failed; see the server log")] * len(requests)
+        for job in batch:
+            own, results = results[:len(job.requests)], results[len(job.requests):]
+            job.future.set_result(own)
