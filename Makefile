@@ -18,6 +18,9 @@ MODEL_CONFIG ?= config/model-config-cpu.yaml
 TS_CONFIG    ?= config.properties
 PROMPT       ?= a photo of an astronaut riding a horse on mars
 WAIT         ?= 300
+# The KServe front (`make serve-kserve`): REST and gRPC ports beside TorchServe's 8080-8082.
+KSERVE_PORT      ?= 8090
+KSERVE_GRPC_PORT ?= 8091
 # Offline installs: `make wheelhouse` on a connected machine, copy the folder, `make install WHEELHOUSE=wheelhouse`.
 # For another Python or platform (e.g. a GPU host), set WHEEL_TARGET, for example
 #   WHEEL_TARGET="--python-version 3.12 --platform manylinux_2_28_x86_64 --only-binary=:all:" TORCH=torch==2.11.0
@@ -25,7 +28,7 @@ WHEELHOUSE   ?=
 WHEEL_TARGET ?=
 PIP_SOURCE   := $(if $(WHEELHOUSE),--no-index --find-links $(WHEELHOUSE))
 
-.PHONY: help install install-dev wheelhouse model package serve query stop demo test clean
+.PHONY: help install install-kserve install-dev wheelhouse model package serve serve-kserve query stop demo test clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -38,8 +41,13 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(BIN)/pip install $(PIP_SOURCE) --no-build-isolation --no-deps -e .
 	touch $@
 
-install-dev: $(VENV)/.installed-dev ## Add the test tools to .venv
-$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+install-kserve: $(VENV)/.installed-kserve ## Add the KServe front's model server (kserve) to .venv
+$(VENV)/.installed-kserve: $(VENV)/.installed requirements-kserve.txt
+	$(BIN)/pip install $(PIP_SOURCE) -r requirements-kserve.txt
+	touch $@
+
+install-dev: $(VENV)/.installed-dev ## Add the test tools (and the KServe front, which the tests cover) to .venv
+$(VENV)/.installed-dev: $(VENV)/.installed-kserve requirements-dev.txt
 	$(BIN)/pip install $(PIP_SOURCE) -r requirements-dev.txt
 	touch $@
 
@@ -48,7 +56,7 @@ wheelhouse: install ## Download every wheel (deepspeed built into one) into whee
 	$(BIN)/pip wheel --no-deps --no-build-isolation -w wheelhouse $$(grep -E '^deepspeed==' requirements.txt)
 	grep -v -E '^deepspeed==' requirements.txt > wheelhouse/requirements-rest.txt
 	$(BIN)/pip download $(WHEEL_TARGET) -d wheelhouse $(TORCH) wheelhouse/deepspeed-*.whl \
-		-r wheelhouse/requirements-rest.txt -r requirements-dev.txt setuptools wheel
+		-r wheelhouse/requirements-rest.txt -r requirements-kserve.txt -r requirements-dev.txt setuptools wheel
 
 model: install ## Build the embedded tiny random model of PRESET (noise images, nothing downloaded) into $(TINY_MODEL)
 	$(BIN)/python scripts/make_tiny_model.py --preset $(PRESET) --out $(TINY_MODEL)
@@ -61,11 +69,18 @@ serve: install ## Start TorchServe in the background (logs in logs/, token in ke
 	$(BIN)/torchserve --start --ncs --ts-config $(TS_CONFIG) --model-store $(MODEL_STORE) \
 		--models $(MODEL_NAME)=$(MODEL_NAME).mar > logs/torchserve.out 2>&1
 
+serve-kserve: install-kserve ## Start the KServe front on KSERVE_PORT in the background (logs/kserve.log), serving the MAR
+	mkdir -p logs
+	$(BIN)/python handler/sd_kserve.py --model-dir $(MODEL_STORE)/$(MODEL_NAME).mar --model-name $(MODEL_NAME) \
+		--http-port $(KSERVE_PORT) --grpc-port $(KSERVE_GRPC_PORT) > logs/kserve.log 2>&1 & echo $$! > logs/kserve.pid
+
 query: install ## Wait until the model is ready, send PROMPT, write output-<timestamp>.jpg
 	$(BIN)/python scripts/query.py --wait $(WAIT) --model $(MODEL_NAME) --prompt "$(PROMPT)"
 
-stop: install ## Stop TorchServe
-	$(BIN)/torchserve --stop --foreground
+stop: install ## Stop TorchServe and the KServe front (SIGTERM: requests in flight finish first)
+	-$(BIN)/torchserve --stop --foreground
+	@if [ -f logs/kserve.pid ]; then pid=$$(cat logs/kserve.pid); kill $$pid 2>/dev/null; \
+		while kill -0 $$pid 2>/dev/null; do sleep 0.5; done; rm -f logs/kserve.pid; echo "KServe front stopped"; fi
 
 demo: model package ## Fresh machine, end to end: install, tiny model, package, serve, query, stop
 	$(MAKE) serve; rc=$$?; \

@@ -19,10 +19,9 @@ from ts.metrics.metric_type_enum import MetricTypes
 from sd_engine.config import EngineConfig
 from sd_engine.engine import load_engine, pick_device
 from sd_engine.errors import AnswerTooLarge, EngineError, GenerationError, InvalidRequest
-from sd_engine.imaging import encode_image
 from sd_engine.loading import prepare_weights
-from sd_engine.protocols import (ENVELOPE_V2, MAX_ANSWER_BYTES, MAX_IMAGES_PER_BODY, PLAIN, V1, V2, EncodedImage, b64,
-                                 decode, error_body, from_envelope_tensors, is_envelope_tensor, protocol_of,
+from sd_engine.protocols import (ENVELOPE_V2, MAX_ANSWER_BYTES, MAX_IMAGES_PER_BODY, PLAIN, V1, V2, b64, decode,
+                                 encode_results, error_body, from_envelope_tensors, is_envelope_tensor, protocol_of,
                                  v1_response, v2_response)
 from sd_engine.requests import parse_body
 
@@ -114,24 +113,16 @@ class StableDiffusionHandler:
 
     def _encode(self, context, results):
         """One HTTP request's images, encoded; or the error that fails the request (its first failure)."""
-        failures = [result for result in results if isinstance(result, EngineError)]
-        for failure in failures:
+        failed = [result for result in results if isinstance(result, EngineError)]
+        for failure in failed:
             _count(context, "out_of_memory" if failure.status == 507 else "failed")
-        if failures:
-            return failures[0]
-        images = []
-        for result in results:
-            encode_start = time.perf_counter()
-            try:
-                payload, content_type = encode_image(result.image, result.request.format, result.request.quality)
-            except Exception:  # noqa: BLE001 - one image's encoding must not fail its batch
-                logger.exception("encoding a %s image failed", result.request.format)
+        images = encode_results(results)
+        if isinstance(images, EngineError):
+            if not failed:  # the encoding failed
                 _count(context, "failed")
-                return GenerationError("encoding the image failed; see the server log")
-            encode_seconds = time.perf_counter() - encode_start
-            _observe(context, result, encode_seconds)
-            images.append(EncodedImage(payload, content_type, result.request, result.truncated, result.seconds,
-                                       encode_seconds))
+            return images
+        for result, image in zip(results, images):
+            _observe(context, result, image.encode_seconds)
         return images
 
 

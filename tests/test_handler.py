@@ -121,17 +121,17 @@ def test_hostile_bodies_are_400s_with_valid_json(handler_and_context, body, fiel
 
 
 def test_an_encoding_failure_fails_only_its_request(handler_and_context, monkeypatch):
-    import sd_handler
+    from sd_engine import protocols
 
     handler, context = handler_and_context
-    real_encode = sd_handler.encode_image
+    real_encode = protocols.encode_image
 
     def encode_failing_for_png(image, fmt, quality):  # PIL cannot be made to fail on demand
         if fmt == "png":
             raise OSError("simulated encoder failure")
         return real_encode(image, fmt, quality)
 
-    monkeypatch.setattr(sd_handler, "encode_image", encode_failing_for_png)
+    monkeypatch.setattr(protocols, "encode_image", encode_failing_for_png)
     results = handle(handler, context, [{"prompt": "a", "format": "png"}, {"prompt": "b"}])
     assert [r[0] for r in results] == [500, 200]
     assert json.loads(results[0][3])["error"] == "GenerationError"

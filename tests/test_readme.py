@@ -36,7 +36,8 @@ def test_every_handler_key_is_documented():
 
 def test_documented_make_targets_exist():
     targets = set(re.findall(r"^([a-z-]+):", (ROOT / "Makefile").read_text(), flags=re.M))
-    for target in ("install", "model", "package", "serve", "query", "stop", "demo", "test", "clean", "help"):
+    for target in ("install", "install-kserve", "model", "package", "serve", "serve-kserve", "query", "stop", "demo",
+                   "test", "clean", "help"):
         assert target in targets, target
         assert f"`{target}`" in README or f"make {target}" in README, target
 

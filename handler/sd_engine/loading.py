@@ -65,6 +65,30 @@ def verify_manifest(folder: Path) -> None:
     logger.info("weights match %s (%d files)", MANIFEST, len(actual))
 
 
+def prepare_model_dir(path: str | Path) -> Path:
+    """A packaged model as a folder: package_model.py's --no-archive folder as it is, a .mar extracted once next to
+    it (for fronts other than TorchServe, which extracts its own)."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    if path.is_file() and path.suffix == ".mar":
+        return extract_zip(path, path.with_suffix(""))
+    raise ModelLoadError(f"{path} is neither a packaged model folder nor a .mar file")
+
+
+def model_config(model_dir: str | Path) -> dict:
+    """The model-config.yaml a packaged model folder ships (its MAR-INF/MANIFEST.json names it); {} without one."""
+    import yaml
+
+    manifest_path = Path(model_dir) / "MAR-INF" / "MANIFEST.json"
+    try:
+        name = json.loads(manifest_path.read_text())["model"].get("configFile")
+        return (yaml.safe_load((Path(model_dir) / name).read_text()) or {}) if name else {}
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as e:
+        raise ModelLoadError(f"{manifest_path} or the config file it names is unreadable: {type(e).__name__}: {e}") \
+            from e
+
+
 def prepare_weights(model_dir: str | Path, weights: str) -> Path:
     """Resolve the `weights` config value against the model dir and return a local diffusers folder."""
     model_dir = Path(model_dir).resolve()

@@ -20,17 +20,23 @@ same job with batching intact. TorchServe's v1 `kserve` envelope is not supporte
 from __future__ import annotations
 
 import base64
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import InvalidRequest
+from .errors import EngineError, GenerationError, InvalidRequest
+from .imaging import encode_image
 from .requests import FIELDS, GenerationRequest, RequestRules, parse_request
+
+logger = logging.getLogger(__name__)
 
 PLAIN, V1, V2, ENVELOPE_V2 = "plain", "v1", "v2", "envelope-v2"
 MAX_IMAGES_PER_BODY = 16  # the default cap when no batchSize is given (the handler passes batchSize)
 MAX_ANSWER_BYTES = 15 * 2**20  # a JSON answer's cap: under config.properties' max_response_size (16 MiB), beyond
 # which TorchServe's frontend drops the worker's whole message and restarts the worker
 MAX_DIMENSIONS = 8
+PROTOCOL_PARAMETERS = ("binary_data_output",)
 STRING_FIELDS = {"prompt", "negative_prompt", "format"}
 INT_TYPES = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
 FLOAT_TYPES = {"FP16", "FP32", "FP64"}
@@ -115,6 +121,8 @@ def _v2_requests(fields: dict[str, Any], rules: RequestRules,
     parameters = {} if parameters is None else parameters
     if not isinstance(parameters, dict):
         raise InvalidRequest("parameters", parameters, "must be a JSON object")
+    # The binary tensor extension's own parameter (tritonclient sends it by default) is about the answer, not a field.
+    parameters = {k: v for k, v in parameters.items() if k not in PROTOCOL_PARAMETERS}
     inputs = fields["inputs"]
     if not isinstance(inputs, list) or not inputs:
         raise InvalidRequest("inputs", inputs, "must be a non-empty list of tensors")
@@ -214,6 +222,24 @@ def _check_count(name: str, items: Any, max_images: int) -> None:
     if len(items) > max_images:
         raise InvalidRequest(name, f"<{len(items)} items>", f"must ask for at most {max_images} images (the "
                                                              "server's batchSize)")
+
+
+def encode_results(results: list) -> list[EncodedImage] | EngineError:
+    """One body's generation results as encoded images, in order; or the error that fails the body (its first)."""
+    failures = [result for result in results if isinstance(result, EngineError)]
+    if failures:
+        return failures[0]
+    images = []
+    for result in results:
+        start = time.perf_counter()
+        try:
+            payload, content_type = encode_image(result.image, result.request.format, result.request.quality)
+        except Exception:  # noqa: BLE001 - one image's encoding must not fail its batch
+            logger.exception("encoding a %s image failed", result.request.format)
+            return GenerationError("encoding the image failed; see the server log")
+        images.append(EncodedImage(payload, content_type, result.request, result.truncated, result.seconds,
+                                   time.perf_counter() - start))
+    return images
 
 
 # Responses, with the images in request order.
