@@ -16,6 +16,8 @@ import time
 from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 
+from sd_engine.binary_tensors import HEADER as BINARY_HEADER
+from sd_engine.binary_tensors import decode_body, encode_answer
 from sd_engine.config import EngineConfig
 from sd_engine.engine import load_engine, pick_device
 from sd_engine.errors import AnswerTooLarge, EngineError, GenerationError, InvalidRequest
@@ -55,7 +57,12 @@ class StableDiffusionHandler:
         for i, item in enumerate(data):
             protocol = PLAIN
             try:
-                fields = parse_body(_body(item), _declared_json(context, i))
+                body, json_length = _body(item), _request_header(context, i, BINARY_HEADER)
+                if json_length is not None:  # the v2 binary tensor extension (tritonclient's default)
+                    fields = decode_body(bytes(body) if isinstance(body, (bytes, bytearray)) else
+                                         str(body).encode("utf-8"), json_length)
+                else:
+                    fields = parse_body(body, _declared_json(context, i))
                 protocol = protocol_of(fields)
                 jobs.append((i, decode(fields, self.engine.rules, max_images)))
             except InvalidRequest as error:
@@ -130,14 +137,25 @@ def _answer(context, index, job, images):
     """The plain API answers with the image itself; KServe bodies with a JSON document holding all their images."""
     if job.protocol in (V1, V2):
         model = (context.manifest or {}).get("model", {})
-        document = _json(v1_response(images) if job.protocol == V1 else
-                         v2_response(images, model.get("modelName", ""), model.get("modelVersion"), job.request_id))
+        content_type, header_length = "application/json", None
+        if job.protocol == V1:
+            document = _json(v1_response(images))
+        elif job.binary_outputs:
+            document, header_length = encode_answer(v2_response(images, model.get("modelName", ""),
+                                                                model.get("modelVersion"), job.request_id),
+                                                    job.binary_outputs, [image.payload for image in images])
+            content_type = "application/octet-stream"
+        else:
+            document = _json(v2_response(images, model.get("modelName", ""), model.get("modelVersion"),
+                                         job.request_id))
         if len(document) > MAX_ANSWER_BYTES:  # TorchServe would drop the whole batch's message and the worker
             _count(context, "too_large", len(images))
             return _error(context, index, AnswerTooLarge(
-                f"the answer would be {len(document) / 2**20:.1f} MiB of base64 images, over the "
+                f"the answer would be {len(document) / 2**20:.1f} MiB of images, over the "
                 f"{MAX_ANSWER_BYTES / 2**20:.0f} MiB limit; ask for fewer or smaller images, or JPEG"), job.protocol)
-        context.set_response_content_type(index, "application/json")
+        context.set_response_content_type(index, content_type)
+        if header_length is not None:
+            context.set_response_header(index, "Inference-Header-Content-Length", str(header_length))
         _count(context, "ok", len(images))
         return document
     image = images[0]
@@ -192,6 +210,14 @@ def _observe(context, result, encode_seconds: float) -> None:
     if result.peak_memory_bytes is not None:
         context.metrics.add_metric("PeakGPUMemory", result.peak_memory_bytes / 2**20, "Megabytes", None, [],
                                    MetricTypes.GAUGE)
+
+
+def _request_header(context, index, name: str):
+    """An HTTP request header of row `index`, whatever its case."""
+    if not context.request_processor:
+        return None
+    headers = context.request_processor[index].get_request_properties() or {}
+    return next((value for key, value in headers.items() if isinstance(key, str) and key.lower() == name), None)
 
 
 def _declared_json(context, index) -> bool:

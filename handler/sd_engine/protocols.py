@@ -57,6 +57,7 @@ class Decoded:
     protocol: str
     requests: list[GenerationRequest]
     request_id: str | None = None
+    binary_outputs: tuple[str, ...] = ()  # v2: outputs to answer with the binary tensor extension (binary_tensors)
 
 
 def protocol_of(fields: dict[str, Any]) -> str:
@@ -74,8 +75,10 @@ def decode(fields: dict[str, Any], rules: RequestRules, max_images: int = MAX_IM
     if protocol == V1:
         return Decoded(V1, _v1_requests(fields, rules, max_images))
     if protocol == V2:
+        from .binary_tensors import wanted_binary
+
         requests, request_id = _v2_requests(fields, rules, max_images)
-        return Decoded(V2, requests, request_id)
+        return Decoded(V2, requests, request_id, wanted_binary(fields))
     return Decoded(PLAIN, [parse_request(fields, rules)])
 
 
