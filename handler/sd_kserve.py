@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hmac
-import json
 import logging
 import os
 import signal
@@ -31,25 +29,22 @@ from sd_engine.config import EngineConfig
 from sd_engine.engine import load_engine, pick_device
 from sd_engine.errors import EngineError, InvalidRequest
 from sd_engine.loading import model_config, prepare_model_dir, prepare_weights
-from sd_engine.openai_images import error_response, generation_response, parse_generation
 from sd_engine.protocols import V1, b64, decode, encode_results, v1_response
 from sd_engine.requests import FIELDS
 
 import kserve
-from fastapi import Request  # at module level: FastAPI resolves the route's annotations in this module
-from fastapi.responses import JSONResponse
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse, to_http_parameters
+from sd_kserve_server import Metrics, add_routes, serve
 
 logger = logging.getLogger("sd_kserve")
-OPEN_PATHS = ("/", "/metrics", "/v2/health/live", "/v2/health/ready")  # probes and Prometheus need no key
 DATATYPES = {"prompt": "BYTES", "negative_prompt": "BYTES", "format": "BYTES", "guidance_scale": "FP32"}
 
 
 class StableDiffusionModel(kserve.Model):
-    def __init__(self, name: str, engine, batcher: Batcher, max_images: int):
+    def __init__(self, name: str, engine, batcher: Batcher, max_images: int, metrics: Metrics):
         super().__init__(name)
-        self.engine, self.batcher, self.max_images = engine, batcher, max_images
+        self.engine, self.batcher, self.max_images, self.metrics = engine, batcher, max_images, metrics
         self.ready = True
 
     def get_input_types(self):
@@ -73,6 +68,7 @@ class StableDiffusionModel(kserve.Model):
         try:
             job = decode(body, self.engine.rules, self.max_images)
         except InvalidRequest as error:
+            self.metrics.failed(error)
             raise InvalidInput(str(error)) from None  # 400 {"error": ...}; gRPC INVALID_ARGUMENT
         images = await self.generate(job.requests)
         if job.protocol == V1:
@@ -97,7 +93,9 @@ class StableDiffusionModel(kserve.Model):
             os._exit(1)
         images = encode_results(results)
         if isinstance(images, EngineError):
+            self.metrics.failed(images, len(requests))
             raise images
+        self.metrics.delivered(results)
         return images
 
 
@@ -116,95 +114,8 @@ def _binary_image(payload: InferRequest) -> bool:
     return bool(payload.use_binary_outputs)
 
 
-def add_routes(app, model: StableDiffusionModel, api_key: str | None) -> None:
-    """Our error statuses, the OpenAI Images route (at both prefixes) and the key check, on KServe's FastAPI app."""
-    async def engine_error(_, error: EngineError):  # 500/503/507 with KServe's error shape
-        return JSONResponse({"error": str(error)}, status_code=error.status)
-
-    async def generations(request: Request):
-        try:
-            body = json.loads(await request.body())
-            images = await model.generate(parse_generation(body, model.engine.rules, model.max_images))
-        except ValueError as error:  # bad JSON (ValueError), or InvalidRequest naming the field
-            status = getattr(error, "status", 400)
-            return JSONResponse(error_response(error, status), status_code=status)
-        except EngineError as error:
-            return JSONResponse(error_response(error, error.status), status_code=error.status)
-        return JSONResponse(generation_response(images))
-
-    app.add_exception_handler(EngineError, engine_error)
-    for prefix in ("/v1", "/openai/v1"):
-        app.add_api_route(f"{prefix}/images/generations", generations, methods=["POST"])
-
-    @app.middleware("http")
-    async def json_by_default(request: Request, call_next):
-        """A v2 body with neither a JSON content type nor the binary extension's header is JSON: tritonclient sends
-        its JSON-only requests so, and KServe 0.21 would take them for binary ones (400)."""
-        headers = dict(request.scope["headers"])
-        if request.url.path.endswith("/infer") and b"inference-header-content-length" not in headers and \
-                not headers.get(b"content-type", b"").startswith(b"application/json"):
-            headers[b"content-type"] = b"application/json"
-            request.scope["headers"] = list(headers.items())
-        return await call_next(request)
-    if api_key:
-        @app.middleware("http")
-        async def require_key(request: Request, call_next):
-            supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if request.url.path in OPEN_PATHS or request.url.path.endswith("/ready") or \
-                    hmac.compare_digest(supplied.encode(), api_key.encode()):
-                return await call_next(request)
-            return JSONResponse({"error": "missing or wrong API key (Authorization: Bearer <key>)"}, status_code=401)
-
-
-async def serve(model, host: str, http_port: int, grpc_port: int | None, api_key: str | None, grace_s: int) -> None:
-    """KServe's REST (and gRPC) servers over `model`, bound to `host`; returns after a graceful SIGTERM/SIGINT."""
-    from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
-    from kserve.model_repository import ModelRepository
-    from kserve.protocol.dataplane import DataPlane
-    from kserve.protocol.model_repository_extension import ModelRepositoryExtension
-    from kserve.protocol.rest.server import RESTServer
-
-    registry = ModelRepository()
-    registry.update(model)
-    dataplane, extension = DataPlane(model_registry=registry), ModelRepositoryExtension(model_registry=registry)
-    rest = RESTServer(FASTAPI_APP_IMPORT_STRING, dataplane, extension, http_port, grace_period=grace_s)
-    rest.config.host = host  # uvicorn handles SIGTERM: no new connections, in-flight requests finish
-    grpc_server = None
-    if grpc_port:
-        grpc_server = await start_grpc(host, grpc_port, dataplane, extension, api_key)
-    await rest.start()
-    if grpc_server is not None:
-        await grpc_server.stop(grace=grace_s)
-
-
-async def start_grpc(host: str, port: int, dataplane, extension, api_key: str | None):
-    """KServe's v2 gRPC service on `host` (its GRPCServer binds every interface), with the key check."""
-    import grpc
-    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
-    from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
-    from kserve.protocol.grpc.servicer import InferenceServicer
-
-    class RequireKey(grpc.aio.ServerInterceptor):
-        async def intercept_service(self, continuation, details):
-            supplied = dict(details.invocation_metadata or ()).get("authorization", "").removeprefix("Bearer ")
-            if details.method.endswith(("/ServerLive", "/ServerReady", "/ModelReady")) or \
-                    hmac.compare_digest(supplied.strip().encode(), api_key.encode()):
-                return await continuation(details)
-
-            async def refuse(request, context):
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key (authorization)")
-            return grpc.unary_unary_rpc_method_handler(refuse)
-
-    interceptors = [ExceptionToStatusInterceptor()] + ([RequireKey()] if api_key else [])
-    server = grpc.aio.server(interceptors=interceptors)
-    grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane, extension),
-                                                                       server)
-    server.add_insecure_port(f"{host}:{port}")
-    await server.start()
-    return server
-
-
-def log_batch(batch) -> None:
+def batch_started(metrics: Metrics, batch) -> None:
+    metrics.batch_started(batch)
     logger.info("batch of %d image(s) from %d request(s), longest queued %.3f s", batch.images, batch.submissions,
                 max(batch.queue_seconds))
 
@@ -230,8 +141,10 @@ def main(argv=None) -> int:
     max_images = int(settings.get("batchSize") or 1)
     device = pick_device(args.gpu if settings.get("deviceType", "gpu") == "gpu" else None)
     engine = load_engine(config, prepare_weights(model_dir, config.weights), device, max_batch_size=max_images)
-    batcher = Batcher(engine, max_images, float(settings.get("maxBatchDelay") or 0) / 1000, on_batch=log_batch)
-    model = StableDiffusionModel(args.model_name, engine, batcher, max_images)
+    metrics = Metrics()
+    batcher = Batcher(engine, max_images, float(settings.get("maxBatchDelay") or 0) / 1000,
+                      on_batch=lambda batch: batch_started(metrics, batch))
+    model = StableDiffusionModel(args.model_name, engine, batcher, max_images, metrics)
     import kserve.model_server
 
     add_routes(kserve.model_server.app, model, api_key)

@@ -198,3 +198,17 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(tmp_path, tiny_model_
         assert answers and answers[0][0] == 200, answers
         assert running.process.wait(timeout=120) == 0
         assert "stopped" in running.log.read_text()
+
+
+def test_metrics_count_images_by_status_beside_kserves_own(front):
+    assert call(front, "/v1/images/generations", {"prompt": "a fox", "size": "64x64"})[0] == 200
+    assert call(front, "/v1/images/generations", {"prompt": "a fox", "size": "65x64"})[0] == 400
+    status, body = call(front, "/metrics", token=None)  # Prometheus scrapes without the key
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
+               if line and not line.startswith("#")}
+    assert status == 200
+    assert samples['ImagesGenerated_total{Status="ok"}'] >= 1
+    assert samples['ImagesGenerated_total{Status="invalid"}'] >= 1
+    assert samples["GenerationSeconds_count"] >= 1 and samples["QueueSeconds_count"] >= 1
+    assert samples["BatchSize_count"] >= 1
+    assert any(name.startswith("request_predict_seconds") for name in samples)  # KServe's own
