@@ -120,7 +120,7 @@ def batch_started(metrics: Metrics, batch) -> None:
                 max(batch.queue_seconds))
 
 
-def main(argv=None) -> int:
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, required=True, help="package_model.py's folder (or .mar file)")
     parser.add_argument("--model-name", default="stable-diffusion", help="served name (default: %(default)s)")
@@ -131,7 +131,11 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu", type=int, default=0, help="which CUDA GPU to use, when there is one (default: 0)")
     parser.add_argument("--grace-seconds", type=int, default=300,
                         help="on SIGTERM, how long requests in flight may take to finish (default: %(default)s)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = argument_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     api_key = args.api_key_file.read_text().strip() if args.api_key_file else os.environ.get("SD_API_KEY")
 

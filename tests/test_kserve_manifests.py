@@ -55,6 +55,7 @@ SNAPSHOT = json.loads(PROPERTIES["model_snapshot"])
 SERVICES = load_services()
 MAIN = SERVICES["inferenceservice.yaml"]
 CANARY = SERVICES["inferenceservice-canary.yaml"]
+FRONT = SERVICES["inferenceservice-kserve-front.yaml"]
 
 
 def address(key: str):
@@ -68,7 +69,8 @@ def duration_seconds(text: str) -> int:
 
 
 def test_every_yaml_is_an_inference_service():
-    assert set(SERVICES) == {"inferenceservice.yaml", "inferenceservice-canary.yaml"}
+    assert set(SERVICES) == {"inferenceservice.yaml", "inferenceservice-canary.yaml",
+                              "inferenceservice-kserve-front.yaml"}
     for name, service in SERVICES.items():
         assert service["apiVersion"] == "serving.kserve.io/v1beta1", name
         assert service["kind"] == "InferenceService", name
@@ -174,3 +176,27 @@ def test_known_keys_exist_in_the_installed_torchserve():
     # A class file stores each string constant as a 2-byte length followed by the bytes.
     missing = {key for key in KNOWN_KEYS if len(key).to_bytes(2, "big") + key.encode() not in config_manager}
     assert not missing, missing
+
+
+def test_the_kserve_front_predictor():
+    """The custom predictor: its args are sd_kserve.py's, its probes are v2 health routes that need no key, the port
+    is the one it listens on, the model is under the storage initializer's mount, and the pod waits for the drain."""
+    import sd_kserve
+    from sd_kserve_server import OPEN_PATHS
+
+    predictor = FRONT["spec"]["predictor"]
+    (container,) = predictor["containers"]
+    assert container["name"] == "kserve-container"
+    args = sd_kserve.argument_parser().parse_args(container["args"])
+    assert (args.host, args.http_port, args.grpc_port) == ("0.0.0.0", 8080, 0)
+    assert [port["containerPort"] for port in container["ports"]] == [args.http_port]
+    assert str(args.model_dir).startswith("/mnt/models/model-store/")
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["port"] == args.http_port
+        assert container[probe]["httpGet"]["path"] in OPEN_PATHS
+    assert predictor["terminationGracePeriodSeconds"] > args.grace_seconds
+    assert predictor["timeout"] == MODEL_CONFIG["responseTimeout"]
+    assert predictor["scaleTarget"] == MODEL_CONFIG["batchSize"]
+    dockerfile = (ROOT / "docker" / "kserve-front.Dockerfile").read_text()
+    command = json.loads(re.search(r"^CMD (\[.*\])$", dockerfile, flags=re.M).group(1))
+    assert sd_kserve.argument_parser().parse_args(command).model_dir == args.model_dir
