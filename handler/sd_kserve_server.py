@@ -17,6 +17,53 @@ from sd_engine.errors import EngineError
 from sd_engine.openai_images import error_response, generation_response, parse_generation
 
 OPEN_PATHS = ("/", "/metrics", "/v2/health/live", "/v2/health/ready")  # probes and Prometheus need no key
+MAX_REQUEST_BYTES = 1 << 20  # as TorchServe's max_request_size: prompts and numbers, never images
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `limit` bytes gets a 413 with the error shape, before it is read into memory
+    (uvicorn itself has no limit). A declared Content-Length is refused at once; a chunked body once it passes it."""
+
+    def __init__(self, app, limit: int = MAX_REQUEST_BYTES):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self.refuse(send, int(declared))
+        received, started = 0, False
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise _TooLarge()
+            return message
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except _TooLarge:
+            if not started:
+                await self.refuse(send, received)
+
+    async def refuse(self, send, size: int) -> None:
+        body = json.dumps({"error": f"`body` must be at most {self.limit} bytes, got {size} or more"}).encode()
+        await send({"type": "http.response.start", "status": 413, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
 
 
 class Metrics:
@@ -71,6 +118,7 @@ def add_routes(app, model, api_key: str | None) -> None:
         return JSONResponse(generation_response(images))
 
     app.add_exception_handler(EngineError, engine_error)
+    app.add_middleware(BodyLimit)
     for prefix in ("/v1", "/openai/v1"):
         app.add_api_route(f"{prefix}/images/generations", generations, methods=["POST"])
 

@@ -212,3 +212,21 @@ def test_metrics_count_images_by_status_beside_kserves_own(front):
     assert samples["GenerationSeconds_count"] >= 1 and samples["QueueSeconds_count"] >= 1
     assert samples["BatchSize_count"] >= 1
     assert any(name.startswith("request_predict_seconds") for name in samples)  # KServe's own
+
+
+def test_an_oversized_body_gets_a_readable_413_from_every_client(front):
+    """A 20 MB body, sent whole by requests and curl (without Expect: 100-continue), and chunked with no length."""
+    import requests
+
+    url, big = f"{front.url}/v1/images/generations", b"a" * 20_000_000
+    headers = dict(front.auth, **{"Content-Type": "application/json"})
+    answers = [requests.post(url, data=big, headers=headers, timeout=60),
+               requests.post(url, data=(big[i:i + 1_000_000] for i in range(0, len(big), 1_000_000)),
+                             headers=headers, timeout=60)]
+    for answer in answers:
+        assert answer.status_code == 413 and "`body` must be at most 1048576 bytes" in answer.json()["error"]
+    curl = subprocess.run(["curl", "-s", "-H", "Expect:", "-H", f"Authorization: Bearer {KEY}", "-H",
+                           "Content-Type: application/json", "--data-binary", "@-", "-w", "\\n%{http_code}", url],
+                          input=big, capture_output=True, timeout=60)
+    body, code = curl.stdout.rsplit(b"\n", 1)
+    assert code == b"413" and b"must be at most" in body
