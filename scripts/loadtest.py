@@ -1,19 +1,25 @@
 #!/usr/bin/env python3
-"""Load test a running TorchServe: N requests at concurrency C (or a target rate), bounded in count and time.
+"""Load test a running server: N requests at concurrency C (or a target rate), bounded in count and time.
 
-Each request carries its own seed (--seed-base + index); a 200 counts as good only if its body is a complete JPEG/PNG
-and its X-Seed header is that request's seed, so lost, duplicated or swapped answers show up. Prints p50/p95/p99
-latency, throughput and counts by status, and the server-side split from the Server-Timing header (engine, encode)
-against what the client saw. --json writes the same as a file for bench/results.
+--front torchserve (default) posts the plain API to /predictions/<model>; --front kserve posts the OpenAI Images API
+to the KServe front (/v1/images/generations), so both fronts are measured with the same client. Each request carries
+its own seed (--seed-base + index); a 200 counts as good only if it holds a complete JPEG/PNG for that request's seed
+(X-Seed, or the answer's `seed`), so lost, duplicated or swapped answers show up. Prints p50/p95/p99 latency,
+throughput and counts by status, and for TorchServe the server-side split from the Server-Timing header (engine,
+encode) against what the client saw. --json writes the same as a file for bench/results.
 
-Standard library only. Exit codes: 0 every request answered 200 with its own image; 1 otherwise; 2 bad arguments;
-3 the server could not be reached.
+Standard library only, on purpose: it runs on an offline GPU host with nothing installed, and it checks every answer
+is its own image, which a generic tool (locust, which a user also ran against this server: 32 users, nothing lost)
+does not. Exit codes: 0 every request answered 200 with its own image; 1 otherwise; 2 bad arguments; 3 the server
+could not be reached.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
+import os
 import statistics
 import sys
 import threading
@@ -21,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from query import KeyRenewalFailed, ServerUnreachable, predict_with_key_file
+from query import KeyRenewalFailed, ServerUnreachable, predict_with_key_file, request
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -45,6 +51,16 @@ def is_image(body: bytes) -> bool:
     return (body[:2] == b"\xff\xd8" and body.rstrip(b"\0")[-2:] == b"\xff\xd9") or body[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def own_image(front: str, headers: dict, body: bytes, seed: int) -> bool:
+    if front == "torchserve":
+        return is_image(body) and headers.get("x-seed") == str(seed)
+    try:
+        [image] = json.loads(body)["data"]
+        return image["seed"] == seed and is_image(base64.b64decode(image["b64_json"]))
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
 def run(args) -> dict:
     deadline = time.monotonic() + args.max_seconds
     interval = 1.0 / args.rate if args.rate else 0.0
@@ -62,15 +78,20 @@ def run(args) -> dict:
             payload = dict(json.loads(args.payload), seed=seed)
             sent = time.perf_counter()
             try:  # the key is read (and renewed once expired) per request: a long run outlives a key
-                status, headers, body = predict_with_key_file(args.url, args.model, payload, args.token,
-                                                              args.key_file, args.management_url, args.timeout)
+                if args.front == "kserve":
+                    status, headers, body = request(f"{args.url.rstrip('/')}/v1/images/generations",
+                                                    args.token or os.environ.get("SD_API_KEY"),
+                                                    json.dumps(payload).encode(), "application/json", args.timeout)
+                else:
+                    status, headers, body = predict_with_key_file(args.url, args.model, payload, args.token,
+                                                                  args.key_file, args.management_url, args.timeout)
             except ServerUnreachable as e:
                 status, headers, body = "unreachable", {}, str(e).encode()
             except KeyRenewalFailed as e:
                 status, headers, body = "key-renewal-failed", {}, str(e).encode()
             headers = {k.lower(): v for k, v in headers.items()}
             record = {"index": index, "status": status, "latency_s": time.perf_counter() - sent,
-                      "own_image": status == 200 and is_image(body) and headers.get("x-seed") == str(seed),
+                      "own_image": status == 200 and own_image(args.front, headers, body, seed),
                       "timing_ms": server_timing(headers.get("server-timing"))}
         with lock:
             results.append(record)
@@ -103,8 +124,11 @@ def run(args) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8080", help="inference address (default: %(default)s)")
+    parser.add_argument("--front", choices=("torchserve", "kserve"), default="torchserve",
+                        help="torchserve: the plain API; kserve: the KServe front's OpenAI route (default: torchserve)")
     parser.add_argument("--model", default="stable-diffusion", help="model name (default: %(default)s)")
-    parser.add_argument("--token", help="inference token (default: $TS_INFERENCE_TOKEN or --key-file)")
+    parser.add_argument("--token", help="inference token (default: $TS_INFERENCE_TOKEN or --key-file; for the KServe "
+                        "front $SD_API_KEY)")
     parser.add_argument("--key-file", default="key_file.json", help="TorchServe's key file (default: %(default)s)")
     parser.add_argument("--management-url", default="http://127.0.0.1:8081",
                         help="management address, to renew an expired key in --key-file (default: %(default)s)")

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from kserve_front import MODEL, start_front
+from ts_server import ROOT
 from query import request
 
 pytestmark = pytest.mark.e2e
@@ -230,3 +231,13 @@ def test_an_oversized_body_gets_a_readable_413_from_every_client(front):
                           input=big, capture_output=True, timeout=60)
     body, code = curl.stdout.rsplit(b"\n", 1)
     assert code == b"413" and b"must be at most" in body
+
+
+def test_the_load_test_drives_the_kserve_front_too(front, tmp_path):
+    summary = tmp_path / "load.json"
+    completed = subprocess.run([sys.executable, str(ROOT / "scripts" / "loadtest.py"), "--front", "kserve", "--url",
+                                front.url, "--token", KEY, "--requests", "8", "--concurrency", "4", "--payload",
+                                '{"prompt": "a fox", "num_inference_steps": 2}', "--json", str(summary)],
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+    assert json.loads(summary.read_text())["status_counts"] == {"200": 8}
