@@ -15,7 +15,6 @@ key (--api-key-file, or $SD_API_KEY) every route but health, readiness and /metr
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import signal
@@ -35,7 +34,7 @@ from sd_engine.requests import FIELDS
 import kserve
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse, to_http_parameters
-from sd_kserve_server import Metrics, add_routes, serve
+from sd_kserve_server import FrontServer, Metrics, add_routes
 
 logger = logging.getLogger("sd_kserve")
 DATATYPES = {"prompt": "BYTES", "negative_prompt": "BYTES", "format": "BYTES", "guidance_scale": "FP32"}
@@ -146,21 +145,30 @@ def main(argv=None) -> int:
     device = pick_device(args.gpu if settings.get("deviceType", "gpu") == "gpu" else None)
     engine = load_engine(config, prepare_weights(model_dir, config.weights), device, max_batch_size=max_images)
     metrics = Metrics()
+    # The engine runs on this (the main) thread, the servers on another: see sd_engine/batching.py.
     batcher = Batcher(engine, max_images, float(settings.get("maxBatchDelay") or 0) / 1000,
-                      on_batch=lambda batch: batch_started(metrics, batch))
+                      on_batch=lambda batch: batch_started(metrics, batch), start=False)
     model = StableDiffusionModel(args.model_name, engine, batcher, max_images, metrics)
     import kserve.model_server
 
     add_routes(kserve.model_server.app, model, api_key)
+    server = FrontServer(model, args.host, args.http_port, args.grpc_port or None, api_key, args.grace_seconds)
+
+    def shut_down(number, frame):  # SIGTERM (a scale-down) or SIGINT: no new requests, those in flight finish
+        logger.info("signal %d: shutting down", number)
+        server.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, shut_down)
     logger.info("serving %s on http://%s:%d (gRPC %s), batch %d within %s ms, API key %s", args.model_name, args.host,
                 args.http_port, args.grpc_port or "off", max_images, settings.get("maxBatchDelay", 0),
                 "on" if api_key else "off")
-    # uvicorn handles SIGTERM/SIGINT while it serves (no new connections; in-flight requests finish), then re-raises
-    # the signal to the handler it found: this one, so that the queue is drained below and the exit code is 0.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda number, frame: logger.info("signal %d: shutting down", number))
-    asyncio.run(serve(model, args.host, args.http_port, args.grpc_port or None, api_key, args.grace_seconds))
-    batcher.close()  # the server let in-flight requests finish; anything still queued finishes here
+    server.start(on_exit=batcher.close)  # once the servers stop, the engine loop drains the queue and returns
+    batcher.run()
+    server.thread.join()
+    if server.failure is not None:
+        logger.error("the server failed: %r", server.failure)
+        return 1
     logger.info("stopped")
     return 0
 

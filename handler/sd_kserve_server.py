@@ -1,14 +1,17 @@
 """The KServe front's server side: KServe's REST and gRPC servers bound where we say, our routes (the OpenAI Images
 API, errors with our statuses, the API key check) on its FastAPI app, and our metrics beside KServe's own.
 
-KServe 0.21's ModelServer listens on every interface; `serve` runs the same REST server (RESTServer, whose uvicorn
-drains on SIGTERM) and gRPC service on one address instead.
+KServe 0.21's ModelServer listens on every interface; FrontServer runs the same REST server (RESTServer) and gRPC
+service on one address instead, in a background thread, so that the engine can keep the main thread (see
+sd_engine/batching.py), and stops them gracefully on request: no new connections, requests in flight finish.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import threading
 
 from fastapi import Request  # at module level: FastAPI resolves the route's annotations in this module
 from fastapi.responses import JSONResponse
@@ -142,25 +145,50 @@ def add_routes(app, model, api_key: str | None) -> None:
             return JSONResponse({"error": "missing or wrong API key (Authorization: Bearer <key>)"}, status_code=401)
 
 
-async def serve(model, host: str, http_port: int, grpc_port: int | None, api_key: str | None, grace_s: int) -> None:
-    """KServe's REST (and gRPC) servers over `model`, bound to `host`; returns after a graceful SIGTERM/SIGINT."""
-    from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
-    from kserve.model_repository import ModelRepository
-    from kserve.protocol.dataplane import DataPlane
-    from kserve.protocol.model_repository_extension import ModelRepositoryExtension
-    from kserve.protocol.rest.server import RESTServer
+class FrontServer:
+    """KServe's REST (and gRPC) servers over `model`, bound to `host`, in a thread of their own."""
 
-    registry = ModelRepository()
-    registry.update(model)
-    dataplane, extension = DataPlane(model_registry=registry), ModelRepositoryExtension(model_registry=registry)
-    rest = RESTServer(FASTAPI_APP_IMPORT_STRING, dataplane, extension, http_port, grace_period=grace_s)
-    rest.config.host = host  # uvicorn handles SIGTERM: no new connections, in-flight requests finish
-    grpc_server = None
-    if grpc_port:
-        grpc_server = await start_grpc(host, grpc_port, dataplane, extension, api_key)
-    await rest.start()
-    if grpc_server is not None:
-        await grpc_server.stop(grace=grace_s)
+    def __init__(self, model, host: str, http_port: int, grpc_port: int | None, api_key: str | None, grace_s: int):
+        from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
+        from kserve.model_repository import ModelRepository
+        from kserve.protocol.dataplane import DataPlane
+        from kserve.protocol.model_repository_extension import ModelRepositoryExtension
+        from kserve.protocol.rest.server import RESTServer
+
+        registry = ModelRepository()
+        registry.update(model)
+        self.dataplane = DataPlane(model_registry=registry)
+        self.extension = ModelRepositoryExtension(model_registry=registry)
+        self.rest = RESTServer(FASTAPI_APP_IMPORT_STRING, self.dataplane, self.extension, http_port,
+                               grace_period=grace_s)
+        self.rest.config.host = host
+        self.host, self.grpc_port, self.api_key, self.grace_s = host, grpc_port, api_key, grace_s
+        self.thread: threading.Thread | None = None
+        self.failure: BaseException | None = None
+
+    def start(self, on_exit) -> None:
+        """Serve in the background; `on_exit` is called (in that thread) once the servers have stopped."""
+        def run():
+            try:
+                asyncio.run(self._serve())
+            except BaseException as e:  # noqa: BLE001 - reported to the main thread, which exits with it
+                self.failure = e
+            finally:
+                on_exit()
+        self.thread = threading.Thread(target=run, name="sd-kserve-server")
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Graceful: uvicorn stops accepting and lets requests in flight finish (up to grace_s). Thread-safe."""
+        self.rest._server.should_exit = True
+
+    async def _serve(self) -> None:
+        grpc_server = None
+        if self.grpc_port:
+            grpc_server = await start_grpc(self.host, self.grpc_port, self.dataplane, self.extension, self.api_key)
+        await self.rest.start()  # returns once stop() was called and the requests in flight are answered
+        if grpc_server is not None:
+            await grpc_server.stop(grace=self.grace_s)
 
 
 async def start_grpc(host: str, port: int, dataplane, extension, api_key: str | None):

@@ -9,6 +9,9 @@ layout, then runs these phases, each with the real TorchServe (Java frontend, `-
 2. `1gpu-warm`: the same after a restart with the cache warm (start-to-ready only, plus one request).
 3. `<N>gpu`: N workers with `deviceIds` 0..N-1 (one per GPU), the load test again. nvidia-smi's process list shows
    which GPU each worker's pid holds.
+4. `1gpu-kserve` (--phases kserve): the KServe front (handler/sd_kserve.py) on the same model folder and config,
+   so at the same batch settings: start to ready, one OpenAI-route request, the same load test (loadtest.py
+   --front kserve), its /metrics; stopped with SIGTERM.
 
 Every phase stops its server, even on failure, and the summary is rewritten after each step, so a run cut short still
 leaves what it measured. Standard library + this repo only; torchserve must be importable (`ts`), Java on
@@ -20,6 +23,7 @@ JAVA_HOME or PATH.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import re
@@ -32,11 +36,12 @@ from pathlib import Path
 
 import yaml
 
-from query import read_key, request, wait_until_ready
+from query import ServerUnreachable, read_key, request, wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "stable-diffusion"
 INFERENCE, MANAGEMENT, METRICS = "http://127.0.0.1:8080", "http://127.0.0.1:8081", "http://127.0.0.1:8082"
+KSERVE = "http://127.0.0.1:8090"
 TORCHSERVE = [sys.executable, "-c", "import sys; from ts.model_server import start; sys.argv[0] = 'torchserve'; "
                                     "sys.exit(start())"]
 PROMPT = "a photo of an astronaut riding a horse on mars"
@@ -57,8 +62,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="num_inference_steps (default: %(default)s)")
     parser.add_argument("--size", type=int, default=512, help="height and width (default: %(default)s)")
     parser.add_argument("--device-type", default="gpu", help="model-config deviceType (cpu: a dry run here)")
-    parser.add_argument("--phases", nargs="+", default=["cold", "warm", "multi"], choices=("cold", "warm", "multi"),
-                        help="which phases to run (default: all)")
+    parser.add_argument("--phases", nargs="+", default=["cold", "warm", "multi"],
+                        choices=("cold", "warm", "multi", "kserve"),
+                        help="which phases to run (default: the TorchServe ones)")
     args = parser.parse_args(argv)
     # Subprocesses (model build, workers) import sd_engine from handler/ and query from scripts/.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "handler"), str(ROOT / "scripts"),
@@ -89,6 +95,14 @@ def main(argv=None) -> int:
     phases = [("cold", "1gpu-cold", 1, args.concurrency, True), ("warm", "1gpu-warm", 1, [], False)]
     if args.gpus > 1:
         phases.append(("multi", f"{args.gpus}gpu", args.gpus, multi, False))
+    if "kserve" in args.phases:
+        write_model_config(store, args, 1)
+        summary["phases"]["1gpu-kserve"] = phase = {"workers": 1, "device_ids": [0], "front": "kserve"}
+        try:
+            run_kserve_phase(phase, args, args.concurrency, save)
+        except Exception as e:  # noqa: BLE001 - record it and go on
+            phase["error"] = f"{type(e).__name__}: {e}"
+        save()
     for key, name, workers, concurrencies, clients in phases:
         if key not in args.phases:
             continue
@@ -144,6 +158,49 @@ def run_phase(name, phase, args, workers, concurrencies, clients, save):
     (logs / "metrics.txt").write_bytes(body)
     phase["metrics"] = {line.split(" ")[0]: float(line.split(" ")[-1]) for line in body.decode().splitlines()
                         if line.startswith(("ImagesGenerated", "PeakGPUMemory", "StepsPerSecond"))}
+
+
+def run_kserve_phase(phase, args, concurrencies, save):
+    logs = args.work / "logs" / "1gpu-kserve"
+    logs.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(logs / "kserve.log", "w") as out:
+        process = subprocess.Popen([sys.executable, str(ROOT / "handler" / "sd_kserve.py"), "--model-dir",
+                                    str(args.work / "model_store" / MODEL), "--grpc-port", "0"],
+                                   stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, TMPDIR=str(args.work)))
+    try:
+        deadline = time.monotonic() + 900
+        while True:  # the server listens once the engine is warmed up
+            if process.poll() is not None:
+                raise RuntimeError(f"the KServe front exited {process.returncode}")
+            try:
+                if request(f"{KSERVE}/v2/health/ready", timeout=5)[0] == 200:
+                    break
+            except ServerUnreachable:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("the KServe front was not ready after 900 s")
+            time.sleep(1)  # polling an external condition, bounded by the deadline
+        phase["start_to_ready_s"] = round(time.perf_counter() - started, 1)
+        phase["engine_ready_lines"] = engine_ready_lines(logs / "kserve.log")
+        status, _, body = request(f"{KSERVE}/v1/images/generations", None,
+                                  json.dumps({"prompt": PROMPT, "seed": 42}).encode(), "application/json", 600)
+        image = base64.b64decode(json.loads(body)["data"][0]["b64_json"]) if status == 200 else b""
+        (logs / "openai.jpg").write_bytes(image)
+        phase["curl"] = {"http_code": str(status), "jpeg": image[:2] == b"\xff\xd8", "bytes": len(image)}
+        save()
+        phase["loadtest"] = {}
+        for concurrency in concurrencies:
+            phase["loadtest"][str(concurrency)] = loadtest(args, concurrency, logs, front="kserve")
+            save()
+        status, _, body = request(f"{KSERVE}/metrics", timeout=30)
+        (logs / "metrics.txt").write_bytes(body)
+        phase["metrics"] = {line.split(" ")[0]: float(line.split(" ")[-1]) for line in body.decode().splitlines()
+                            if line.startswith(("ImagesGenerated", "PeakGPUMemory", "QueueSeconds_sum"))}
+    finally:
+        process.terminate()
+        phase["exit_code"] = process.wait(timeout=600)
+        subprocess.run(["tar", "-czf", str(args.out / "logs-kserve.tar.gz"), "-C", str(logs), "."])
 
 
 def phase_ok(phase: dict) -> bool:
@@ -223,10 +280,12 @@ def query_py(work: Path, logs: Path) -> dict:
             "jpeg": bool(written) and written[-1].read_bytes()[:2] == b"\xff\xd8"}
 
 
-def loadtest(args, concurrency: int, logs: Path) -> dict:
+def loadtest(args, concurrency: int, logs: Path, front: str = "torchserve") -> dict:
     out = logs / f"loadtest-c{concurrency}.json"
-    completed = subprocess.run([sys.executable, str(ROOT / "scripts" / "loadtest.py"), "--key-file",
-                                str(args.work / "key_file.json"), "--concurrency", str(concurrency), "--requests",
+    url = KSERVE if front == "kserve" else INFERENCE
+    completed = subprocess.run([sys.executable, str(ROOT / "scripts" / "loadtest.py"), "--front", front, "--url", url,
+                                "--key-file", str(args.work / "key_file.json"), "--concurrency", str(concurrency),
+                                "--requests",
                                 str(max(16, args.requests_per_client * concurrency)), "--max-seconds", "300",
                                 "--payload", json.dumps({"prompt": PROMPT, "num_inference_steps": args.steps}),
                                 "--json", str(out)], capture_output=True, text=True, timeout=400)

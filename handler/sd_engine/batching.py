@@ -2,9 +2,12 @@
 
 Requests submitted from many threads or asyncio tasks within `max_delay_s` of the first waiting one are handed to
 Engine.generate together, until they hold `max_images` images; the engine then groups them by shape into pipeline
-calls of at most its batch size. One worker thread owns the engine, so pipeline calls never overlap on the GPU (one
-engine per GPU process). Every submission gets its own results, in order: a failing group fails only its own
-requests (the engine's rule), an unexpected exception fails only the batch it happened in, and the worker goes on.
+calls of at most its batch size. One thread owns the engine, so pipeline calls never overlap on the GPU (one engine
+per GPU process): a worker thread the batcher starts, or the caller's own thread in run() (start=False). A front
+whose engine may run on the CPU should run it on the main thread: PyTorch's CPU kernels measured 2-9x slower called
+from another thread here (libgomp, 2 cores). Every submission gets its own results, in order: a failing group fails
+only its own requests (the engine's rule), an unexpected exception fails only the batch it happened in, and the
+worker goes on.
 
 close() stops taking submissions, finishes those already queued, then stops the worker: a front calls it on SIGTERM
 (a scale-down) so nothing accepted is lost.
@@ -50,7 +53,7 @@ class Batch:
 
 
 class Batcher:
-    def __init__(self, engine, max_images: int, max_delay_s: float, on_batch=None):
+    def __init__(self, engine, max_images: int, max_delay_s: float, on_batch=None, start: bool = True):
         if max_images < 1 or max_delay_s < 0:
             raise ValueError(f"max_images must be >= 1 and max_delay_s >= 0, got {max_images}, {max_delay_s}")
         self.engine = engine
@@ -60,8 +63,9 @@ class Batcher:
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._closed = False
-        self._worker = threading.Thread(target=self._run, name="sd-batcher", daemon=True)
-        self._worker.start()
+        self._worker = threading.Thread(target=self.run, name="sd-batcher", daemon=True) if start else None
+        if self._worker is not None:
+            self._worker.start()
 
     def submit(self, requests: Sequence[GenerationRequest]) -> Future:
         """Queue one submission (one or more images); its Future gives one result or EngineError per request."""
@@ -77,14 +81,16 @@ class Batcher:
         return await asyncio.wrap_future(self.submit(requests))
 
     def close(self, timeout: float | None = None) -> None:
-        """Take no more submissions, finish the queued ones, stop the worker."""
+        """Take no more submissions, finish the queued ones, stop the worker (run() returns)."""
         with self._lock:
             if not self._closed:
                 self._closed = True
                 self._queue.put(None)
-        self._worker.join(timeout)
+        if self._worker is not None:
+            self._worker.join(timeout)
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """The worker loop: the batcher's own thread runs it, or with start=False the caller, until close()."""
         stopping = False
         while not stopping:
             job = self._queue.get()
