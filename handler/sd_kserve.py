@@ -14,12 +14,10 @@ key (--api-key-file, or $SD_API_KEY) every route but health, readiness and /metr
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
 import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -34,7 +32,7 @@ from sd_engine.requests import FIELDS
 import kserve
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse, to_http_parameters
-from sd_kserve_server import FrontServer, Metrics, add_routes
+from sd_kserve_server import FrontServer, Metrics, add_routes, argument_parser
 
 logger = logging.getLogger("sd_kserve")
 DATATYPES = {"prompt": "BYTES", "negative_prompt": "BYTES", "format": "BYTES", "guidance_scale": "FP32"}
@@ -119,24 +117,13 @@ def batch_started(metrics: Metrics, batch) -> None:
                 max(batch.queue_seconds))
 
 
-def argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", type=Path, required=True, help="package_model.py's folder (or .mar file)")
-    parser.add_argument("--model-name", default="stable-diffusion", help="served name (default: %(default)s)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    parser.add_argument("--http-port", type=int, default=8090, help="REST port (default: %(default)s)")
-    parser.add_argument("--grpc-port", type=int, default=8091, help="gRPC port, 0 for none (default: %(default)s)")
-    parser.add_argument("--api-key-file", type=Path, help="file holding the API key (default: $SD_API_KEY, or none)")
-    parser.add_argument("--gpu", type=int, default=0, help="which CUDA GPU to use, when there is one (default: 0)")
-    parser.add_argument("--grace-seconds", type=int, default=300,
-                        help="on SIGTERM, how long requests in flight may take to finish (default: %(default)s)")
-    return parser
-
-
 def main(argv=None) -> int:
-    args = argument_parser().parse_args(argv)
+    args = argument_parser(__doc__).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     api_key = args.api_key_file.read_text().strip() if args.api_key_file else os.environ.get("SD_API_KEY")
+    if api_key is not None and not api_key.strip():  # an unpopulated secret must not open the server
+        print(f"error: the API key ({args.api_key_file or '$SD_API_KEY'}) is empty", file=sys.stderr)
+        return 2
 
     model_dir = prepare_model_dir(args.model_dir)
     settings = model_config(model_dir)
@@ -147,7 +134,8 @@ def main(argv=None) -> int:
     metrics = Metrics()
     # The engine runs on this (the main) thread, the servers on another: see sd_engine/batching.py.
     batcher = Batcher(engine, max_images, float(settings.get("maxBatchDelay") or 0) / 1000,
-                      on_batch=lambda batch: batch_started(metrics, batch), start=False)
+                      on_batch=lambda batch: batch_started(metrics, batch), start=False,
+                      max_queued=int(settings.get("jobQueueSize") or 64))  # past it: 503, as TorchServe answers
     model = StableDiffusionModel(args.model_name, engine, batcher, max_images, metrics)
     import kserve.model_server
 
@@ -164,7 +152,11 @@ def main(argv=None) -> int:
                 args.http_port, args.grpc_port or "off", max_images, settings.get("maxBatchDelay", 0),
                 "on" if api_key else "off")
     server.start(on_exit=batcher.close)  # once the servers stop, the engine loop drains the queue and returns
-    batcher.run()
+    try:
+        batcher.run()
+    except BaseException:  # noqa: BLE001 - without its engine loop the server must not stay up, listed ready
+        logger.exception("the engine loop failed; exiting")
+        os._exit(1)
     server.thread.join()
     if server.failure is not None:
         logger.error("the server failed: %r", server.failure)

@@ -8,24 +8,33 @@ sd_engine/batching.py), and stops them gracefully on request: no new connections
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hmac
 import json
 import threading
 
+from pathlib import Path
+
 from fastapi import Request  # at module level: FastAPI resolves the route's annotations in this module
 from fastapi.responses import JSONResponse
 
-from sd_engine.errors import EngineError
+from sd_engine.binary_tensors import decode_body
+from sd_engine.errors import EngineError, InvalidRequest
 from sd_engine.openai_images import error_response, generation_response, parse_generation
 
 OPEN_PATHS = ("/", "/metrics", "/v2/health/live", "/v2/health/ready")  # probes and Prometheus need no key
 MAX_REQUEST_BYTES = 1 << 20  # as TorchServe's max_request_size: prompts and numbers, never images
 
 
-class BodyLimit:
-    """ASGI middleware: a body over `limit` bytes gets a 413 with the error shape, before it is read into memory
-    (uvicorn itself has no limit). A declared Content-Length is refused at once; a chunked body once it passes it."""
+class RequestShaper:
+    """ASGI middleware, before the app reads anything:
+    - a body over `limit` bytes gets a 413 with the error shape, never read into memory whole (uvicorn has no limit);
+      a declared Content-Length at once, a chunked body once it passes the limit;
+    - a v2 body in the binary tensor extension is decoded by sd_engine.binary_tensors (malformed: a 400 naming
+      where) and handed on as JSON: KServe 0.21's own decoder answers such mistakes with 500s or accepts them;
+    - a v2 body with neither a JSON content type nor that extension's header is JSON (tritonclient's JSON mode);
+    - the model repository API (load/unload, which would take the model away from a pod that stays ready) is off."""
 
     def __init__(self, app, limit: int = MAX_REQUEST_BYTES):
         self.app, self.limit = app, limit
@@ -33,40 +42,56 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
+        if scope["path"].startswith("/v2/repository"):
+            return await answer(send, 403, "the model repository API is off on this server")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self.refuse(send, int(declared))
-        received, started = 0, False
-
-        async def counted():
-            nonlocal received
+            return await answer(send, 413, f"`body` must be at most {self.limit} bytes, got {int(declared)}")
+        body, more = b"", True
+        while more:
             message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                raise _TooLarge()
-            return message
+            if message["type"] != "http.request":  # the client went away
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await answer(send, 413, f"`body` must be at most {self.limit} bytes, got {len(body)} or more")
+        if scope["path"].endswith("/infer"):
+            json_length = headers.pop(b"inference-header-content-length", None)
+            if json_length is not None:
+                try:
+                    body = json.dumps(decode_body(body, json_length.decode("latin-1"))).encode()
+                except InvalidRequest as error:
+                    return await answer(send, 400, str(error))
+            if json_length is not None or not headers.get(b"content-type", b"").startswith(b"application/json"):
+                headers[b"content-type"] = b"application/json"
+                headers[b"content-length"] = str(len(body)).encode()
+                scope = dict(scope, headers=list(headers.items()))
+        replayed = False
 
-        async def tracked(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: wait for a disconnect, as the app may
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
 
-        try:
-            await self.app(scope, counted, tracked)
-        except _TooLarge:
-            if not started:
-                await self.refuse(send, received)
-
-    async def refuse(self, send, size: int) -> None:
-        body = json.dumps({"error": f"`body` must be at most {self.limit} bytes, got {size} or more"}).encode()
-        await send({"type": "http.response.start", "status": 413, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        await self.app(scope, replay, send)
 
 
-class _TooLarge(Exception):
-    pass
+async def answer(send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def bearer(value: str) -> str:
+    """The token of an `Authorization: Bearer <token>` value (the scheme in any case), else ""."""
+    scheme, _, token = value.strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
 
 
 class Metrics:
@@ -109,9 +134,12 @@ def add_routes(app, model, api_key: str | None) -> None:
 
     async def generations(request: Request):
         try:
-            body = json.loads(await request.body())
+            try:
+                body = json.loads(await request.body())
+            except (ValueError, RecursionError) as e:  # not JSON, absurd nesting
+                raise InvalidRequest("body", "<not JSON>", f"must be a JSON object ({type(e).__name__})") from None
             requests = parse_generation(body, model.engine.rules, model.max_images)
-        except ValueError as error:  # bad JSON (ValueError), or InvalidRequest naming the field
+        except InvalidRequest as error:
             model.metrics.images.labels("invalid").inc()
             return JSONResponse(error_response(error, 400), status_code=400)
         try:
@@ -121,28 +149,18 @@ def add_routes(app, model, api_key: str | None) -> None:
         return JSONResponse(generation_response(images))
 
     app.add_exception_handler(EngineError, engine_error)
-    app.add_middleware(BodyLimit)
     for prefix in ("/v1", "/openai/v1"):
         app.add_api_route(f"{prefix}/images/generations", generations, methods=["POST"])
-
-    @app.middleware("http")
-    async def json_by_default(request: Request, call_next):
-        """A v2 body with neither a JSON content type nor the binary extension's header is JSON: tritonclient sends
-        its JSON-only requests so, and KServe 0.21 would take them for binary ones (400)."""
-        headers = dict(request.scope["headers"])
-        if request.url.path.endswith("/infer") and b"inference-header-content-length" not in headers and \
-                not headers.get(b"content-type", b"").startswith(b"application/json"):
-            headers[b"content-type"] = b"application/json"
-            request.scope["headers"] = list(headers.items())
-        return await call_next(request)
     if api_key:
+        open_paths = OPEN_PATHS + (f"/v2/models/{model.name}/ready",)
+
         @app.middleware("http")
         async def require_key(request: Request, call_next):
-            supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if request.url.path in OPEN_PATHS or request.url.path.endswith("/ready") or \
-                    hmac.compare_digest(supplied.encode(), api_key.encode()):
+            if request.url.path in open_paths or \
+                    hmac.compare_digest(bearer(request.headers.get("authorization", "")).encode(), api_key.encode()):
                 return await call_next(request)
             return JSONResponse({"error": "missing or wrong API key (Authorization: Bearer <key>)"}, status_code=401)
+    app.add_middleware(RequestShaper)  # added last: outermost, so the body limit holds before anything reads it
 
 
 class FrontServer:
@@ -198,21 +216,42 @@ async def start_grpc(host: str, port: int, dataplane, extension, api_key: str | 
     from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
     from kserve.protocol.grpc.servicer import InferenceServicer
 
-    class RequireKey(grpc.aio.ServerInterceptor):
+    class Guard(grpc.aio.ServerInterceptor):
+        """No model repository calls (as on REST); with an API key, no calls without it but health and readiness."""
+
         async def intercept_service(self, continuation, details):
-            supplied = dict(details.invocation_metadata or ()).get("authorization", "").removeprefix("Bearer ")
-            if details.method.endswith(("/ServerLive", "/ServerReady", "/ModelReady")) or \
-                    hmac.compare_digest(supplied.strip().encode(), api_key.encode()):
+            if "/RepositoryModel" in details.method:
+                return refusal(grpc.StatusCode.PERMISSION_DENIED, "the model repository API is off on this server")
+            supplied = bearer(dict(details.invocation_metadata or ()).get("authorization", ""))
+            if not api_key or details.method.endswith(("/ServerLive", "/ServerReady", "/ModelReady")) or \
+                    hmac.compare_digest(supplied.encode(), api_key.encode()):
                 return await continuation(details)
+            return refusal(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key (authorization)")
 
-            async def refuse(request, context):
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key (authorization)")
-            return grpc.unary_unary_rpc_method_handler(refuse)
+    def refusal(code, message):
+        async def refuse(request, context):
+            await context.abort(code, message)
+        return grpc.unary_unary_rpc_method_handler(refuse)
 
-    interceptors = [ExceptionToStatusInterceptor()] + ([RequireKey()] if api_key else [])
-    server = grpc.aio.server(interceptors=interceptors)
+    server = grpc.aio.server(interceptors=[ExceptionToStatusInterceptor(), Guard()],
+                             options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
     grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane, extension),
                                                                        server)
     server.add_insecure_port(f"{host}:{port}")
     await server.start()
     return server
+
+
+def argument_parser(description: str = "") -> argparse.ArgumentParser:
+    """sd_kserve.py's command line (here, so that it can be read without importing kserve)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", type=Path, required=True, help="package_model.py's folder (or .mar file)")
+    parser.add_argument("--model-name", default="stable-diffusion", help="served name (default: %(default)s)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--http-port", type=int, default=8090, help="REST port (default: %(default)s)")
+    parser.add_argument("--grpc-port", type=int, default=8091, help="gRPC port, 0 for none (default: %(default)s)")
+    parser.add_argument("--api-key-file", type=Path, help="file holding the API key (default: $SD_API_KEY, or none)")
+    parser.add_argument("--gpu", type=int, default=0, help="which CUDA GPU to use, when there is one (default: 0)")
+    parser.add_argument("--grace-seconds", type=int, default=300,
+                        help="on SIGTERM, how long requests in flight may take to finish (default: %(default)s)")
+    return parser

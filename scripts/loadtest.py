@@ -89,6 +89,8 @@ def run(args) -> dict:
                 status, headers, body = "unreachable", {}, str(e).encode()
             except KeyRenewalFailed as e:
                 status, headers, body = "key-renewal-failed", {}, str(e).encode()
+            except Exception as e:  # noqa: BLE001 - one request's failure must not end the run
+                status, headers, body = f"error: {type(e).__name__}", {}, str(e).encode()
             headers = {k.lower(): v for k, v in headers.items()}
             record = {"index": index, "status": status, "latency_s": time.perf_counter() - sent,
                       "own_image": status == 200 and own_image(args.front, headers, body, seed),

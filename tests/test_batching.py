@@ -112,3 +112,42 @@ def test_asyncio_fronts_await_results_without_blocking_the_loop(tiny_engine, cpu
     results, ticks = asyncio.run(main())
     assert [len(r) for r in results] == [1, 1] and ticks > 1
     batcher.close()
+
+
+def test_a_cancelled_submission_is_skipped_and_the_others_are_answered(tiny_engine, cpu_rules):
+    """A client that gives up (a gRPC deadline, a closed connection) cancels its future; the loop goes on."""
+    batcher = Batcher(tiny_engine, max_images=4, max_delay_s=0, start=False)
+    gone = batcher.submit([parse_request({"prompt": "gone", "seed": 1}, cpu_rules)])
+    kept = batcher.submit([parse_request({"prompt": "kept", "seed": 2}, cpu_rules)])
+    assert gone.cancel()
+    batcher.close()  # queued work still runs: here on this thread
+    batcher.run()
+    assert gone.cancelled() and isinstance(kept.result(timeout=0)[0], GenerationResult)
+
+
+def test_an_asyncio_caller_that_gives_up_mid_call_does_not_stop_the_loop(tiny_engine, cpu_rules):
+    batcher = Batcher(tiny_engine, max_images=1, max_delay_s=0)
+
+    async def impatient():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(batcher.generate([parse_request({"prompt": "p", "num_inference_steps": 20,
+                                                                    "height": 128, "width": 128}, cpu_rules)]),
+                                   timeout=0.01)
+        return await batcher.generate([parse_request({"prompt": "next", "seed": 3}, cpu_rules)])
+
+    [result] = asyncio.run(impatient())
+    assert isinstance(result, GenerationResult)
+    batcher.close()
+
+
+def test_a_full_queue_refuses_with_503(tiny_engine, cpu_rules):
+    from sd_engine.batching import QueueFull
+
+    batcher = Batcher(tiny_engine, max_images=1, max_delay_s=0, start=False, max_queued=2)
+    for i in range(2):
+        batcher.submit([parse_request({"prompt": "p", "seed": i}, cpu_rules)])
+    with pytest.raises(QueueFull) as caught:
+        batcher.submit([parse_request({"prompt": "one too many"}, cpu_rules)])
+    assert caught.value.status == 503
+    batcher.close()
+    batcher.run()

@@ -241,3 +241,50 @@ def test_the_load_test_drives_the_kserve_front_too(front, tmp_path):
                                capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
     assert json.loads(summary.read_text())["status_counts"] == {"200": 8}
+
+
+def test_the_model_repository_api_is_off_on_rest_and_grpc(front):
+    """KServe's load/unload would take the model away from a pod that stays listed ready."""
+    import tritonclient.grpc as triton_grpc
+
+    status, body = call(front, f"/v2/repository/models/{MODEL}/unload", {})
+    assert status == 403 and "repository API is off" in json.loads(body)["error"]
+    with pytest.raises(Exception, match="PERMISSION_DENIED|repository API is off"):
+        triton_grpc.InferenceServerClient(front.grpc).unload_model(MODEL, headers={"authorization": f"Bearer {KEY}"})
+    assert call(front, f"/v1/models/{MODEL}:predict", {"instances": ["still here"]})[0] == 200
+
+
+def test_malformed_bodies_are_400s_naming_where_and_chunked_oversized_ones_413s(front):
+    import requests
+
+    url = f"{front.url}/v2/models/{MODEL}/infer"
+    headers = dict(front.auth, **{"Inference-Header-Content-Length": "abc"})
+    answer = requests.post(url, data=b'{"inputs": []}', headers=headers, timeout=60)
+    assert answer.status_code == 400
+    assert "`inference-header-content-length` must be an integer" in answer.json()["error"]
+    header = json.dumps({"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [1],
+                                     "parameters": {"binary_data_size": 100}}]}).encode()
+    answer = requests.post(url, data=header + b"\x03\x00\x00\x00abc", timeout=60,
+                           headers=dict(front.auth, **{"Inference-Header-Content-Length": str(len(header))}))
+    assert answer.status_code == 400 and "binary_data_size" in answer.json()["error"]
+    chunks = (b"a" * 500_000 for _ in range(6))  # no Content-Length: chunked
+    answer = requests.post(url, data=chunks, headers=front.auth, timeout=60)
+    assert answer.status_code == 413 and "must be at most" in answer.json()["error"]
+    answer = requests.post(f"{front.url}/v1/images/generations", data=b"[" * 200_000, timeout=60,
+                           headers=dict(front.auth, **{"Content-Type": "application/json"}))
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "body"
+
+
+def test_the_bearer_scheme_is_case_insensitive(front):
+    import requests
+
+    assert requests.get(f"{front.url}/v2/models/{MODEL}", headers={"Authorization": f"bearer {KEY}"},
+                        timeout=30).status_code == 200
+
+
+def test_an_empty_api_key_refuses_to_start(tmp_path):
+    (tmp_path / "key").write_text("  \n")
+    completed = subprocess.run([sys.executable, str(ROOT / "handler" / "sd_kserve.py"), "--model-dir",
+                                str(tmp_path), "--api-key-file", str(tmp_path / "key")],
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2 and "is empty" in completed.stderr

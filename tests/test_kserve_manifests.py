@@ -181,13 +181,13 @@ def test_known_keys_exist_in_the_installed_torchserve():
 def test_the_kserve_front_predictor():
     """The custom predictor: its args are sd_kserve.py's, its probes are v2 health routes that need no key, the port
     is the one it listens on, the model is under the storage initializer's mount, and the pod waits for the drain."""
-    import sd_kserve
-    from sd_kserve_server import OPEN_PATHS
+    # sd_kserve_server, not sd_kserve: kserve's gRPC module clashes with tritonclient's in one process.
+    from sd_kserve_server import OPEN_PATHS, argument_parser
 
     predictor = FRONT["spec"]["predictor"]
     (container,) = predictor["containers"]
     assert container["name"] == "kserve-container"
-    args = sd_kserve.argument_parser().parse_args(container["args"])
+    args = argument_parser().parse_args(container["args"])
     assert (args.host, args.http_port, args.grpc_port) == ("0.0.0.0", 8080, 0)
     assert [port["containerPort"] for port in container["ports"]] == [args.http_port]
     assert str(args.model_dir).startswith("/mnt/models/model-store/")
@@ -199,4 +199,4 @@ def test_the_kserve_front_predictor():
     assert predictor["scaleTarget"] == MODEL_CONFIG["batchSize"]
     dockerfile = (ROOT / "docker" / "kserve-front.Dockerfile").read_text()
     command = json.loads(re.search(r"^CMD (\[.*\])$", dockerfile, flags=re.M).group(1))
-    assert sd_kserve.argument_parser().parse_args(command).model_dir == args.model_dir
+    assert argument_parser().parse_args(command).model_dir == args.model_dir

@@ -36,6 +36,12 @@ class BatcherClosed(EngineError):
     status = 503
 
 
+class QueueFull(EngineError):
+    """More submissions wait than the queue holds (TorchServe's jobQueueSize); the client should retry later."""
+
+    status = 503
+
+
 @dataclass
 class _Job:
     requests: list[GenerationRequest]
@@ -53,13 +59,15 @@ class Batch:
 
 
 class Batcher:
-    def __init__(self, engine, max_images: int, max_delay_s: float, on_batch=None, start: bool = True):
+    def __init__(self, engine, max_images: int, max_delay_s: float, on_batch=None, start: bool = True,
+                 max_queued: int = 0):
         if max_images < 1 or max_delay_s < 0:
             raise ValueError(f"max_images must be >= 1 and max_delay_s >= 0, got {max_images}, {max_delay_s}")
         self.engine = engine
         self.max_images = max_images
         self.max_delay_s = max_delay_s
         self.on_batch = on_batch  # called with a Batch before each engine call (metrics); must not raise
+        self.max_queued = max_queued  # submissions waiting at most; 0: no bound
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._closed = False
@@ -72,6 +80,8 @@ class Batcher:
         with self._lock:  # so that nothing is queued after close()'s end marker
             if self._closed:
                 raise BatcherClosed("the server is shutting down and takes no new requests")
+            if self.max_queued and self._queue.qsize() >= self.max_queued:
+                raise QueueFull(f"{self._queue.qsize()} requests are waiting already; try again later")
             job = _Job(list(requests))
             self._queue.put(job)
         return job.future
@@ -96,6 +106,8 @@ class Batcher:
             job = self._queue.get()
             if job is None:
                 break
+            if not job.future.set_running_or_notify_cancel():  # its client gave up while it waited
+                continue
             batch, images = [job], len(job.requests)
             deadline = time.monotonic() + self.max_delay_s
             while images < self.max_images:
@@ -106,8 +118,9 @@ class Batcher:
                 if more is None:  # close(): this batch is the last
                     stopping = True
                     break
-                batch.append(more)
-                images += len(more.requests)
+                if more.future.set_running_or_notify_cancel():  # running: a client's cancel no longer applies
+                    batch.append(more)
+                    images += len(more.requests)
             self._process(batch)
 
     def _process(self, batch: list[_Job]) -> None:
@@ -118,11 +131,12 @@ class Batcher:
                 self.on_batch(Batch(len(requests), len(batch), [started - job.queued_at for job in batch]))
             except Exception:  # noqa: BLE001 - metrics must never cost a request
                 logger.exception("on_batch failed")
+        results: list = [GenerationError("generation failed; see the server log")] * len(requests)
         try:
             results = self.engine.generate(requests)
         except Exception:  # noqa: BLE001 - the engine answers per group; this is the last guard for the batch
             logger.exception("unexpected engine failure for a batch of %d", len(requests))
-            results = [GenerationError("generation failed; see the server log")] * len(requests)
-        for job in batch:
-            own, results = results[:len(job.requests)], results[len(job.requests):]
-            job.future.set_result(own)
+        finally:  # every taken submission is answered, whatever happened
+            for job in batch:
+                own, results = results[:len(job.requests)], results[len(job.requests):]
+                job.future.set_result(own)
