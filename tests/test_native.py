@@ -55,12 +55,34 @@ def test_a_rectangular_sample_size_gives_a_rectangular_native_size():
     assert native_defaults(pipe) == NativeDefaults(64, 96, 50, 7.5)
 
 
-def test_compile_pins_the_default_size():
-    rules = request_rules(EngineConfig(compile=True), SDXL)
-    assert parse_request({"prompt": "x"}, rules).height == 1024
-    with pytest.raises(InvalidRequest, match="must be 1024 on this server") as caught:
-        parse_request({"prompt": "x", "width": 768}, rules)
-    assert caught.value.field == "width"
+def test_a_compiled_server_takes_every_legal_size(tmp_path, monkeypatch):
+    """compile: true runs the default size compiled and any other legal size uncompiled, never refused. Dynamo traces
+    for real; its backend is "eager" here, so that no C++ is generated (inductor on the CPU takes a minute)."""
+    import functools
+
+    from sd_engine import optimize
+
+    monkeypatch.setattr(optimize.torch, "compile", functools.partial(torch.compile, backend="eager"))
+    calls = []
+    real_by_size = optimize.by_latent_size
+
+    def recording(compiled, plain, sizes):
+        def record(name, fn):
+            return lambda sample, *a, **k: calls.append((name, tuple(sample.shape[-2:]))) or fn(sample, *a, **k)
+        return real_by_size(record("compiled", compiled), record("plain", plain), sizes)
+
+    monkeypatch.setattr(optimize, "by_latent_size", recording)
+    from sd_engine.random_models import save_pipeline
+
+    engine = load_engine(EngineConfig(compile=True, num_inference_steps=2, warmup=False),
+                         save_pipeline("tiny", tmp_path / "w"), torch.device("cpu"))
+    for fields in ({"prompt": "x"}, {"prompt": "x", "height": 96, "width": 64}):
+        calls.clear()
+        request = parse_request(fields, engine.rules)
+        [result] = engine.generate([request])
+        assert result.image.size == (request.width, request.height)
+        expected = "compiled" if (request.height, request.width) == (64, 64) else "plain"
+        assert {name for name, _ in calls} == {expected}  # UNet steps and the VAE decode alike
 
 
 def test_an_sdxl_engine_defaults_to_its_own_size_and_guidance(tmp_path):

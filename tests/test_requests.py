@@ -1,6 +1,5 @@
 """The request contract: parse_request turns a body into a GenerationRequest or an InvalidRequest naming the field."""
 
-import dataclasses
 import json
 import math
 
@@ -40,15 +39,6 @@ def test_declared_json_must_be_an_object(body):
         parse_request(body, RULES, declared_json=True)
     assert caught.value.field == "body"
     assert parse_request(b'{"prompt": "x"}', RULES, declared_json=True).prompt == "x"
-
-
-def test_a_compiled_server_serves_its_configured_size_only():
-    config = dataclasses.replace(RULES, fixed_size=True)
-    assert parse_request({"prompt": "x", "num_inference_steps": 7, "seed": 3}, config).height == 64
-    for field in ("height", "width"):
-        with pytest.raises(InvalidRequest, match="compile is on") as caught:
-            parse_request({"prompt": "x", field: 128}, config)
-        assert caught.value.field == field
 
 
 def test_seed_null_is_drawn_at_random():

@@ -206,7 +206,7 @@ def load_engine(config: EngineConfig, source: str | Path, device: torch.device, 
 
     # 3. Optimize.
     start = time.perf_counter()
-    optimize(pipe, config, device, backend, max_batch_size)
+    optimize(pipe, config, device, backend, max_batch_size, compiled_sizes=((rules.height, rules.width),))
     optimize_s = time.perf_counter() - start
 
     # 4. Warm up.

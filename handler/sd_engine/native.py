@@ -53,8 +53,7 @@ def request_rules(config: EngineConfig, native: NativeDefaults) -> RequestRules:
         max_num_inference_steps=config.max_num_inference_steps,
         max_height=config.max_height or max(height, _side_limit(native.height or height)),
         max_width=config.max_width or max(width, _side_limit(native.width or width)),
-        max_prompt_chars=config.max_prompt_chars, max_guidance_scale=config.max_guidance_scale,
-        fixed_size=config.compile)
+        max_prompt_chars=config.max_prompt_chars, max_guidance_scale=config.max_guidance_scale)
     try:
         parse_request({"prompt": "x", "seed": 0}, rules)
     except InvalidRequest as e:

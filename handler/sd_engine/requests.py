@@ -40,9 +40,6 @@ class RequestRules:
     max_width: int = 1024
     max_prompt_chars: int = 2000
     max_guidance_scale: float = 50.0
-    # With torch.compile each new resolution recompiles the UNet inside the request (268 s measured for 768x768 on
-    # an H200), so a compiled server serves its default size only; graphs alone take any size.
-    fixed_size: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,11 +108,6 @@ def parse_request(body: Any, rules: RequestRules, declared_json: bool = False) -
     if not isinstance(fmt, str) or fmt.lower() not in FORMAT_ALIASES:
         raise InvalidRequest("format", fmt, "must be one of jpeg, png")
     quality = _int(fields, "quality", rules.quality, 1, 100)
-
-    if rules.fixed_size:
-        for name, value, fixed in (("height", height, rules.height), ("width", width, rules.width)):
-            if value != fixed:
-                raise InvalidRequest(name, value, f"must be {fixed} on this server (compile is on)")
 
     return GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
                              guidance_scale=guidance, height=height, width=width, seed=seed,
