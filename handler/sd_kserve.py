@@ -57,7 +57,8 @@ class StableDiffusionModel(kserve.Model):
         if isinstance(payload, InferRequest):
             body = {"id": payload.id, "parameters": to_http_parameters(payload.parameters or {}), "inputs": [
                 {"name": i.name, "datatype": i.datatype, "shape": list(i.shape), "data": _values(i)}
-                for i in payload.inputs]}
+                for i in payload.inputs], "outputs": [{"name": o.name, "parameters": to_http_parameters(
+                    o.parameters or {})} for o in payload.request_outputs or []]}
         elif isinstance(payload, dict) and "instances" in payload:
             body = payload
         else:
@@ -70,9 +71,10 @@ class StableDiffusionModel(kserve.Model):
         images = await self.generate(job.requests)
         if job.protocol == V1:
             return v1_response(images)
-        # The image tensor holds the JPEG/PNG bytes themselves where the tensor goes out in binary (gRPC, the binary
-        # extension), base64 text in JSON (as TorchServe's front answers).
-        raw = _binary_image(payload)
+        # The image tensor holds the JPEG/PNG bytes themselves where the tensor goes out in binary (always over gRPC;
+        # over REST as the client asked, which is how KServe's InferResponse.to_rest decides too), base64 text in
+        # JSON (as TorchServe's front answers).
+        raw = payload.from_grpc or bool({"*", "image"} & set(job.binary_outputs))
         outputs = [InferOutput("image", [len(images)], "BYTES"), InferOutput("content_type", [len(images)], "BYTES"),
                    InferOutput("seed", [len(images)], "INT64")]
         outputs[0].set_data_from_numpy(np.array([i.payload if raw else b64(i.payload) for i in images], np.object_),
@@ -99,16 +101,6 @@ class StableDiffusionModel(kserve.Model):
 def _values(tensor) -> list:
     values = tensor.as_numpy().reshape(-1).tolist()
     return [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in values]
-
-
-def _binary_image(payload: InferRequest) -> bool:
-    """Whether the image output leaves in binary: always over gRPC; over REST as the client asked (per output, else
-    `binary_data_output`), which is how KServe's InferResponse.to_rest decides too."""
-    if payload.from_grpc:
-        return True
-    if payload.request_outputs:
-        return any(o.name == "image" and o.binary_data for o in payload.request_outputs)
-    return bool(payload.use_binary_outputs)
 
 
 def batch_started(metrics: Metrics, batch) -> None:

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from sd_engine.binary_tensors import decode_body
 from sd_engine.errors import EngineError, InvalidRequest
 from sd_engine.openai_images import error_response, generation_response, parse_generation
+from sd_engine.requests import parse_body
 
 OPEN_PATHS = ("/", "/metrics", "/v2/health/live", "/v2/health/ready")  # probes and Prometheus need no key
 MAX_REQUEST_BYTES = 1 << 20  # as TorchServe's max_request_size: prompts and numbers, never images
@@ -134,13 +135,10 @@ def add_routes(app, model, api_key: str | None) -> None:
 
     async def generations(request: Request):
         try:
-            try:
-                body = json.loads(await request.body())
-            except (ValueError, RecursionError) as e:  # not JSON, absurd nesting
-                raise InvalidRequest("body", "<not JSON>", f"must be a JSON object ({type(e).__name__})") from None
+            body = parse_body(await request.body(), declared_json=True)
             requests = parse_generation(body, model.engine.rules, model.max_images)
         except InvalidRequest as error:
-            model.metrics.images.labels("invalid").inc()
+            model.metrics.failed(error)
             return JSONResponse(error_response(error, 400), status_code=400)
         try:
             images = await model.generate(requests)

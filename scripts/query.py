@@ -164,6 +164,24 @@ def wait_until_ready(management_url: str, model: str, key_file: str | Path | Non
     raise ServerUnreachable(f"model {model!r} not ready after {timeout:.0f} s ({last})")
 
 
+def wait_until_healthy(url: str, timeout: float, process=None) -> None:
+    """Poll GET `url` (a health route that answers once the model is loaded, e.g. the KServe front's
+    /v2/health/ready) until it answers 200; raise ServerUnreachable at the deadline, or as soon as `process` (a
+    subprocess.Popen running that server) has exited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process is not None and process.poll() is not None:
+            raise ServerUnreachable(f"the server exited with {process.returncode} before {url} answered")
+        try:
+            if request(url, timeout=5)[0] == 200:
+                return
+        except ServerUnreachable:
+            pass
+        if time.monotonic() > deadline:
+            raise ServerUnreachable(f"{url} did not answer 200 within {timeout:.0f} s")
+        time.sleep(0.2)  # polling interval of an external condition, bounded by the deadline
+
+
 def add_request_arguments(parser: argparse.ArgumentParser) -> None:
     """The request fields as flags (shared with scripts/generate.py); omitted ones take the server's defaults."""
     parser.add_argument("--prompt", required=True, help="what to draw")

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-from query import ServerUnreachable, read_key, request, wait_until_ready
+from query import read_key, request, wait_until_healthy, wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "stable-diffusion"
@@ -169,18 +169,7 @@ def run_kserve_phase(phase, args, concurrencies, save):
                                     str(args.work / "model_store" / MODEL), "--grpc-port", "0"],
                                    stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, TMPDIR=str(args.work)))
     try:
-        deadline = time.monotonic() + 900
-        while True:  # the server listens once the engine is warmed up
-            if process.poll() is not None:
-                raise RuntimeError(f"the KServe front exited {process.returncode}")
-            try:
-                if request(f"{KSERVE}/v2/health/ready", timeout=5)[0] == 200:
-                    break
-            except ServerUnreachable:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("the KServe front was not ready after 900 s")
-            time.sleep(1)  # polling an external condition, bounded by the deadline
+        wait_until_healthy(f"{KSERVE}/v2/health/ready", 900, process)  # it listens once the engine is warmed up
         phase["start_to_ready_s"] = round(time.perf_counter() - started, 1)
         phase["engine_ready_lines"] = engine_ready_lines(logs / "kserve.log")
         status, _, body = request(f"{KSERVE}/v1/images/generations", None,

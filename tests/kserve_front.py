@@ -5,13 +5,12 @@ import contextlib
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from query import ServerUnreachable, request
+from query import ServerUnreachable, wait_until_healthy
 from ts_server import ROOT, free_ports, run_or_explain
 
 MODEL = "stable-diffusion"
@@ -49,17 +48,10 @@ def start_front(work: Path, weights: Path, api_key: str | None = None,
                                     "--grace-seconds", "120"], stdout=out, stderr=subprocess.STDOUT, env=env)
     front = Front(process, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", api_key, log)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the KServe front exited {process.returncode}:\n{log.read_text()[-5000:]}")
-            try:
-                if request(f"{front.url}/v2/health/ready", timeout=5)[0] == 200:
-                    break
-            except ServerUnreachable:
-                pass
-            assert time.monotonic() < deadline, log.read_text()[-5000:]
-            time.sleep(0.2)  # polling an external condition, bounded by the deadline
+        try:
+            wait_until_healthy(f"{front.url}/v2/health/ready", 180, process)
+        except ServerUnreachable as e:
+            pytest.fail(f"the KServe front did not start ({e}):\n{log.read_text()[-5000:]}")
         yield front
     finally:
         if process.poll() is None:
