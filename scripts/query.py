@@ -137,14 +137,18 @@ def predict_with_key_file(base_url: str, model: str, payload: dict | str, token:
 
 
 def wait_until_ready(management_url: str, model: str, key_file: str | Path | None, timeout: float,
-                     workers: int = 1) -> None:
+                     workers: int = 1, alive=None) -> None:
     """Poll GET /models/<model> until `workers` workers are READY (TorchServe's /ping stays Healthy while loading).
 
     The management key is read from `key_file` on each try: `torchserve --start` returns before it writes the file.
+    `alive` (optional, a callable) is asked on each try whether the server still runs: a frontend that died at start
+    fails the wait at once instead of at the deadline.
     """
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
+        if alive is not None and not alive():
+            raise ServerUnreachable(f"the server exited before model {model!r} was ready ({last})")
         try:
             token = current_key(key_file, "management", management_url) if key_file else None
         except (OSError, ValueError, KeyError, KeyRenewalFailed):  # not there yet, or created but not yet written

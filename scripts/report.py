@@ -18,8 +18,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULT = ROOT / "bench" / "results" / "h200-sd15-2026-11-21.json"
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
-SERVING_RESULTS = [ROOT / "bench" / "results" / f"h200x2-sd15-2026-11-22-serving-{name}.json"
-                   for name in ("deepspeed", "compile")]
+SERVING_RESULTS = [ROOT / "bench" / "results" / f"{name}.json" for name in (
+    "h200x2-sd15-2026-11-22-serving-deepspeed", "h200x2-sd15-2026-11-22-serving-compile",
+    "h200-sd15-2026-12-02-serving-kserve")]
 SERVING_START, SERVING_END = "<!-- serving-table:start -->", "<!-- serving-table:end -->"
 # One file per GPU call: each row's "vs eager" and RMSE compare with the eager fp16 run of its own file.
 FAMILY_RESULTS = [ROOT / "bench" / "results" / f"h200-{name}.json" for name in (
@@ -78,16 +79,18 @@ def family_table(records: list[tuple[str, dict]]) -> str:
 
 
 def serving_table(records: list[dict]) -> str:
-    """One row per load-test run of the real TorchServe; start-to-ready times under the table."""
+    """One row per load-test run of a real server (TorchServe, or the KServe front on the same model folder and
+    config); start-to-ready times under the table."""
     first = records[0]
     lines = [
-        f"{first['gpus'][0].split(', ')[1]} ×{len(first['gpus'])}, {first['preset']} architecture with random weights, "
+        f"{first['gpus'][0].split(', ')[1]}, {first['preset']} architecture with random weights, "
         f"{first['size']}x{first['size']}, {first['steps']} steps, TorchServe {first['versions']['torchserve']} "
-        f"({first['versions']['java']}), batchSize {first['batch_size']}, maxBatchDelay 10 ms; scripts/loadtest.py, "
-        "each request its own seed; latency as the client saw it.",
+        f"({first['versions']['java']}) or the KServe front, batchSize {first['batch_size']}, maxBatchDelay 10 ms; "
+        "scripts/loadtest.py, each request its own seed; latency as the client saw it.",
         "",
-        "| handler config | GPUs (workers) | clients | requests | images/s | p50 (s) | p95 (s) | p99 (s) | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| front | handler config | date | GPUs (workers) | clients | requests | images/s | p50 (s) | p95 (s) | p99 (s) "
+        "| errors |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     ready = []
     for record in records:
@@ -98,7 +101,8 @@ def serving_table(records: list[dict]) -> str:
             for clients, run in sorted(phase.get("loadtest", {}).items(), key=lambda item: int(item[0])):
                 errors = sum(n for status, n in run["status_counts"].items() if status != "200")
                 latency = run["latency_s"]
-                lines.append(f"| {config} | {phase['workers']} | {clients} | {run['requests']} | "
+                lines.append(f"| {phase.get('front', 'torchserve')} | {config} | {record['date']} | "
+                             f"{phase['workers']} | {clients} | {run['requests']} | "
                              f"{run['throughput_rps']:.2f} | {latency['p50']:.2f} | {latency['p95']:.2f} | "
                              f"{latency['p99']:.2f} | {errors} |")
     lines += ["", "From `torchserve --start` to every worker READY: " + "; ".join(ready) + "."]

@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import yaml
 
-from query import read_key, request, wait_until_healthy, wait_until_ready
+from query import ServerUnreachable, read_key, request, wait_until_healthy, wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "stable-diffusion"
@@ -66,6 +67,9 @@ def main(argv=None) -> int:
                         choices=("cold", "warm", "multi", "kserve"),
                         help="which phases to run (default: the TorchServe ones)")
     args = parser.parse_args(argv)
+    # A `timeout` around this script sends SIGTERM: exit through the `finally` blocks, which stop the servers and
+    # archive the logs, instead of dying with nothing recorded.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # Subprocesses (model build, workers) import sd_engine from handler/ and query from scripts/.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "handler"), str(ROOT / "scripts"),
                                                              os.environ.get("PYTHONPATH")]))
@@ -139,7 +143,12 @@ def run_phase(name, phase, args, workers, concurrencies, clients, save):
         subprocess.run(TORCHSERVE + ["--start", "--ncs", "--ts-config", str(config), "--model-store",
                                      str(args.work / "model_store"), "--models", f"{MODEL}={MODEL}"],
                        cwd=args.work, env=env, stdout=out, stderr=subprocess.STDOUT, check=True)
-    wait_until_ready(MANAGEMENT, MODEL, args.work / "key_file.json", timeout=900, workers=workers)
+    try:
+        wait_until_ready(MANAGEMENT, MODEL, args.work / "key_file.json", timeout=900, workers=workers,
+                         alive=lambda: frontend_alive(args.work))
+    except ServerUnreachable:
+        phase["log_tail"] = log_tail(logs / "torchserve.out") + log_tail(logs / "model_log.log")
+        raise
     phase["start_to_ready_s"] = round(time.perf_counter() - started, 1)
     phase["engine_ready_lines"] = engine_ready_lines(logs / "model_log.log")
     phase["worker_gpus"] = worker_gpus(args.work)
@@ -169,7 +178,11 @@ def run_kserve_phase(phase, args, concurrencies, save):
                                     str(args.work / "model_store" / MODEL), "--grpc-port", "0"],
                                    stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, TMPDIR=str(args.work)))
     try:
-        wait_until_healthy(f"{KSERVE}/v2/health/ready", 900, process)  # it listens once the engine is warmed up
+        try:
+            wait_until_healthy(f"{KSERVE}/v2/health/ready", 900, process)  # it listens once the engine is warmed up
+        except ServerUnreachable:
+            phase["log_tail"] = log_tail(logs / "kserve.log")
+            raise
         phase["start_to_ready_s"] = round(time.perf_counter() - started, 1)
         phase["engine_ready_lines"] = engine_ready_lines(logs / "kserve.log")
         status, _, body = request(f"{KSERVE}/v1/images/generations", None,
@@ -190,6 +203,22 @@ def run_kserve_phase(phase, args, concurrencies, save):
         process.terminate()
         phase["exit_code"] = process.wait(timeout=600)
         subprocess.run(["tar", "-czf", str(args.out / "logs-kserve.tar.gz"), "-C", str(logs), "."])
+
+
+def frontend_alive(work: Path) -> bool:
+    """Whether the TorchServe frontend that `torchserve --start` left in the background (its pid in $TMPDIR) runs."""
+    try:
+        os.kill(int((work / ".model_server.pid").read_text().strip()), 0)
+        return True
+    except FileNotFoundError:
+        return True  # not written yet
+    except (OSError, ValueError):
+        return False
+
+
+def log_tail(path: Path, lines: int = 20) -> list[str]:
+    """The last lines of a log, so that a phase that failed says why in the summary itself."""
+    return path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
 
 
 def phase_ok(phase: dict) -> bool:
