@@ -88,8 +88,8 @@ def serving_table(records: list[dict]) -> str:
         f"({first['versions']['java']}) or the KServe front, batchSize {first['batch_size']}, maxBatchDelay 10 ms; "
         "scripts/loadtest.py, each request its own seed; latency as the client saw it.",
         "",
-        "| front | handler config | date | GPUs (workers) | clients | requests | images/s | p50 (s) | p95 (s) | p99 (s) "
-        "| errors |",
+        "| front | handler config | date | GPUs (workers) | clients | requests | images/s | p50 (s) | p95 (s) "
+        "| p99 (s) | errors |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     ready = []

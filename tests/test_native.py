@@ -5,7 +5,7 @@ import torch
 
 from sd_engine.config import EngineConfig
 from sd_engine.engine import load_engine
-from sd_engine.errors import ConfigError, InvalidRequest
+from sd_engine.errors import ConfigError
 from sd_engine.native import NativeDefaults, native_defaults, request_rules
 from sd_engine.random_models import build_pipeline
 from sd_engine.requests import parse_request
