@@ -70,7 +70,8 @@ def main(argv=None) -> int:
     output = args.output or Path(f"output-{time.strftime('%Y%m%d-%H%M%S')}{extension}")
     output.write_bytes(payload)
     timings = ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in engine.timings.items())
-    print(f"wrote {output} ({request.width}x{request.height}, {request.num_inference_steps} steps, seed {request.seed}, "
+    print(f"wrote {output} ({request.width}x{request.height}, {request.num_inference_steps} steps, "
+          f"seed {request.seed}, "
           f"backend {engine.backend} on {device}); {timings}, generate {seconds:.2f} s")
     return 0
 

@@ -194,7 +194,8 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale")
     parser.add_argument("--height", type=int, help="image height in pixels, a multiple of 8")
     parser.add_argument("--width", type=int, help="image width in pixels, a multiple of 8")
-    parser.add_argument("--seed", type=int, help="seed (random if omitted); the same seed and fields give the same image")
+    parser.add_argument("--seed", type=int,
+                        help="seed (random if omitted); the same seed and fields give the same image")
     parser.add_argument("--format", choices=("jpeg", "png"), help="image format (default: jpeg)")
     parser.add_argument("--quality", type=int, help="JPEG quality 1-100")
 

@@ -63,7 +63,12 @@ def test_int_is_accepted_for_float():
     ({"guidance_scale": 60.0}, r"handler.guidance_scale: the default 60.0 is above handler.max_guidance_scale"),
     ({"guidance_scale": -1}, r"handler.guidance_scale must be >= 0"),
     ({"backend": "deepspeed", "dtype": "float32"}, "float16 only"),
-    ({"max_cuda_graphs": 0}, "max_cuda_graphs must be >= 1"),
+    ({"max_cuda_graphs": 16}, r"handler.max_cuda_graphs .* was replaced by handler.cuda_graph_memory_gib"),
+    ({"cuda_graph_memory_gib": 0}, "cuda_graph_memory_gib must be > 0"),
+    ({"sizes": [[512, 512], [512]]}, r"handler.sizes must be a list of \[height, width\] pairs"),
+    ({"sizes": [[512, 512], 512]}, r"handler.sizes must be a list of \[height, width\] pairs"),
+    ({"sizes": [[512, 500]]},
+     r"handler.sizes: each side must be a multiple of 8 and at least 64, got \[\[512, 500\]\]"),
     ({"backend": "deepspeed", "compile": True}, "compile: true works with backend eager"),
     ({"warmup_steps": 0}, "warmup_steps must be >= 1"),
 ])

@@ -105,8 +105,8 @@ def test_deepspeed_backend_and_cuda_graphs_need_cuda(cpu_config, tiny_model_dir)
 
 def test_warmup_refuses_a_failed_generation(cpu_config, cpu_rules):
     engine = Engine(_FailingPipe(RuntimeError("no")), cpu_config, torch.device("cpu"),
-                    rules=dataclasses.replace(cpu_rules, height=128, width=128))
-    with pytest.raises(RuntimeError, match="warm-up generation failed"):
+                    rules=dataclasses.replace(cpu_rules, height=128, width=128, sizes=((128, 128),)))
+    with pytest.raises(RuntimeError, match="warm-up generation failed at 128x128"):
         engine.warmup()
 
 

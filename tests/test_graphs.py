@@ -1,12 +1,15 @@
 """The CUDA graph cache's bookkeeping. Capturing and replaying needs a GPU (tests/test_gpu.py does that); here the
-capture step is replaced by a fake that calls the function once, so that keying, eviction and the DeepSpeed
-workspace rule can be checked on the CPU."""
+capture step is replaced by a fake that calls the function once and reports 100 bytes of graph memory (what a real
+capture measures on the GPU), so that keying, the memory cap's eviction and the DeepSpeed workspace rule can be
+checked on the CPU."""
 
 import pytest
 import torch
 
 from sd_engine import graphs
-from sd_engine.graphs import GraphCache
+from sd_engine.graphs import GraphBudget, GraphCache
+
+GRAPH_BYTES = 100
 
 
 class FakeGraph:
@@ -30,10 +33,10 @@ def cache(monkeypatch):
         def replay():  # recompute into the static output, as a graph replay would
             output[0].copy_(self.fn(*args, **kwargs)[0])
 
-        return graphs._Entry(FakeGraph(replay), static, output)
+        return graphs._Entry(FakeGraph(replay), static, output), GRAPH_BYTES
 
     monkeypatch.setattr(GraphCache, "_capture", fake_capture)
-    return GraphCache(fn, "test", torch.device("cpu"), max_graphs=2), calls
+    return GraphCache(fn, "test", torch.device("cpu"), budget=GraphBudget(cap_bytes=2 * GRAPH_BYTES)), calls
 
 
 def test_each_shape_gets_its_own_graph_and_results_follow_the_inputs(cache):
@@ -52,13 +55,33 @@ def test_outputs_are_copies_not_the_static_buffer(cache):
     assert torch.equal(first, torch.full((2, 2), 2.0))
 
 
-def test_least_recently_used_graph_is_evicted(cache):
+def test_past_the_memory_cap_the_least_recently_used_graph_is_dropped(cache):
     wrapped, _ = cache
     wrapped(torch.ones(1))
     wrapped(torch.ones(2))
     wrapped(torch.ones(1))  # 1 is now the most recent
-    wrapped(torch.ones(3))
-    assert [key[1][0] for key in wrapped.entries] == [(1,), (3,)]
+    wrapped(torch.ones(3))  # the two held fill the cap: the least recent (2) goes first
+    assert sorted(key[1][0] for key in wrapped.entries) == [(1,), (3,)]
+    assert wrapped.budget.total_bytes == 2 * GRAPH_BYTES
+
+
+def test_the_cap_is_shared_by_every_module_of_the_pipeline(cache):
+    """One budget for UNet, text encoders and VAE: the least recently used graph of any of them goes."""
+    unet, _ = cache
+    vae = GraphCache(lambda x: (x + 1,), "vae", torch.device("cpu"), budget=unet.budget)
+    unet(torch.ones(1))
+    vae(torch.ones(1))
+    unet(torch.ones(1))  # the VAE's graph is now the least recent
+    unet(torch.ones(2))
+    assert len(vae.entries) == 0 and len(unet.entries) == 2
+
+
+def test_without_a_cap_every_graph_stays(cache):
+    wrapped, _ = cache
+    wrapped.budget.cap_bytes = None
+    for n in range(1, 6):
+        wrapped(torch.ones(n))
+    assert len(wrapped.entries) == 5 and wrapped.budget.total_bytes == 5 * GRAPH_BYTES
 
 
 def test_non_tensor_arguments_are_part_of_the_key(cache):
@@ -77,11 +100,12 @@ def test_python_numbers_bypass_the_cache(cache):
 def test_larger_batch_drops_older_graphs_when_asked(cache):
     wrapped, _ = cache
     wrapped.reset_on_larger_batch = True
-    wrapped.max_graphs = 8
+    wrapped.budget.cap_bytes = None
     wrapped(torch.ones(2, 4))
     wrapped(torch.ones(1, 4))  # smaller: kept alongside
     assert len(wrapped.entries) == 2
     wrapped(torch.ones(4, 4))  # larger than any seen: the workspace may move, so older graphs go
     assert [key[1][0] for key in wrapped.entries] == [(4, 4)]
+    assert wrapped.budget.total_bytes == GRAPH_BYTES  # the dropped graphs left the budget too
     wrapped(torch.ones(2, 4))  # not larger than 4: nothing dropped
     assert len(wrapped.entries) == 2

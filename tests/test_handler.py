@@ -57,7 +57,8 @@ def test_batch_with_one_bad_request_answers_each_on_its_own(handler_and_context)
     assert (status, content_type) == (400, "application/json")
     assert json.loads(body)["field"] == "height" and json.loads(body)["value"] == 100
 
-    for i, expected_type, size in ((0, "image/jpeg", (64, 64)), (2, "image/png", (96, 64)), (3, "image/jpeg", (64, 64))):
+    expected = ((0, "image/jpeg", (64, 64)), (2, "image/png", (96, 64)), (3, "image/jpeg", (64, 64)))
+    for i, expected_type, size in expected:
         status, content_type, headers, body = results[i]
         assert (status, content_type) == (200, expected_type)
         image = Image.open(io.BytesIO(body))

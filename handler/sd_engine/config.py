@@ -29,12 +29,15 @@ class EngineConfig:
     backend: str = "auto"
     # CUDA graphs for UNet, text encoder and VAE decoder, one per input shape (see graphs.py); CUDA only.
     cuda_graph: bool = False
-    # How many shapes (batch size x resolution x guidance on/off) keep a graph per module; least recently used go.
-    max_cuda_graphs: int = 8
+    # A cap in GiB on the memory all captured graphs hold together (every size x batch size x guidance on/off, every
+    # module); past it the least recently used graphs are dropped before a new one is captured. None: no cap.
+    cuda_graph_memory_gib: float | None = None
     # Store UNet and VAE weights channels-last (NHWC), which cuDNN's tensor-core convolutions prefer.
     channels_last: bool = False
     # torch.compile (inductor) the UNet and the VAE decoder; with cuda_graph the compiled code runs inside the graphs.
-    # Compiles on first use of each shape family (tens of seconds to minutes): the warm-up pays for the default shape.
+    # Compiles on first use of each shape family (tens of seconds to minutes): the warm-up pays for the listed sizes.
+    # Compile artifacts made once per GPU type and stack (scripts/compile_artifacts.py, stored in the weights folder
+    # under compile-artifacts/) are loaded first when they match this worker, so the warm-up finds the work done.
     compile: bool = False
     # Fuse each attention's q, k, v projections into one matmul (diffusers' fuse_qkv_projections), UNet and VAE.
     # The same arithmetic, fewer and larger kernels. Eager backend only (DeepSpeed replaces the attention).
@@ -58,6 +61,12 @@ class EngineConfig:
     guidance_scale: float | None = None
     height: int | None = None
     width: int | None = None
+    # The sizes served at full speed: [[height, width], ...], each compiled and graphed at warm-up (the default size
+    # always among them, first). None: derived from the model's native size (native.native_sizes); empty: the default
+    # size alone, compiled with static shapes (the fastest at that size; several sizes share one compile with dynamic
+    # shapes, see optimize.py). Any other legal size is served too, uncompiled (with CUDA graphs when on): slower,
+    # never refused.
+    sizes: tuple | None = None
     format: str = "jpeg"
     quality: int = 90
 
@@ -73,6 +82,11 @@ class EngineConfig:
         """Build from the YAML `handler:` block (None or {} gives the defaults)."""
         mapping = dict(mapping or {})
         known = {f.name: f for f in fields(cls)}
+        if "max_cuda_graphs" in mapping:
+            raise ConfigError("handler.max_cuda_graphs (a count of graphs per module, sized for one image size) was "
+                              "replaced by handler.cuda_graph_memory_gib, a cap in GiB on the graphs of all sizes "
+                              "together: remove max_cuda_graphs and set cuda_graph_memory_gib (or leave it out: no "
+                              "cap)")
         unknown = sorted(set(mapping) - set(known))
         if unknown:
             raise ConfigError(f"handler: unknown key(s) {unknown}; known keys are {sorted(known)}")
@@ -101,8 +115,10 @@ class EngineConfig:
             raise ConfigError("handler.fp8: true needs dtype auto or float16 (the unquantized layers run in float16)")
         if self.backend == "deepspeed" and self.dtype == "float32":
             raise ConfigError("handler.backend deepspeed runs in float16 only; set dtype: auto or float16")
-        for name in ("warmup_steps", "num_inference_steps", "max_num_inference_steps", "max_prompt_chars",
-                     "max_cuda_graphs"):
+        if self.cuda_graph_memory_gib is not None and self.cuda_graph_memory_gib <= 0:
+            raise ConfigError(f"handler.cuda_graph_memory_gib must be > 0 (or null: no cap), got "
+                              f"{self.cuda_graph_memory_gib}")
+        for name in ("warmup_steps", "num_inference_steps", "max_num_inference_steps", "max_prompt_chars"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"handler.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("height", "width", "max_height", "max_width"):
@@ -141,6 +157,15 @@ def _coerce(name: str, annotation: str, value: Any) -> Any:
     elif annotation == "str":
         if isinstance(value, str):
             return value
+    elif annotation == "tuple":  # sizes: a list of [height, width] pairs; empty: the default size alone
+        pairs = value if isinstance(value, (list, tuple)) else None
+        if pairs is not None and all(isinstance(p, (list, tuple)) and len(p) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in p) for p in pairs):
+            bad = [list(p) for p in pairs if min(p) < 64 or p[0] % 8 or p[1] % 8]
+            if bad:
+                raise ConfigError(f"handler.{name}: each side must be a multiple of 8 and at least 64, got {bad}")
+            return tuple(dict.fromkeys(tuple(p) for p in pairs))
+        raise ConfigError(f"handler.{name} must be a list of [height, width] pairs, got {value!r}")
     raise ConfigError(f"handler.{name} must be a {annotation}, got {value!r}")
 
 

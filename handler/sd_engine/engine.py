@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .artifacts import ARTIFACTS_DIR, load_compile_artifacts
 from .config import EngineConfig
 from .errors import EngineError, GenerationError, OutOfMemory
 from .loading import load_pipeline
 from .native import native_defaults, request_rules
-from .optimize import check_device, optimize, resolve_backend
+from .optimize import check_device, optimize, resolve_backend, set_cache_dirs
 from .requests import GenerationRequest, RequestRules
 from .timing import StageTimer
 
@@ -56,6 +57,7 @@ class Engine:
         self.device_failure: str | None = None  # set when the GPU's context is lost; the worker must restart
         self.tokenizer = pipe.tokenizer
         self.timings: dict[str, float] = {}
+        self.startup: dict = {}  # how the start went: compile artifacts loaded, CUDA graph memory
         self.pipe.set_progress_bar_config(disable=True)
         # SDXL's pipelines guide a request without a negative prompt with zeros, not with the empty prompt's
         # embedding: such requests must not share a call with ones that have one, or a neighbour would change the
@@ -155,21 +157,27 @@ class Engine:
             torch.cuda.empty_cache()
 
     def warmup(self, max_batch_size: int = 1) -> float:
-        """Generate at the default shape with batch 1 and `max_batch_size`, so JIT builds, compilation and graph
-        capture happen now rather than in a request; fail loudly unless every image is finite and of the right size."""
+        """Generate with batch 1 and `max_batch_size` at every listed size (compiled or graphed; else the default size
+        alone), so JIT builds, compilation and graph capture happen now rather than in a request; fail loudly unless
+        every image is finite and of the right size."""
         start = time.perf_counter()
         rules = self.rules
+        sizes = rules.sizes if (self.config.compile or self.config.cuda_graph) else rules.sizes[:1]
         # Over DeepSpeed, largest first: a larger batch drops the graphs captured before it (see graphs.py).
         for batch in sorted({1, max_batch_size}, reverse=self.backend == "deepspeed"):
-            requests = [GenerationRequest(prompt="warm-up", negative_prompt=None,
-                                          num_inference_steps=self.config.warmup_steps,
-                                          guidance_scale=rules.guidance_scale, height=rules.height,
-                                          width=rules.width, seed=i) for i in range(batch)]
-            for result in self._run_group(requests):  # NaN pixels already come back as errors
-                if isinstance(result, EngineError):
-                    raise RuntimeError(f"warm-up generation failed: {result}")
-                if result.image.size != (rules.width, rules.height):
-                    raise RuntimeError(f"warm-up produced a {result.image.size} image")
+            for height, width in sizes:
+                size_start = time.perf_counter()
+                requests = [GenerationRequest(prompt="warm-up", negative_prompt=None,
+                                              num_inference_steps=self.config.warmup_steps,
+                                              guidance_scale=rules.guidance_scale, height=height, width=width, seed=i)
+                            for i in range(batch)]
+                for result in self._run_group(requests):  # NaN pixels already come back as errors
+                    if isinstance(result, EngineError):
+                        raise RuntimeError(f"warm-up generation failed at {width}x{height}: {result}")
+                    if result.image.size != (width, height):
+                        raise RuntimeError(f"warm-up produced a {result.image.size} image for {width}x{height}")
+                logger.info("warm-up: batch %d at %dx%d in %.1f s", batch, width, height,
+                            time.perf_counter() - size_start)
         return time.perf_counter() - start
 
 
@@ -206,18 +214,26 @@ def load_engine(config: EngineConfig, source: str | Path, device: torch.device, 
 
     # 3. Optimize.
     start = time.perf_counter()
-    optimize(pipe, config, device, backend, max_batch_size, compiled_sizes=((rules.height, rules.width),))
+    if config.cache_dir:
+        set_cache_dirs(config.cache_dir)
+    artifacts = load_compile_artifacts(Path(source) / ARTIFACTS_DIR, device) if config.compile else None
+    optimize(pipe, config, device, backend, max_batch_size, compiled_sizes=rules.sizes)
     optimize_s = time.perf_counter() - start
 
     # 4. Warm up.
     engine = Engine(pipe, config, device, backend, max_batch_size, rules)
     warmup_s = engine.warmup(max_batch_size) if config.warmup else 0.0
+    budget = getattr(pipe.unet.forward, "budget", None)  # the CUDA graphs' memory (graphs.GraphBudget), when on
+    graph_gib = budget.total_bytes / 2**30 if budget is not None else 0.0
     logger.info("engine ready: %s, torch %s, diffusers %s, device %s, dtype %s, backend %s, cuda_graph %s; "
-                "default %dx%d, %d steps, guidance %g; load %.1f s, optimize %.1f s, warm-up %.1f s",
+                "default %dx%d, %d steps, guidance %g; full-speed sizes %s; load %.1f s, optimize %.1f s "
+                "(compile artifacts: %s), warm-up %.1f s; CUDA graphs %.2f GiB",
                 type(pipe).__name__, torch.__version__, _diffusers_version(), device, str(dtype).removeprefix("torch."),
                 backend, config.cuda_graph, rules.width, rules.height, rules.num_inference_steps,
-                rules.guidance_scale, load_s, optimize_s, warmup_s)
+                rules.guidance_scale, " ".join(f"{w}x{h}" for h, w in rules.sizes), load_s, optimize_s,
+                f"loaded in {artifacts['load_s']:.1f} s" if artifacts else "none loaded", warmup_s, graph_gib)
     engine.timings = {"load_s": load_s, "optimize_s": optimize_s, "warmup_s": warmup_s}
+    engine.startup = {"artifacts_loaded": bool(artifacts), "cuda_graph_gib": graph_gib}
     return engine
 
 

@@ -3,7 +3,10 @@
 A CUDA graph replays fixed kernels on fixed memory, so it is only valid for the input shapes it was captured with.
 DeepSpeed's own graph wrappers capture once, for the first call, and later calls of another batch size or resolution
 fail or silently broadcast. Here each distinct input signature (tensor shapes, dtypes, and the non-tensor arguments)
-gets its own graph, captured on first use and kept in a least-recently-used cache of `max_graphs` entries.
+gets its own graph, captured on first use. What each capture adds to the graphs' memory pool is measured; a
+GraphBudget shared by the pipeline's modules holds the total and, with a cap (config cuda_graph_memory_gib), drops the
+least recently used graphs of any module before a capture that would start above it. Dropped graphs' memory stays in
+the pool for the next capture to reuse, so the pool grows past the cap by at most one capture.
 
 All graphs of a pipeline share one memory pool: the pipeline calls its modules one after another on one stream and
 every output is cloned before the next replay, so one graph's scratch memory may be reused by the next.
@@ -33,16 +36,46 @@ class _Entry:
         self.static_output = static_output
 
 
+class GraphBudget:
+    """The memory the graphs of one pipeline hold (bytes per graph, as measured at capture), least recently used
+    first, and an optional cap on their total."""
+
+    def __init__(self, cap_bytes: int | None = None):
+        self.cap_bytes = cap_bytes
+        self.held: OrderedDict[tuple, int] = OrderedDict()  # (GraphCache, key) -> bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.held.values())
+
+    def record(self, cache: "GraphCache", key: tuple, size: int) -> None:
+        self.held[(cache, key)] = size
+
+    def touch(self, cache: "GraphCache", key: tuple) -> None:
+        self.held.move_to_end((cache, key))
+
+    def forget(self, cache: "GraphCache", key: tuple) -> None:
+        self.held.pop((cache, key), None)
+
+    def make_room(self) -> None:
+        """Before a capture: drop least recently used graphs while the total is at or above the cap."""
+        while self.cap_bytes is not None and self.held and self.total_bytes >= self.cap_bytes:
+            (cache, key), size = self.held.popitem(last=False)
+            cache.entries.pop(key, None)
+            logger.info("%s: dropped a graph (%.2f GiB) to stay under the %.2f GiB cap", cache.name, size / 2**30,
+                        self.cap_bytes / 2**30)
+
+
 class GraphCache:
     """Wraps `fn` so that each input signature replays its own captured CUDA graph."""
 
-    def __init__(self, fn: Callable, name: str, device: torch.device, pool=None, max_graphs: int = 8,
+    def __init__(self, fn: Callable, name: str, device: torch.device, pool=None, budget: GraphBudget | None = None,
                  reset_on_larger_batch: bool = False, warmup_calls: int = 2):
         self.fn = fn
         self.name = name
         self.device = device
         self.pool = pool
-        self.max_graphs = max_graphs
+        self.budget = budget if budget is not None else GraphBudget()
         self.reset_on_larger_batch = reset_on_larger_batch
         self.warmup_calls = warmup_calls
         self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
@@ -58,7 +91,7 @@ class GraphCache:
         if entry is None:
             entry = self._add(key, leaves, spec)
         else:
-            self.entries.move_to_end(key)
+            self.budget.touch(self, key)
         for static, leaf in zip(entry.static_leaves, leaves):
             if isinstance(leaf, torch.Tensor):
                 static.copy_(leaf, non_blocking=True)
@@ -72,18 +105,23 @@ class GraphCache:
         if self.reset_on_larger_batch and batch > self.largest_batch and self.entries:
             logger.info("%s: batch %d is larger than any captured; dropping %d graph(s)", self.name, batch,
                         len(self.entries))
+            for old in self.entries:
+                self.budget.forget(self, old)
             self.entries.clear()
         self.largest_batch = max(self.largest_batch, batch)
-        while len(self.entries) >= self.max_graphs:
-            self.entries.popitem(last=False)
-        entry = self._capture(leaves, spec)
+        self.budget.make_room()
+        entry, size = self._capture(leaves, spec)
         self.entries[key] = entry
+        self.budget.record(self, key, size)
         self.captures += 1
-        logger.info("%s: captured CUDA graph %d for %s (%d cached)", self.name, self.captures,
-                    [tuple(leaf.shape) for leaf in leaves if isinstance(leaf, torch.Tensor)], len(self.entries))
+        logger.info("%s: captured CUDA graph %d for %s, %.2f GiB (%d cached; all graphs %.2f GiB)", self.name,
+                    self.captures, [tuple(leaf.shape) for leaf in leaves if isinstance(leaf, torch.Tensor)],
+                    size / 2**30, len(self.entries), self.budget.total_bytes / 2**30)
         return entry
 
-    def _capture(self, leaves: list, spec) -> _Entry:
+    def _capture(self, leaves: list, spec) -> tuple[_Entry, int]:
+        """Capture a graph for these inputs; returns it and what it added to the graphs' memory pool (the pool is
+        apart from the allocator's other memory, so the growth of reserved memory over the capture is the pool's)."""
         # Inputs live on the graph's device so that nothing inside the graph copies from host memory.
         static_leaves = [leaf.to(self.device).clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
         args, kwargs = tree_unflatten(static_leaves, spec)
@@ -95,8 +133,12 @@ class GraphCache:
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
+            # Measured from inside: entering torch.cuda.graph empties the allocator's cache, which would hide the
+            # capture's growth behind what the warm-up calls left cached.
+            before = torch.cuda.memory_reserved(self.device)
             static_output = self.fn(*args, **kwargs)
-        return _Entry(graph, static_leaves, static_output)
+        size = max(0, torch.cuda.memory_reserved(self.device) - before)
+        return _Entry(graph, static_leaves, static_output), size
 
 
 def signature(leaves: list, spec) -> tuple | None:
@@ -112,19 +154,20 @@ def signature(leaves: list, spec) -> tuple | None:
     return tuple(parts)
 
 
-def graph_pipeline(pipe, device: torch.device, max_graphs: int = 8, reset_on_larger_batch: bool = False) -> dict:
-    """Route the pipeline's UNet, text encoder(s) (SDXL has two) and VAE decoder through GraphCaches, in place."""
+def graph_pipeline(pipe, device: torch.device, budget: GraphBudget, reset_on_larger_batch: bool = False) -> dict:
+    """Route the pipeline's UNet, text encoder(s) (SDXL has two) and VAE decoder through GraphCaches sharing one
+    memory pool and `budget`, in place."""
     pool = torch.cuda.graph_pool_handle()
-    caches = {"unet": GraphCache(pipe.unet.forward, "unet", device, pool, max_graphs, reset_on_larger_batch)}
+    caches = {"unet": GraphCache(pipe.unet.forward, "unet", device, pool, budget, reset_on_larger_batch)}
     pipe.unet.forward = caches["unet"]
     for name in ("text_encoder", "text_encoder_2"):
         encoder = getattr(pipe, name, None)
         if encoder is not None:
-            caches[name] = encoder.forward = GraphCache(encoder.forward, name, device, pool, max_graphs)
+            caches[name] = encoder.forward = GraphCache(encoder.forward, name, device, pool, budget)
     # AutoencoderKL.decode accepts a `generator` and ignores it; dropping it keeps the call graphable.
     vae_decode = pipe.vae.decode
     vae = GraphCache(lambda z, return_dict=True: vae_decode(z, return_dict=return_dict), "vae_decode", device, pool,
-                     max_graphs)
+                     budget)
     pipe.vae.decode = lambda z, return_dict=True, generator=None: vae(z, return_dict=return_dict)
     caches["vae_decode"] = vae
     return caches

@@ -17,6 +17,9 @@ from .errors import ConfigError, InvalidRequest
 from .requests import RequestRules, parse_request
 
 MAX_SIDE_FACTOR = 1.5
+# The aspect-ratio set commonly served at a native 1024x1024 (height x width), about one megapixel each; a model of
+# another native area of at least this one gets it scaled to its own side (multiples of 64).
+LARGE_MODEL_SIZES = ((1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344))
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,17 @@ def native_defaults(pipe) -> NativeDefaults:
                           guidance_scale=float(parameters["guidance_scale"].default))
 
 
+def native_sizes(height: int, width: int) -> tuple[tuple[int, int], ...]:
+    """The sizes served at full speed when the config lists none, from the native size alone (no family names):
+    at least 1024x1024 of native area, the usual one-megapixel aspect-ratio set scaled to it; below that, the native
+    size, then its side times 1.5 as width and as height (512 -> 512x512, 512x768, 768x512)."""
+    if height * width >= 1024 * 1024:
+        scale = (height * width) ** 0.5 / 1024
+        return tuple(dict.fromkeys((round(h * scale / 64) * 64, round(w * scale / 64) * 64)
+                                   for h, w in LARGE_MODEL_SIZES))
+    return ((height, width), (height, _side_limit(width)), (_side_limit(height), width))
+
+
 def request_rules(config: EngineConfig, native: NativeDefaults) -> RequestRules:
     """The config's explicit keys over the model's defaults; fails with a ConfigError naming the key when the
     resulting defaults are not themselves a valid request (one set of rules: the request parser's)."""
@@ -46,14 +60,23 @@ def request_rules(config: EngineConfig, native: NativeDefaults) -> RequestRules:
         if value is None:
             raise ConfigError(f"handler.{name}: this model's UNet config has no sample_size, so it has no native "
                               f"size; set handler.height and handler.width")
+    listed = tuple(tuple(size) for size in config.sizes) if config.sizes is not None else \
+        native_sizes(native.height or height, native.width or width)
+    sizes = tuple(dict.fromkeys(((height, width),) + listed))  # the default size first, always served at full speed
+    max_height = config.max_height or max(height, _side_limit(native.height or height))
+    max_width = config.max_width or max(width, _side_limit(native.width or width))
+    if config.sizes is None:  # derived sizes stay within the limits; listed ones must already
+        sizes = tuple((h, w) for h, w in sizes if h <= max_height and w <= max_width)
+    beyond = [list(size) for size in sizes if size[0] > max_height or size[1] > max_width]
+    if beyond:
+        raise ConfigError(f"handler.sizes: {beyond} exceed the size limits ({max_height}x{max_width} as height x "
+                          f"width; raise handler.max_height / handler.max_width)")
     rules = RequestRules(
         num_inference_steps=config.num_inference_steps or native.num_inference_steps,
         guidance_scale=native.guidance_scale if config.guidance_scale is None else config.guidance_scale,
         height=height, width=width, format=config.format, quality=config.quality,
-        max_num_inference_steps=config.max_num_inference_steps,
-        max_height=config.max_height or max(height, _side_limit(native.height or height)),
-        max_width=config.max_width or max(width, _side_limit(native.width or width)),
-        max_prompt_chars=config.max_prompt_chars, max_guidance_scale=config.max_guidance_scale)
+        max_num_inference_steps=config.max_num_inference_steps, max_height=max_height, max_width=max_width,
+        max_prompt_chars=config.max_prompt_chars, max_guidance_scale=config.max_guidance_scale, sizes=sizes)
     try:
         parse_request({"prompt": "x", "seed": 0}, rules)
     except InvalidRequest as e:

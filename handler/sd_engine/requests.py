@@ -40,6 +40,9 @@ class RequestRules:
     max_width: int = 1024
     max_prompt_chars: int = 2000
     max_guidance_scale: float = 50.0
+    # The sizes (height, width) served at full speed (compiled and graphed at warm-up), the default first; any other
+    # size within the limits is served too, on the slower path.
+    sizes: tuple = ((512, 512),)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Make the compile artifacts of a model once, on a GPU host of the kind that will serve it, and ship them.
+
+Loads the engine as a worker would (the `handler:` block of --config, compile forced on, warm-up of every listed size
+at batch 1 and --batch-size) with empty compile caches, so that everything torch.compile builds is built in this
+process, then saves it into WEIGHTS/compile-artifacts/ (sd_engine/artifacts.py: one file per GPU type and software
+stack, described in index.json). If WEIGHTS has a sha256 manifest (a packaged no-archive folder), the new files are
+added to it; otherwise package the folder afterwards (scripts/package_model.py), which ships them inside the MAR.
+
+--check then starts a fresh process with empty caches that loads the engine with the artifacts, and records both
+start-up times, and with --time-sizes the batch-1 latency at each listed size (and one unlisted), as JSON.
+
+    python scripts/compile_artifacts.py /models/sd15 --config config/model-config.yaml --check --json out.json
+
+Exit codes: 0 done; 1 failed; 2 bad arguments or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "a photo of an astronaut riding a horse on mars"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("weights", type=Path, help="diffusers folder the artifacts are made for and stored in")
+    parser.add_argument("--config", type=Path, default=ROOT / "config" / "model-config.yaml",
+                        help="model-config.yaml: its handler: block and batchSize (default: the GPU config)")
+    parser.add_argument("--batch-size", type=int, help="largest batch warmed up (default: the config's batchSize)")
+    parser.add_argument("--check", action="store_true", help="then time a fresh start that loads the artifacts")
+    parser.add_argument("--time-sizes", action="store_true", help="with --check: batch-1 latency at each size")
+    parser.add_argument("--json", type=Path, help="write the record here too")
+    parser.add_argument("--preset", help="the model's name in the record (e.g. sd15, sdxl; default: the folder's)")
+    parser.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)  # the --check child
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    if not (args.weights / "model_index.json").is_file():
+        parser.error(f"{args.weights} is not a diffusers folder (no model_index.json)")
+    model_config = yaml.safe_load(args.config.read_text()) or {}
+    batch_size = args.batch_size or int(model_config.get("batchSize", 1))
+
+    # Empty caches: everything is compiled (and so recorded) in this process, or, in the --check child, can only
+    # come from the artifacts.
+    cache = tempfile.mkdtemp(prefix="sd-compile-cache-")
+    block = dict(model_config.get("handler") or {}, compile=True, cache_dir=cache)
+    block.pop("weights", None)
+    from sd_engine.artifacts import ARTIFACTS_DIR, save_compile_artifacts
+    from sd_engine.config import EngineConfig
+    from sd_engine.engine import load_engine, pick_device
+    from sd_engine.errors import ConfigError
+
+    try:
+        config = EngineConfig.from_mapping(block)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    device = pick_device(0)
+    start = time.perf_counter()
+    engine = load_engine(config, args.weights, device, batch_size)
+    ready_s = round(time.perf_counter() - start, 1)
+    started = {**engine.timings, **engine.startup}
+    record = {"preset": args.preset or args.weights.name, "gpu": gpu_name(device), "weights": str(args.weights),
+              "batch_size": batch_size, "device": str(device), "sizes": [list(size) for size in engine.rules.sizes],
+              **{k: round(v, 2) if isinstance(v, float) else v for k, v in started.items()}}
+    if args.load_only:
+        record["ready_warm_s"] = ready_s
+        record["compile_cache"] = compile_counters()
+        if args.time_sizes:
+            record["latency_s"] = size_latencies(engine)
+            record["best_batch"] = batch_throughput(engine, batch_size)
+        print(json.dumps(record))
+        return 0
+
+    record["ready_cold_s"] = ready_s
+    path = save_compile_artifacts(args.weights / ARTIFACTS_DIR, device)
+    record["artifact"] = {"file": path.name, "mb": round(path.stat().st_size / 2**20, 1)}
+    add_to_manifest(args.weights, path)
+    if args.check:
+        child = subprocess.run([sys.executable, __file__, str(args.weights), "--config", str(args.config),
+                                "--batch-size", str(batch_size), "--preset", record["preset"], "--load-only"]
+                               + (["--time-sizes"] if args.time_sizes else []),
+                               capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        sys.stderr.write(child.stderr[-4000:])
+        if child.returncode != 0:
+            print(f"error: the --check start failed ({child.returncode})", file=sys.stderr)
+            return 1
+        record["warm"] = json.loads(child.stdout.strip().splitlines()[-1])
+    text = json.dumps(record, indent=1)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+def compile_counters() -> dict:
+    """How the compiled graphs were obtained in this process: Inductor's cache hits and misses (a miss compiled)."""
+    from torch._dynamo.utils import counters
+
+    return {key: value for key, value in counters["inductor"].items() if key.startswith("fxgraph_cache")}
+
+
+def size_latencies(engine) -> dict:
+    """Batch-1 latency at each listed size (compiled) and at one unlisted size (the slower path), 2 runs each."""
+    from sd_engine.requests import parse_request
+
+    rules = engine.rules
+    h, w = rules.height, rules.width
+    unlisted = next(((h2, w2) for h2, w2 in ((h - 64, w), (h + 64, w), (h, w - 64), (h, w + 64), (h + 8, w))
+                     if (h2, w2) not in rules.sizes and 64 <= h2 <= rules.max_height and 64 <= w2 <= rules.max_width),
+                    None)
+    out = {}
+    for height, width in list(rules.sizes) + ([unlisted] if unlisted else []):
+        request = parse_request({"prompt": PROMPT, "height": height, "width": width, "seed": 0}, rules)
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            [result] = engine.generate([request])
+            times.append(time.perf_counter() - start)
+        out[f"{width}x{height}" + ("" if (height, width) in rules.sizes else " (unlisted)")] = round(min(times[1:]), 3)
+    return out
+
+
+def batch_throughput(engine, batch: int) -> dict:
+    """Latency and images per second of one full batch at the default size (best of 2 after one run)."""
+    from sd_engine.requests import parse_request
+
+    requests = [parse_request({"prompt": PROMPT, "seed": i}, engine.rules) for i in range(batch)]
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        engine.generate(requests)
+        times.append(time.perf_counter() - start)
+    best = min(times[1:])
+    return {"batch": batch, "size": f"{engine.rules.width}x{engine.rules.height}", "latency_s": round(best, 3),
+            "images_per_s": round(batch / best, 2)}
+
+
+def gpu_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def add_to_manifest(weights: Path, artifact: Path) -> None:
+    """A packaged folder's manifest gains the artifact files (and only them), so the integrity check still holds."""
+    from sd_engine.loading import MANIFEST, file_digests
+
+    manifest = weights / MANIFEST
+    if not manifest.is_file():
+        return
+    data = json.loads(manifest.read_text())
+    folder = artifact.parent
+    for name, digest in file_digests(folder).items():
+        data["sha256"][f"{folder.name}/{name}"] = digest
+    manifest.write_text(json.dumps(data, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
