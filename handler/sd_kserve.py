@@ -35,7 +35,8 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse,
 from sd_kserve_server import FrontServer, Metrics, add_routes, argument_parser
 
 logger = logging.getLogger("sd_kserve")
-DATATYPES = {"prompt": "BYTES", "negative_prompt": "BYTES", "format": "BYTES", "guidance_scale": "FP32"}
+DATATYPES = {"prompt": "BYTES", "negative_prompt": "BYTES", "format": "BYTES", "loras": "BYTES",  # loras: JSON text
+             "guidance_scale": "FP32"}
 
 
 class StableDiffusionModel(kserve.Model):

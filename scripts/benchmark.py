@@ -174,6 +174,68 @@ def check_cold_start(base: dict, weights: Path, record: dict, save, names=None) 
         save()
 
 
+def check_loras(args, base: dict, record: dict, save, names=("a", "b", "c", "d")) -> None:
+    """LoRA adapters on ours (compile + graphs): the cost of switching the fused set, images/s at the largest batch
+    size with no adapter, one adapter, and requests spread over four (the engine splits such a batch by adapter
+    set), parity against eager fp16 with the same adapter, and the compiles and graph captures during the switching
+    runs (there must be none)."""
+    from dataclasses import replace
+
+    from torch._dynamo.utils import counters
+
+    from sd_engine.random_loras import save_random_lora
+
+    folder = args.weights / "loras"
+    if not all((folder / f"{name}.safetensors").is_file() for name in names):
+        pipe = load_pipeline(args.weights, torch.float16).to("cuda")
+        for i, name in enumerate(names):
+            save_random_lora(pipe, folder / f"{name}.safetensors", seed=i, rank=args.lora_rank, std=0.01)
+        del pipe
+        free()
+    batch = max(int(b) for b in args.batch_sizes.split(","))
+    base_requests = requests_for(batch, args.steps, args.size)
+
+    def spread(sets):  # the model's own guidance, as measure() uses
+        return [replace(r, guidance_scale=guidance, loras=sets[i % len(sets)]) for i, r in enumerate(base_requests)]
+
+    def images_per_s(engine, requests):
+        pixels(engine.generate(requests))  # untimed: captures the group sizes' graphs
+        times = []
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            pixels(engine.generate(requests))
+            times.append(time.perf_counter() - start)
+        return round(batch / statistics.median(times), 3)
+
+    engine = build_engine("ours", base, args.weights, batch)
+    guidance = engine.rules.guidance_scale
+    one, four = (("a", 0.8),), [((name, 0.8),) for name in names]
+    row = {"check": "loras", "preset": args.preset, "batch": batch, "steps": args.steps, "height": args.size,
+           "width": args.size, "lora_rank": args.lora_rank, "adapters": list(engine.rules.loras)}
+    row["images_per_s_no_adapter"] = images_per_s(engine, spread([()]))
+    row["images_per_s_one_adapter"] = images_per_s(engine, spread([one]))
+    pixels(engine.generate(spread(four)))  # the groups' batch size captured before counting
+    graphs = engine.pipe.unet.forward.budget
+    before = (counters["stats"]["unique_graphs"], len(graphs.held))
+    row["images_per_s_four_adapters"] = images_per_s(engine, spread(four))
+    row["four_over_one"] = round(row["images_per_s_four_adapters"] / row["images_per_s_one_adapter"], 3)
+    switches = [engine.adapters.apply(s) * 1000 for _ in range(3)
+                for s in (one, (("b", 0.5),), (("a", 0.5), ("b", 0.5), ("c", 0.5)), (), (("d", 1.0),))]
+    row["switch_ms_median"], row["switch_ms_max"] = round(statistics.median(switches), 2), round(max(switches), 2)
+    row["compiles_while_switching"] = counters["stats"]["unique_graphs"] - before[0]
+    row["graph_captures_while_switching"] = len(graphs.held) - before[1]
+    styled = pixels(engine.generate(spread([one])))
+    del engine
+    free()
+    engine = build_engine("eager-fp16", base, args.weights, batch)
+    row["rmse_vs_eager_one_adapter"] = round(rmse(styled, pixels(engine.generate(spread([one])))), 5)
+    del engine
+    free()
+    record["rows"].append(row)
+    log.info("loras: %s", row)
+    save()
+
+
 def vae_decode_ms(weights: Path, size: int, runs: int = 5) -> dict | None:
     """For a pipeline that upcasts its VAE (SDXL): one eager, channels-last decode of a batch-1 latent in float32 (what
     the engine does, as diffusers does) and in float16 (what a VAE without force_upcast, e.g. the fp16-fix one, costs).
@@ -246,7 +308,8 @@ def main(argv=None) -> int:
                         "/tmp/bench-weights-<preset>)")
     parser.add_argument("--out-dir", type=Path, default=Path("bench/results"), help="where the JSON and PNG go")
     parser.add_argument("--tag", help="appended to the result files' names, e.g. the part of a ladder a run holds")
-    parser.add_argument("--check", choices=("shape-safety", "cold-start"),
+    parser.add_argument("--lora-rank", type=int, default=16, help="rank of the random adapters (--check loras)")
+    parser.add_argument("--check", choices=("shape-safety", "cold-start", "loras"),
                         help="instead of the table, run one check and write <name>-<check>.json")
     args = parser.parse_args(argv)
     args.backends_given = args.backends != parser.get_default("backends")
@@ -285,10 +348,12 @@ def main(argv=None) -> int:
         save()
     if args.check == "shape-safety":
         check_shape_safety(args, base, record, save)
+    elif args.check == "loras":
+        check_loras(args, base, record, save)
     elif args.check == "cold-start":
         check_cold_start(base, args.weights, record, save, args.backends.split(",") if args.backends_given else None)
     if args.check:
-        print(json.dumps({k: record.get(k) for k in ("shape_safety", "cold_start_s")}, indent=1))
+        print(json.dumps({k: record.get(k) for k in ("shape_safety", "cold_start_s", "rows")}, indent=1))
         print(f"wrote {out_json}")
         return 0
     references: dict[int, list] = {}  # eager fp16 images per batch size; eager-fp16 runs first to fill it

@@ -49,7 +49,8 @@ def main(argv=None) -> int:
             config = config.replace(backend=args.backend)
         # Fail in seconds on what needs no model (types, multiples of 8, the config's own limits); the model's size
         # limits are checked once it is loaded.
-        parse_request(request_fields(args), RequestRules(
+        fields = {k: v for k, v in request_fields(args).items() if k != "loras"}  # adapters: known once loaded
+        parse_request(fields, RequestRules(
             max_height=2**16, max_width=2**16, max_num_inference_steps=config.max_num_inference_steps,
             max_prompt_chars=config.max_prompt_chars, max_guidance_scale=config.max_guidance_scale))
         device = pick_device(0 if args.device == "auto" else None)

@@ -26,13 +26,23 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                         help="dtype of the saved weights (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="where to initialise the weights, e.g. cuda (default: cpu)")
+    parser.add_argument("--loras", action="store_true",
+                        help="also write two random LoRA adapters into loras/: style (diffusers layout), detail (kohya)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
     start = time.perf_counter()
     out = save_pipeline(args.preset, args.out, seed=args.seed, device=args.device, dtype=getattr(torch, args.dtype))
-    print(f"wrote {args.preset} pipeline (seed {args.seed}, {args.dtype}) to {out} in "
-          f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+    if args.loras:
+        from diffusers import DiffusionPipeline
+
+        from sd_engine.random_loras import save_random_lora
+
+        pipe = DiffusionPipeline.from_pretrained(out)
+        save_random_lora(pipe, out / "loras" / "style.safetensors", seed=args.seed + 1, std=0.1)
+        save_random_lora(pipe, out / "loras" / "detail.safetensors", seed=args.seed + 2, layout="kohya", std=0.1)
+    print(f"wrote {args.preset} pipeline (seed {args.seed}, {args.dtype}){' with adapters style, detail' * args.loras} "
+          f"to {out} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0
 
 

@@ -198,12 +198,26 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed (random if omitted); the same seed and fields give the same image")
     parser.add_argument("--format", choices=("jpeg", "png"), help="image format (default: jpeg)")
     parser.add_argument("--quality", type=int, help="JPEG quality 1-100")
+    parser.add_argument("--lora", action="append", type=lora_flag, metavar="NAME=STRENGTH",
+                        help="a LoRA adapter of the model and its strength, e.g. pixel-art=0.8 (repeatable)")
+
+
+def lora_flag(text: str) -> tuple[str, float]:
+    name, sep, strength = text.rpartition("=")
+    try:
+        if not (sep and name):
+            raise ValueError(text)
+        return name, float(strength)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=STRENGTH (e.g. pixel-art=0.8)") from None
 
 
 def request_fields(args: argparse.Namespace) -> dict:
     """The JSON body for the flags add_request_arguments defined (only those given)."""
     payload = {"prompt": args.prompt}
     payload.update({f: getattr(args, f) for f in FIELDS if getattr(args, f) is not None})
+    if args.lora:
+        payload["loras"] = dict(args.lora)
     return payload
 
 

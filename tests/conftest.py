@@ -20,7 +20,17 @@ def cpu_handler_block() -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    return save_pipeline("tiny", tmp_path_factory.mktemp("tiny-sd") / "weights", seed=0)
+    """The tiny model with two LoRA adapters in loras/, as a user ships them: `style` (diffusers' layout) and
+    `detail` (kohya's)."""
+    from diffusers import DiffusionPipeline
+
+    from sd_engine.random_loras import save_random_lora
+
+    folder = save_pipeline("tiny", tmp_path_factory.mktemp("tiny-sd") / "weights", seed=0)
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    save_random_lora(pipe, folder / "loras" / "style.safetensors", seed=1, std=0.1)
+    save_random_lora(pipe, folder / "loras" / "detail.safetensors", seed=2, layout="kohya", std=0.1)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -47,7 +47,8 @@ def test_health_readiness_and_metadata(front):
     status, body = call(front, f"/v2/models/{MODEL}")
     metadata = json.loads(body)
     assert status == 200 and metadata["name"] == MODEL
-    assert {i["name"]: i["datatype"] for i in metadata["inputs"]}["prompt"] == "BYTES"
+    types = {i["name"]: i["datatype"] for i in metadata["inputs"]}
+    assert types["prompt"] == types["loras"] == "BYTES" and types["seed"] == "INT64"
     assert [o["name"] for o in metadata["outputs"]] == ["image", "content_type", "seed"]
 
 
@@ -172,6 +173,12 @@ def test_the_openai_sdk_at_either_prefix(front, prefix):
     with pytest.raises(BadRequestError) as caught:
         client.images.generate(model=MODEL, prompt="a lighthouse", response_format="url")
     assert caught.value.body["param"] == "response_format"
+    styled = client.images.generate(model=MODEL, prompt="a lighthouse", size="64x64",
+                                    extra_body={"seed": 40, "num_inference_steps": 3, "loras": {"style": 1.0}})
+    assert styled.data[0].b64_json != answer.data[0].b64_json  # the same seed, another picture
+    with pytest.raises(BadRequestError) as caught:
+        client.images.generate(model=MODEL, prompt="a lighthouse", extra_body={"loras": {"style": 9}})
+    assert caught.value.body["param"] == "loras" and "'style'" in caught.value.body["message"]
 
 
 def test_concurrent_requests_batch_and_a_bad_one_fails_alone(front):

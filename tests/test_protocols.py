@@ -163,3 +163,17 @@ def test_a_shape_with_many_dimensions_is_refused_without_multiplying_it_out():
 
 def test_null_parameters_are_no_parameters():
     assert len(decode({"inputs": [prompt_tensor("x")], "parameters": None}, RULES).requests) == 1
+
+
+def test_v2_loras_as_a_parameter_or_a_bytes_tensor_per_image():
+    rules = RequestRules(num_inference_steps=4, height=64, width=64, loras=("detail", "style"))
+    decoded = decode({"parameters": {"loras": {"style": 0.5}}, "inputs": [prompt_tensor("a cat", "a dog")]}, rules)
+    assert [r.loras for r in decoded.requests] == [(("style", 0.5),)] * 2
+    decoded = decode({"inputs": [prompt_tensor("a cat", "a dog"), {
+        "name": "loras", "datatype": "BYTES", "shape": [2], "data": ['{"style": 0.5}', '{"detail": -1, "style": 1}']}]},
+        rules)
+    assert [r.loras for r in decoded.requests] == [(("style", 0.5),), (("detail", -1.0), ("style", 1.0))]
+    with pytest.raises(InvalidRequest) as caught:
+        decode({"inputs": [prompt_tensor("a cat"), {"name": "loras", "datatype": "BYTES", "shape": [1],
+                                                     "data": ['{"nope": 1}']}]}, rules)
+    assert caught.value.field == "inputs[1].data[0]" and "(loras)" in str(caught.value)

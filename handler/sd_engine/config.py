@@ -51,6 +51,13 @@ class EngineConfig:
     cache_dir: str = ""
     # auto: float16 on CUDA, float32 on CPU.
     dtype: str = "auto"
+    # LoRA adapters (loras.py): every <name>.safetensors in the weights folder's loras/ (shipped, checksummed) and in
+    # lora_dir (a mounted volume: no repackaging; read at start), at most max_loras of them, kept on the device. A
+    # request picks up to max_loras_per_request, each with a strength in -max_lora_scale..max_lora_scale.
+    lora_dir: str = ""
+    max_loras: int = 16
+    max_loras_per_request: int = 4
+    max_lora_scale: float = 2.0
     # Run one generation at load time so the first request does not pay for JIT builds and graph capture.
     warmup: bool = True
     warmup_steps: int = 2
@@ -118,7 +125,10 @@ class EngineConfig:
         if self.cuda_graph_memory_gib is not None and self.cuda_graph_memory_gib <= 0:
             raise ConfigError(f"handler.cuda_graph_memory_gib must be > 0 (or null: no cap), got "
                               f"{self.cuda_graph_memory_gib}")
-        for name in ("warmup_steps", "num_inference_steps", "max_num_inference_steps", "max_prompt_chars"):
+        if not (math.isfinite(self.max_lora_scale) and self.max_lora_scale > 0):
+            raise ConfigError(f"handler.max_lora_scale must be finite and > 0, got {self.max_lora_scale}")
+        for name in ("warmup_steps", "num_inference_steps", "max_num_inference_steps", "max_prompt_chars",
+                     "max_loras", "max_loras_per_request"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"handler.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("height", "width", "max_height", "max_width"):

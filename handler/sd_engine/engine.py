@@ -10,6 +10,7 @@ CPU so that a seed gives the same starting noise on any device.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from .artifacts import ARTIFACTS_DIR, load_compile_artifacts
 from .config import EngineConfig
 from .errors import EngineError, GenerationError, OutOfMemory
 from .loading import load_pipeline
+from .loras import load_for_engine
 from .native import native_defaults, request_rules
 from .optimize import check_device, optimize, resolve_backend, set_cache_dirs
 from .requests import GenerationRequest, RequestRules
@@ -46,7 +48,7 @@ class GenerationResult:
 
 class Engine:
     def __init__(self, pipe, config: EngineConfig, device: torch.device, backend: str = "eager",
-                 max_batch_size: int | None = None, rules: RequestRules | None = None):
+                 max_batch_size: int | None = None, rules: RequestRules | None = None, adapters=None):
         self.pipe = pipe
         self.config = config
         # Request defaults and limits: the config's explicit keys over the model's own (native.py).
@@ -58,6 +60,7 @@ class Engine:
         self.tokenizer = pipe.tokenizer
         self.timings: dict[str, float] = {}
         self.startup: dict = {}  # how the start went: compile artifacts loaded, CUDA graph memory
+        self.adapters = adapters  # LoRA adapters (loras.Adapters) requests may pick, or None
         self.pipe.set_progress_bar_config(disable=True)
         # SDXL's pipelines guide a request without a negative prompt with zeros, not with the empty prompt's
         # embedding: such requests must not share a call with ones that have one, or a neighbour would change the
@@ -94,6 +97,9 @@ class Engine:
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         try:
+            switch_s = self.adapters.apply(first.loras) if self.adapters is not None else 0.0
+            if switch_s:
+                logger.info("LoRA: switched to %s in %.1f ms", dict(first.loras) or "none", switch_s * 1000)
             with StageTimer(self.pipe, cuda) as timer:
                 arrays = self.pipe(
                     prompt=[r.prompt for r in group],
@@ -109,6 +115,8 @@ class Engine:
                 ).images
             truncated = [self._truncated(r) for r in group]
             stages = {("denoise" if k == "unet" else k): sum(v) / 1000 for k, v in timer.calls_ms().items()}
+            if switch_s:
+                stages["lora_switch"] = switch_s
             peak = torch.cuda.max_memory_allocated(self.device) if cuda else None
         except torch.OutOfMemoryError as e:
             error: EngineError = OutOfMemory(f"out of {self.device.type} memory generating {len(group)} image(s) "
@@ -211,6 +219,9 @@ def load_engine(config: EngineConfig, source: str | Path, device: torch.device, 
     pipe = load_pipeline(source, dtype).to(device)
     load_s = time.perf_counter() - start
     rules = request_rules(config, native_defaults(pipe))  # a default the model cannot take fails before optimizing
+    # LoRA adapters are read into the plain layers, before compile and graphs see them.
+    adapters, loras_unavailable = load_for_engine(pipe, config, source, backend)
+    rules = dataclasses.replace(rules, loras=adapters.names if adapters else (), loras_unavailable=loras_unavailable)
 
     # 3. Optimize.
     start = time.perf_counter()
@@ -221,7 +232,7 @@ def load_engine(config: EngineConfig, source: str | Path, device: torch.device, 
     optimize_s = time.perf_counter() - start
 
     # 4. Warm up.
-    engine = Engine(pipe, config, device, backend, max_batch_size, rules)
+    engine = Engine(pipe, config, device, backend, max_batch_size, rules, adapters)
     warmup_s = engine.warmup(max_batch_size) if config.warmup else 0.0
     budget = getattr(pipe.unet.forward, "budget", None)  # the CUDA graphs' memory (graphs.GraphBudget), when on
     graph_gib = budget.total_bytes / 2**30 if budget is not None else 0.0

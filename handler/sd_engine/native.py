@@ -76,7 +76,8 @@ def request_rules(config: EngineConfig, native: NativeDefaults) -> RequestRules:
         guidance_scale=native.guidance_scale if config.guidance_scale is None else config.guidance_scale,
         height=height, width=width, format=config.format, quality=config.quality,
         max_num_inference_steps=config.max_num_inference_steps, max_height=max_height, max_width=max_width,
-        max_prompt_chars=config.max_prompt_chars, max_guidance_scale=config.max_guidance_scale, sizes=sizes)
+        max_prompt_chars=config.max_prompt_chars, max_guidance_scale=config.max_guidance_scale, sizes=sizes,
+        max_loras_per_request=config.max_loras_per_request, max_lora_scale=config.max_lora_scale)
     try:
         parse_request({"prompt": "x", "seed": 0}, rules)
     except InvalidRequest as e:

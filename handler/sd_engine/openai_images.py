@@ -5,8 +5,9 @@ first, as OpenAI writes it; "auto" is the model's own size), `response_format` (
 OpenAI's newer image models answer; `url` is refused: nothing is stored to link to), `output_format` (png or jpeg),
 `output_compression` (JPEG quality), `model` (any name; this server has one model), and `quality`, `style`, `user`,
 `background`, `moderation`, which are accepted and have no effect here. Our own request fields (`seed`,
-`negative_prompt`, `num_inference_steps`, `guidance_scale`) may be added (the SDK's `extra_body`). Image i of a body
-with a seed gets seed + i. Each image's seed comes back with it. Errors have OpenAI's shape and name the field.
+`negative_prompt`, `num_inference_steps`, `guidance_scale`, `loras`) may be added (the SDK's `extra_body`).
+Image i of a body with a seed gets seed + i. Each image's seed comes back with it. Errors have OpenAI's shape and
+name the field.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from .errors import InvalidRequest
 from .protocols import EncodedImage, b64
 from .requests import RequestRules, parse_request
 
-OURS = ("seed", "negative_prompt", "num_inference_steps", "guidance_scale")
+OURS = ("seed", "negative_prompt", "num_inference_steps", "guidance_scale", "loras")
 ACCEPTED = ("model", "quality", "style", "user", "background", "moderation")
 FORMATS = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg"}
 SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")

@@ -37,7 +37,7 @@ MAX_ANSWER_BYTES = 15 * 2**20  # a JSON answer's cap: under config.properties' m
 # which TorchServe's frontend drops the worker's whole message and restarts the worker
 MAX_DIMENSIONS = 8
 PROTOCOL_PARAMETERS = ("binary_data_output",)
-STRING_FIELDS = {"prompt", "negative_prompt", "format"}
+STRING_FIELDS = {"prompt", "negative_prompt", "format", "loras"}  # loras: JSON text of the object
 INT_TYPES = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
 FLOAT_TYPES = {"FP16", "FP32", "FP64"}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from .errors import InvalidRequest
@@ -21,7 +21,7 @@ MAX_SEED = 2**63 - 1
 MIN_SIDE = 64
 FORMAT_ALIASES = {"jpeg": "jpeg", "jpg": "jpeg", "png": "png"}
 FIELDS = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width", "seed", "format",
-          "quality")
+          "quality", "loras")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,12 @@ class RequestRules:
     # The sizes (height, width) served at full speed (compiled and graphed at warm-up), the default first; any other
     # size within the limits is served too, on the slower path.
     sizes: tuple = ((512, 512),)
+    # LoRA adapters a request may name (loras.py), how many at once and the strength limit; when the model has
+    # adapters that this backend cannot apply, why (a request naming one gets it as its 400).
+    loras: tuple = ()
+    max_loras_per_request: int = 4
+    max_lora_scale: float = 2.0
+    loras_unavailable: str | None = None
 
 
 @dataclass(frozen=True)
@@ -56,12 +62,21 @@ class GenerationRequest:
     seed: int
     format: str = "jpeg"
     quality: int = 90
+    loras: tuple = ()  # ((adapter name, strength), ...), sorted by name
 
     @property
-    def shape_key(self) -> tuple[int, int, int, float]:
+    def shape_key(self) -> tuple:
         """Requests with the same key can run in one pipeline call (the engine may split further: see
-        Engine._groups)."""
-        return (self.height, self.width, self.num_inference_steps, self.guidance_scale)
+        Engine._groups): the same shape, steps, guidance and adapter set."""
+        return (self.height, self.width, self.num_inference_steps, self.guidance_scale, self.loras)
+
+
+def describe(rules: RequestRules, max_images: int) -> dict[str, Any]:
+    """What a client (the playground page) needs to build a valid request: the defaults, the limits, the sizes
+    served at full speed, the adapters, and how many images one body may ask for. JSON-ready."""
+    document = {name: list(map(list, value)) if name == "sizes" else list(value) if isinstance(value, tuple)
+                else value for name, value in asdict(rules).items()}
+    return dict(document, fields=list(FIELDS), max_images=max_images)
 
 
 def parse_body(body: Any, declared_json: bool = False) -> dict[str, Any]:
@@ -111,10 +126,48 @@ def parse_request(body: Any, rules: RequestRules, declared_json: bool = False) -
     if not isinstance(fmt, str) or fmt.lower() not in FORMAT_ALIASES:
         raise InvalidRequest("format", fmt, "must be one of jpeg, png")
     quality = _int(fields, "quality", rules.quality, 1, 100)
+    loras = _loras(fields.get("loras"), rules)
 
     return GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
                              guidance_scale=guidance, height=height, width=width, seed=seed,
-                             format=FORMAT_ALIASES[fmt.lower()], quality=quality)
+                             format=FORMAT_ALIASES[fmt.lower()], quality=quality, loras=loras)
+
+
+def _loras(value: Any, rules: RequestRules) -> tuple:
+    """`loras`: an object of adapter name -> strength (or JSON text holding one: a v2 BYTES tensor). Strength 0
+    leaves an adapter out."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError):
+            raise InvalidRequest("loras", value, 'must be a JSON object of adapter name -> strength, e.g. '
+                                                 '{"pixel-art": 0.8}') from None
+    if not isinstance(value, dict):
+        raise InvalidRequest("loras", value, 'must be an object of adapter name -> strength, e.g. {"pixel-art": 0.8}')
+    if value and rules.loras_unavailable:
+        raise InvalidRequest("loras", value, f"cannot be applied here: {rules.loras_unavailable}")
+    if len(value) > rules.max_loras_per_request:
+        raise InvalidRequest("loras", value, f"may name at most {rules.max_loras_per_request} adapters "
+                                             f"(has {len(value)})")
+    chosen = []
+    for name, strength in value.items():
+        if name not in rules.loras:
+            known = ", ".join(rules.loras) if rules.loras else "none: this model has no adapters"
+            raise InvalidRequest("loras", name, f"names an adapter this model does not have (known: {known})")
+        limit = rules.max_lora_scale
+        try:
+            fits = not isinstance(strength, bool) and isinstance(strength, (int, float)) and math.isfinite(
+                strength) and -limit <= strength <= limit
+        except OverflowError:  # an integer beyond float range
+            fits = False
+        if not fits:
+            raise InvalidRequest("loras", {name: strength}, f"strength of {name!r} must be a finite number in "
+                                                            f"{-limit:g}..{limit:g}")
+        if strength:
+            chosen.append((name, float(strength)))
+    return tuple(sorted(chosen))
 
 
 def _text(fields: dict, name: str, max_chars: int, required: bool) -> str | None:
