@@ -60,9 +60,11 @@ def test_past_the_memory_cap_the_least_recently_used_graph_is_dropped(cache):
     wrapped(torch.ones(1))
     wrapped(torch.ones(2))
     wrapped(torch.ones(1))  # 1 is now the most recent
-    wrapped(torch.ones(3))  # the two held fill the cap: the least recent (2) goes first
+    wrapped(torch.ones(3))  # the pool has reached the cap: the least recent (2) goes first
     assert sorted(key[1][0] for key in wrapped.entries) == [(1,), (3,)]
-    assert wrapped.budget.total_bytes == 2 * GRAPH_BYTES
+    wrapped(torch.ones(4))  # one out for each one in: the count stays
+    assert sorted(key[1][0] for key in wrapped.entries) == [(3,), (4,)]
+    assert wrapped.budget.total_bytes == 4 * GRAPH_BYTES  # the pool: each fake capture here grows it
 
 
 def test_the_cap_is_shared_by_every_module_of_the_pipeline(cache):
@@ -106,6 +108,6 @@ def test_larger_batch_drops_older_graphs_when_asked(cache):
     assert len(wrapped.entries) == 2
     wrapped(torch.ones(4, 4))  # larger than any seen: the workspace may move, so older graphs go
     assert [key[1][0] for key in wrapped.entries] == [(4, 4)]
-    assert wrapped.budget.total_bytes == GRAPH_BYTES  # the dropped graphs left the budget too
+    assert list(wrapped.budget.held) == [(wrapped, key) for key in wrapped.entries]  # dropped ones left it too
     wrapped(torch.ones(2, 4))  # not larger than 4: nothing dropped
     assert len(wrapped.entries) == 2

@@ -209,3 +209,27 @@ def test_generate_py_takes_lora_flags(lora_model, engine, tmp_path):
     assert done.returncode == 2 and "`loras` names an adapter this model does not have" in done.stderr
     done = generate("--lora", "style")
     assert done.returncode == 2 and "is not NAME=STRENGTH" in done.stderr
+
+
+def test_a_switch_that_fails_halfway_leaves_no_half_switched_model(engine, monkeypatch):
+    """A fake stands in for running out of GPU memory in the middle of a switch (a CPU run cannot): every layer goes
+    back to its own weights, the error reaches the request's group, and the next request switches cleanly."""
+    from sd_engine import loras
+
+    plain = image(engine, seed=2)
+    styled = image(engine, seed=2, loras={"style": 1.0})
+    real_delta, calls = loras.Factor.delta, []
+
+    def failing(self):
+        calls.append(1)
+        if len(calls) == 20:
+            raise torch.OutOfMemoryError("out of memory (simulated)")
+        return real_delta(self)
+
+    monkeypatch.setattr(loras.Factor, "delta", failing)
+    [result] = engine.generate([parse_request({"prompt": "a red fox", "seed": 2, "loras": {"detail": 1.0}},
+                                              engine.rules)])
+    assert result.status == 507 and engine.adapters.active == ()
+    monkeypatch.setattr(loras.Factor, "delta", real_delta)
+    assert np.array_equal(image(engine, seed=2), plain)
+    assert np.array_equal(image(engine, seed=2, loras={"style": 1.0}), styled)

@@ -6,7 +6,8 @@ and `load_cache_artifacts`).
 They live in the weights folder under `compile-artifacts/`: one `<platform>.bin` per platform and `index.json`
 describing each (torch, Triton, CUDA, GPU name and compute capability; on a CPU its instruction set). A worker loads
 the one whose description equals its own and logs it; with none matching it compiles as usual and logs one line saying
-what differs. No description holds a device index. Being inside the weights folder they are covered by the package's
+what differs. No description holds a device index. There is one file per platform, made for one config's sizes and
+batch sizes; making it again replaces it. Being inside the weights folder they are covered by the package's
 sha256 manifest: a changed file refuses the model (they are code the worker runs). scripts/compile_artifacts.py makes
 them.
 """

@@ -29,9 +29,10 @@ class EngineConfig:
     backend: str = "auto"
     # CUDA graphs for UNet, text encoder and VAE decoder, one per input shape (see graphs.py); CUDA only.
     cuda_graph: bool = False
-    # A cap in GiB on the memory all captured graphs hold together (every size x batch size x guidance on/off, every
-    # module); past it the least recently used graphs are dropped before a new one is captured. None: no cap.
-    cuda_graph_memory_gib: float | None = None
+    # A cap in GiB on the memory pool all captured graphs share (every size x batch size x guidance on/off, every
+    # module); once it is reached, each new capture first drops the least recently used graph (graphs.GraphBudget).
+    # None: no cap (every legal size a client asks for then keeps a graph).
+    cuda_graph_memory_gib: float | None = 16.0
     # Store UNet and VAE weights channels-last (NHWC), which cuDNN's tensor-core convolutions prefer.
     channels_last: bool = False
     # torch.compile (inductor) the UNet and the VAE decoder; with cuda_graph the compiled code runs inside the graphs.
@@ -122,6 +123,9 @@ class EngineConfig:
             raise ConfigError("handler.fp8: true needs dtype auto or float16 (the unquantized layers run in float16)")
         if self.backend == "deepspeed" and self.dtype == "float32":
             raise ConfigError("handler.backend deepspeed runs in float16 only; set dtype: auto or float16")
+        bad = [list(size) for size in self.sizes or () if min(size) < 64 or size[0] % 8 or size[1] % 8]
+        if bad:
+            raise ConfigError(f"handler.sizes: each side must be a multiple of 8 and at least 64, got {bad}")
         if self.cuda_graph_memory_gib is not None and self.cuda_graph_memory_gib <= 0:
             raise ConfigError(f"handler.cuda_graph_memory_gib must be > 0 (or null: no cap), got "
                               f"{self.cuda_graph_memory_gib}")
@@ -171,9 +175,6 @@ def _coerce(name: str, annotation: str, value: Any) -> Any:
         pairs = value if isinstance(value, (list, tuple)) else None
         if pairs is not None and all(isinstance(p, (list, tuple)) and len(p) == 2 and all(
                 isinstance(v, int) and not isinstance(v, bool) for v in p) for p in pairs):
-            bad = [list(p) for p in pairs if min(p) < 64 or p[0] % 8 or p[1] % 8]
-            if bad:
-                raise ConfigError(f"handler.{name}: each side must be a multiple of 8 and at least 64, got {bad}")
             return tuple(dict.fromkeys(tuple(p) for p in pairs))
         raise ConfigError(f"handler.{name} must be a list of [height, width] pairs, got {value!r}")
     raise ConfigError(f"handler.{name} must be a {annotation}, got {value!r}")

@@ -4,9 +4,8 @@ A CUDA graph replays fixed kernels on fixed memory, so it is only valid for the 
 DeepSpeed's own graph wrappers capture once, for the first call, and later calls of another batch size or resolution
 fail or silently broadcast. Here each distinct input signature (tensor shapes, dtypes, and the non-tensor arguments)
 gets its own graph, captured on first use. What each capture adds to the graphs' memory pool is measured; a
-GraphBudget shared by the pipeline's modules holds the total and, with a cap (config cuda_graph_memory_gib), drops the
-least recently used graphs of any module before a capture that would start above it. Dropped graphs' memory stays in
-the pool for the next capture to reuse, so the pool grows past the cap by at most one capture.
+GraphBudget shared by the pipeline's modules sums it and, with a cap (config cuda_graph_memory_gib), once the pool has
+reached the cap drops the least recently used graph of any module before each new capture, which reuses its memory.
 
 All graphs of a pipeline share one memory pool: the pipeline calls its modules one after another on one stream and
 every output is cloned before the next replay, so one graph's scratch memory may be reused by the next.
@@ -37,19 +36,25 @@ class _Entry:
 
 
 class GraphBudget:
-    """The memory the graphs of one pipeline hold (bytes per graph, as measured at capture), least recently used
-    first, and an optional cap on their total."""
+    """The graphs of one pipeline, least recently used first, and the size of the memory pool they share: the sum of
+    what each capture added to it (the pool never shrinks: a dropped graph's blocks stay in it for later captures).
+    With a cap, once the pool has reached it each new capture first drops the least recently used graph, whose
+    memory that capture then reuses: the count of graphs stops growing, and the pool grows past the cap only by what
+    a capture needs beyond the blocks freed for it."""
 
     def __init__(self, cap_bytes: int | None = None):
         self.cap_bytes = cap_bytes
-        self.held: OrderedDict[tuple, int] = OrderedDict()  # (GraphCache, key) -> bytes
+        self.held: OrderedDict[tuple, int] = OrderedDict()  # (GraphCache, key) -> bytes its capture added
+        self.pool_bytes = 0
 
     @property
     def total_bytes(self) -> int:
-        return sum(self.held.values())
+        """The shared pool's size: what the graphs hold, now and for the next captures."""
+        return self.pool_bytes
 
     def record(self, cache: "GraphCache", key: tuple, size: int) -> None:
         self.held[(cache, key)] = size
+        self.pool_bytes += size
 
     def touch(self, cache: "GraphCache", key: tuple) -> None:
         self.held.move_to_end((cache, key))
@@ -58,12 +63,12 @@ class GraphBudget:
         self.held.pop((cache, key), None)
 
     def make_room(self) -> None:
-        """Before a capture: drop least recently used graphs while the total is at or above the cap."""
-        while self.cap_bytes is not None and self.held and self.total_bytes >= self.cap_bytes:
-            (cache, key), size = self.held.popitem(last=False)
+        """Before a capture: at or past the cap, drop the least recently used graph (of any module)."""
+        if self.cap_bytes is not None and self.held and self.pool_bytes >= self.cap_bytes:
+            (cache, key), _ = self.held.popitem(last=False)
             cache.entries.pop(key, None)
-            logger.info("%s: dropped a graph (%.2f GiB) to stay under the %.2f GiB cap", cache.name, size / 2**30,
-                        self.cap_bytes / 2**30)
+            logger.info("%s: dropped its least recently used graph: the graphs' pool (%.2f GiB) is at the %.2f GiB "
+                        "cap", cache.name, self.pool_bytes / 2**30, self.cap_bytes / 2**30)
 
 
 class GraphCache:
@@ -114,7 +119,7 @@ class GraphCache:
         self.entries[key] = entry
         self.budget.record(self, key, size)
         self.captures += 1
-        logger.info("%s: captured CUDA graph %d for %s, %.2f GiB (%d cached; all graphs %.2f GiB)", self.name,
+        logger.info("%s: captured CUDA graph %d for %s, +%.2f GiB (%d cached; the graphs' pool %.2f GiB)", self.name,
                     self.captures, [tuple(leaf.shape) for leaf in leaves if isinstance(leaf, torch.Tensor)],
                     size / 2**30, len(self.entries), self.budget.total_bytes / 2**30)
         return entry

@@ -68,29 +68,45 @@ class Adapters:
 
     @torch.no_grad()
     def apply(self, selection: tuple[tuple[str, float], ...]) -> float:
-        """Fuse `selection` ((name, strength), ...) into the weights, undoing the set before. Returns the seconds it
-        took (0 when the set is already active)."""
+        """Fuse `selection` ((name, strength), ...) into the weights, undoing the set before, one layer at a time
+        (float32 arithmetic, one layer's temporaries at once). Returns the seconds it took (0 when the set is already
+        active). Should it fail halfway (out of memory), every layer goes back to its own weights and the error
+        is raised: no request sees a half-switched model."""
         if selection == self.active:
             return 0.0
         start = time.perf_counter()
-        keys = {id(f.module) for name, _ in self.active + selection for f in self.factors[name]}
-        deltas: dict[int, torch.Tensor] = {}
-        device = None
+        chosen: dict[int, list[tuple[Factor, float]]] = {}
         for name, strength in selection:
             for f in self.factors[name]:
-                d = f.delta() * (strength * f.scaling)
-                key = id(f.module)
-                deltas[key] = d if key not in deltas else deltas[key] + d
-        for key in keys:
-            base = self.originals[key]
-            weight = self.modules[key].weight
-            weight.copy_(base if key not in deltas else (base.float() + deltas[key].view(base.shape)).to(base.dtype))
-            if weight.is_cuda:
-                device = weight.device
+                chosen.setdefault(id(f.module), []).append((f, strength))
+        keys = {id(f.module) for name, _ in (self.active or ()) for f in self.factors[name]} | set(chosen)
+        self.active = None  # until every layer is written
+        device = None
+        try:
+            for key in keys:
+                base, weight = self.originals[key], self.modules[key].weight
+                if key in chosen:
+                    total = base.to(torch.float32, copy=True)  # never base itself (a float32 model's)
+                    for f, strength in chosen[key]:
+                        total += f.delta().view(base.shape) * (strength * f.scaling)
+                    weight.copy_(total)
+                else:
+                    weight.copy_(base)
+                device = weight.device if weight.is_cuda else device
+        except BaseException:
+            self.restore()
+            raise
         self.active = selection
         if device is not None:  # the time the switch really took, not the time to queue it
             torch.cuda.synchronize(device)
         return time.perf_counter() - start
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Every layer an adapter touches back to its own weights."""
+        for key, module in self.modules.items():
+            module.weight.copy_(self.originals[key])
+        self.active = ()
 
 
 def find_adapter_files(folders: list[Path]) -> dict[str, Path]:
@@ -125,8 +141,7 @@ def load_adapters(pipe, files: dict[str, Path], max_count: int) -> tuple[Adapter
                 model = getattr(pipe, component, None)
                 for module_name, module in (model.named_modules() if model is not None else ()):
                     if isinstance(module, LoraLayer) and slot in module.lora_A:
-                        if module.use_dora.get(slot):
-                            raise ValueError("DoRA adapters are not supported")
+                        _check_supported(module, slot, f"{component}.{module_name}")
                         found.append((component, module_name, module.lora_A[slot].weight.detach().clone(),
                                       module.lora_B[slot].weight.detach().clone(), float(module.scaling[slot])))
             if not found:
@@ -145,6 +160,19 @@ def load_adapters(pipe, files: dict[str, Path], max_count: int) -> tuple[Adapter
     for name, reason in skipped.items():
         logger.warning("LoRA %r (%s) is not served: %s", name, files[name], reason)
     return (Adapters(resolved) if resolved else None), skipped
+
+
+def _check_supported(module, slot: str, where: str) -> None:
+    """Only what Factor.delta computes exactly: plain low-rank A, B on a Linear or an ungrouped Conv2d."""
+    if module.use_dora.get(slot):
+        raise ValueError(f"{where}: DoRA adapters are not supported")
+    if getattr(module, "lora_bias", {}).get(slot):
+        raise ValueError(f"{where}: adapters with a bias in lora_B are not supported")
+    if slot in getattr(module, "lora_variant", {}):
+        raise ValueError(f"{where}: the LoRA variant {type(module.lora_variant[slot]).__name__} is not supported")
+    base = module.get_base_layer()
+    if not (type(base) is torch.nn.Linear or type(base) is torch.nn.Conv2d and base.groups == 1):
+        raise ValueError(f"{where}: a {type(base).__name__} layer, which adapters here cannot change")
 
 
 def _has_adapter(pipe, slot: str) -> bool:

@@ -32,8 +32,8 @@ def save_random_lora(pipe, path: str | Path, seed: int = 0, rank: int = 4, alpha
         model.add_adapter(config, adapter_name="random")
         state = get_peft_model_state_dict(model, adapter_name="random")
         state = {k: torch.randn(v.shape, generator=generator) * std for k, v in state.items()}
-        (getattr(model, "delete_adapters", None) or model.delete_adapter)("random")
         layers[component], metadata[component] = state, config.to_dict()
+    pipe.unload_lora_weights()  # the plain layers again
     # kohya's prefixes; with two text encoders (SDXL) the first is te1.
     prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if len(components) == 3 else "lora_te_",
                 "text_encoder_2": "lora_te2_"}
