@@ -21,6 +21,9 @@ WAIT         ?= 300
 # The KServe front (`make serve-kserve`): REST and gRPC ports beside TorchServe's 8080-8082.
 KSERVE_PORT      ?= 8090
 KSERVE_GRPC_PORT ?= 8091
+# The playground page (`make playground`): which running front it talks to, and its own port.
+FRONT            ?= torchserve
+PLAYGROUND_PORT  ?= 7860
 # Offline installs: `make wheelhouse` on a connected machine, copy the folder, `make install WHEELHOUSE=wheelhouse`.
 # For another Python or platform (e.g. a GPU host), set WHEEL_TARGET, for example
 #   WHEEL_TARGET="--python-version 3.12 --platform manylinux_2_28_x86_64 --only-binary=:all:" TORCH=torch==2.11.0
@@ -28,7 +31,7 @@ WHEELHOUSE   ?=
 WHEEL_TARGET ?=
 PIP_SOURCE   := $(if $(WHEELHOUSE),--no-index --find-links $(WHEELHOUSE))
 
-.PHONY: help install install-kserve install-dev wheelhouse model package serve serve-kserve query stop demo test clean
+.PHONY: help install install-kserve install-dev browser wheelhouse model package serve serve-kserve query playground stop demo test clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -51,6 +54,9 @@ $(VENV)/.installed-dev: $(VENV)/.installed-kserve requirements-dev.txt
 	$(BIN)/pip install $(PIP_SOURCE) -r requirements-dev.txt
 	touch $@
 
+browser: ## Install Debian's chromium for the playground's browser test, when it is missing (needs root)
+	@command -v chromium >/dev/null 2>&1 || apt-get install -y chromium || { apt-get update && apt-get install -y chromium; }
+
 wheelhouse: install ## Download every wheel (deepspeed built into one) into wheelhouse/ for offline installs
 	mkdir -p wheelhouse
 	$(BIN)/pip wheel --no-deps --no-build-isolation -w wheelhouse $$(grep -E '^deepspeed==' requirements.txt)
@@ -58,8 +64,8 @@ wheelhouse: install ## Download every wheel (deepspeed built into one) into whee
 	$(BIN)/pip download $(WHEEL_TARGET) -d wheelhouse $(TORCH) wheelhouse/deepspeed-*.whl \
 		-r wheelhouse/requirements-rest.txt -r requirements-kserve.txt -r requirements-dev.txt setuptools wheel
 
-model: install ## Build the embedded tiny random model of PRESET (noise images, nothing downloaded) into $(TINY_MODEL)
-	$(BIN)/python scripts/make_tiny_model.py --preset $(PRESET) --out $(TINY_MODEL)
+model: install ## Build the embedded tiny random model of PRESET (noise images, nothing downloaded), with two LoRA adapters, into $(TINY_MODEL)
+	$(BIN)/python scripts/make_tiny_model.py --preset $(PRESET) --out $(TINY_MODEL) --loras
 
 package: install ## Zip $(WEIGHTS) into model.zip and build $(MODEL_STORE)/$(MODEL_NAME).mar with $(MODEL_CONFIG)
 	$(BIN)/python scripts/package_model.py $(WEIGHTS) $(MODEL_STORE) --config $(MODEL_CONFIG) --model-name $(MODEL_NAME)
@@ -77,6 +83,10 @@ serve-kserve: install-kserve ## Start the KServe front on KSERVE_PORT in the bac
 query: install ## Wait until the model is ready, send PROMPT, write output-<timestamp>.jpg
 	$(BIN)/python scripts/query.py --wait $(WAIT) --model $(MODEL_NAME) --prompt "$(PROMPT)"
 
+playground: install-kserve ## Serve the playground page on PLAYGROUND_PORT against the running front FRONT (torchserve or kserve)
+	$(BIN)/python scripts/playground.py --front $(FRONT) --port $(PLAYGROUND_PORT) \
+		$(if $(filter kserve,$(FRONT)),--url http://127.0.0.1:$(KSERVE_PORT))
+
 stop: install ## Stop TorchServe and the KServe front (SIGTERM: requests in flight finish first)
 	-$(BIN)/torchserve --stop --foreground
 	@if [ -f logs/kserve.pid ]; then pid=$$(cat logs/kserve.pid); kill $$pid 2>/dev/null; \
@@ -87,7 +97,7 @@ demo: model package ## Fresh machine, end to end: install, tiny model, package, 
 	if [ $$rc -eq 0 ]; then $(MAKE) query; rc=$$?; fi; \
 	$(MAKE) stop; exit $$rc
 
-test: install-dev ## Run all CPU tests: unit, handler, and the real TorchServe end to end (GPU tests skip)
+test: install-dev browser ## Run all CPU tests: unit, handler, and the real TorchServe end to end (GPU tests skip)
 	$(BIN)/python -m pytest -ra
 
 clean: ## Remove built models, archives, logs and outputs (keeps .venv and wheelhouse/)

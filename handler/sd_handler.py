@@ -25,7 +25,7 @@ from sd_engine.loading import prepare_weights
 from sd_engine.protocols import (ENVELOPE_V2, MAX_ANSWER_BYTES, MAX_IMAGES_PER_BODY, PLAIN, V1, V2, b64, decode,
                                  encode_results, error_body, from_envelope_tensors, is_envelope_tensor, protocol_of,
                                  v1_response, v2_response)
-from sd_engine.requests import parse_body
+from sd_engine.requests import describe, parse_body
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ class StableDiffusionHandler:
 
     def handle(self, data, context):
         start = time.perf_counter()
+        if context.get_request_header(0, "describe") == "True":  # GET /models/<name>?customized=true (management)
+            return [json.dumps(describe(self.engine.rules, self.engine.max_batch_size or MAX_IMAGES_PER_BODY))]
         if data and all(is_envelope_tensor(item) for item in data):
             return self._handle_envelope(data, context)
         responses = [None] * len(data)

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from sd_engine.binary_tensors import decode_body
 from sd_engine.errors import EngineError, InvalidRequest
 from sd_engine.openai_images import error_response, generation_response, parse_generation
-from sd_engine.requests import parse_body
+from sd_engine.requests import describe, parse_body
 
 OPEN_PATHS = ("/", "/metrics", "/v2/health/live", "/v2/health/ready")  # probes and Prometheus need no key
 MAX_REQUEST_BYTES = 1 << 20  # as TorchServe's max_request_size: prompts and numbers, never images
@@ -146,7 +146,11 @@ def add_routes(app, model, api_key: str | None) -> None:
             return JSONResponse(error_response(error, error.status), status_code=error.status)
         return JSONResponse(generation_response(images))
 
+    async def describe_model():  # as TorchServe's GET /models/<name>?customized=true gives it
+        return JSONResponse(describe(model.engine.rules, model.max_images))
+
     app.add_exception_handler(EngineError, engine_error)
+    app.add_api_route(f"/v2/models/{model.name}/describe", describe_model, methods=["GET"])
     for prefix in ("/v1", "/openai/v1"):
         app.add_api_route(f"{prefix}/images/generations", generations, methods=["POST"])
     if api_key:

@@ -94,6 +94,47 @@ def test_query_script_writes_output_timestamp_jpg(server, tmp_path):
     assert Image.open(written).size == (64, 64)
 
 
+def test_loras_through_torchserve_with_query_py_and_json(server, tmp_path):
+    """Adapters picked per request: query.py --lora gives the engine's image for that set (same seed), a request
+    without them the plain one, and an unknown adapter a 400 naming `loras` and the adapter."""
+    def query(*flags):
+        result = subprocess.run([sys.executable, str(ROOT / "scripts" / "query.py"), "--prompt", "a red fox",
+                                 "--url", server.inference, "--key-file", str(server.work / "key_file.json"),
+                                 "--seed", "9", "--format", "png", *flags, "--output", str(tmp_path / "out.png")],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return np.asarray(Image.open(tmp_path / "out.png"), dtype=np.int16)
+
+    styled, plain = query("--lora", "style=0.9", "--lora", "detail=-0.5"), query()
+    assert np.abs(styled - plain).mean() > 1  # the adapters change the picture
+    status, _, body = server.predict({"prompt": "a red fox", "seed": 9, "format": "png",
+                                      "loras": {"detail": -0.5, "style": 0.9}})
+    assert status == 200 and np.array_equal(np.asarray(Image.open(io.BytesIO(body)), dtype=np.int16), styled)
+    status, _, body = server.predict({"prompt": "a red fox", "loras": {"nope": 1}})
+    answer = json.loads(body)
+    assert status == 400 and answer["field"] == "loras" and answer["value"] == "nope", answer
+
+
+def test_the_playground_learns_the_model_and_generates_through_torchserve(server):
+    """The playground's server side against TorchServe (the browser test runs it against the KServe front): the
+    handler's describe answer on the management API, a v1 body of n images, and a 400's message."""
+    import argparse
+
+    from playground import Server as Playground
+
+    playground = Playground(argparse.Namespace(front="torchserve", url=server.inference, model=MODEL, api_key=None,
+                                               management_url=server.management,
+                                               key_file=str(server.work / "key_file.json")))
+    status, described = playground.describe()
+    assert status == 200 and described["loras"] == ["detail", "style"] and described["max_images"] == 4
+    assert described["sizes"] == [[64, 64], [64, 96], [96, 64]] and described["max_height"] == 256
+    status, answer = playground.generate({"prompt": "a red fox", "n": 2, "seed": 3, "loras": {"style": 0.5}})
+    assert status == 200 and [image["seed"] for image in answer["images"]] == [3, 4]
+    assert answer["images"][0]["src"].startswith("data:image/jpeg;base64,")
+    status, answer = playground.generate({"prompt": "a red fox", "height": 100})
+    assert status == 400 and "`instances[0].height` must be a multiple of 8" in answer["error"]
+
+
 def test_query_script_exits_1_with_the_servers_message_on_http_errors(server, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "query.py"), "--prompt", "x", "--height", "100",
                              "--url", server.inference, "--key-file", str(server.work / "key_file.json")],
