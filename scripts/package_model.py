@@ -36,14 +36,27 @@ def manifest_text(digests: dict[str, str]) -> str:
     return json.dumps({"sha256": digests}, indent=1)
 
 
+def digests_with_progress(weights: Path) -> dict[str, str]:
+    """file_digests with a progress bar on stderr (multi-GB weights take a while to hash)."""
+    from tqdm import tqdm
+
+    total = sum(p.stat().st_size for p in weights.rglob("*") if p.is_file())
+    with tqdm(total=total, unit="B", unit_scale=True, desc="sha256", file=sys.stderr) as bar:
+        return file_digests(weights, progress=bar.update)
+
+
 def zip_weights(weights: Path, out: Path) -> None:
     """Zip the folder's files (not its manifest or extraction marker) plus a fresh manifest of them."""
-    digests = file_digests(weights)
-    with zipfile.ZipFile(out, "w") as archive:
+    from tqdm import tqdm
+
+    digests = digests_with_progress(weights)
+    with zipfile.ZipFile(out, "w") as archive, tqdm(total=len(digests), unit="file", desc="zip",
+                                                     file=sys.stderr) as bar:
         for name in digests:
             path = weights / name
             kind = zipfile.ZIP_STORED if path.suffix in STORED_SUFFIXES else zipfile.ZIP_DEFLATED
             archive.write(path, name, compress_type=kind)
+            bar.update()
         archive.writestr(MANIFEST, manifest_text(digests))
 
 
@@ -94,7 +107,7 @@ def main(argv=None) -> int:
     if args.no_archive:
         target = args.model_store / args.model_name / "model"
         print(f"copying weights into {target} ...", file=sys.stderr)
-        digests = file_digests(args.weights)  # of the source: a truncated or damaged copy then fails the load
+        digests = digests_with_progress(args.weights)  # of the source: a damaged copy then fails the load
         shutil.copytree(args.weights, target, dirs_exist_ok=True)
         (target / MANIFEST).write_text(manifest_text(digests))
         print(args.model_store / args.model_name)

@@ -30,8 +30,9 @@ DONE_MARKER = ".extracted"
 MANIFEST = "sd-weights-manifest.json"
 
 
-def file_digests(folder: Path) -> dict[str, str]:
-    """sha256 of every file below `folder` (relative POSIX paths), leaving out the manifest and our marker."""
+def file_digests(folder: Path, progress=None) -> dict[str, str]:
+    """sha256 of every file below `folder` (relative POSIX paths), leaving out the manifest and our marker.
+    `progress`: called with the bytes read after each chunk (e.g. a tqdm bar's update)."""
     digests = {}
     for path in sorted(Path(folder).rglob("*")):
         name = path.relative_to(folder).as_posix()
@@ -40,6 +41,8 @@ def file_digests(folder: Path) -> dict[str, str]:
             with open(path, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 22), b""):
                     digest.update(chunk)
+                    if progress:
+                        progress(len(chunk))
             digests[name] = digest.hexdigest()
     return digests
 
