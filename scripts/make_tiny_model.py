@@ -27,7 +27,8 @@ def main(argv=None) -> int:
                         help="dtype of the saved weights (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="where to initialise the weights, e.g. cuda (default: cpu)")
     parser.add_argument("--loras", action="store_true",
-                        help="also write two random LoRA adapters into loras/: style (diffusers layout), detail (kohya)")
+                        help="also write two random LoRA adapters into loras/: style (diffusers' layout) and detail "
+                             "(kohya's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
