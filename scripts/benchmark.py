@@ -340,7 +340,7 @@ def main(argv=None) -> int:
 
     if not (args.weights / "model_index.json").is_file():
         save_pipeline(args.preset, args.weights, seed=0, device="cuda", dtype=torch.float16)
-    # One listed size: the single-size engine (static shapes, the fastest at that size; see README "sizes").
+    # One listed size: the single-size engine (static shapes, the fastest at that size; docs/configuration.md).
     base = {"weights": str(args.weights), "num_inference_steps": args.steps, "warmup_steps": 2,
             "sizes": [[args.size, args.size]]}
     if not args.check:

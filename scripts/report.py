@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""Turn committed result files into the README's tables: scripts/benchmark.py's JSON into the performance table (SD
-1.5) and the families table (SD 2.1, SDXL), scripts/serve_bench.py's JSONs into the serving table.
+"""Turn committed result files into the documentation's tables: scripts/benchmark.py's JSON into the performance
+table (SD 1.5) and the families table (SD 2.1, SDXL), scripts/serve_bench.py's JSONs into the serving table.
 
-Prints the Markdown; with --update-readme it replaces the blocks between the `perf-table`, `family-table` and
-`serving-table` markers in README.md, so the README's numbers always come from committed result files
-(tests/test_readme.py checks they still do).
+Prints the Markdown; with --update-docs it replaces the blocks between the `perf-table`, `family-table` and
+`serving-table` markers wherever they are in README.md and docs/*.md, so the numbers always come from committed
+result files (tests/test_readme.py checks they still do).
 
-Exit codes: 0 done; 1 README has no markers; 2 bad arguments.
+Exit codes: 0 done; 1 a block's markers are missing; 2 bad arguments.
 """
 
 import argparse
@@ -118,24 +118,28 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("result", type=Path, nargs="?", default=DEFAULT_RESULT,
                         help="benchmark JSON (default: the committed H200 run)")
-    parser.add_argument("--update-readme", type=Path, metavar="README", help="rewrite the table block in README")
+    parser.add_argument("--update-docs", action="store_true",
+                        help="rewrite the table blocks in README.md and docs/*.md")
     args = parser.parse_args(argv)
     text = table(json.loads(args.result.read_text()))
     families = family_table([(path.stem, json.loads(path.read_text())) for path in FAMILY_RESULTS])
     serving = serving_table([json.loads(path.read_text()) for path in SERVING_RESULTS])
-    if not args.update_readme:
+    if not args.update_docs:
         print(text + "\n\n" + families + "\n\n" + serving)
         return 0
-    readme = args.update_readme.read_text()
-    blocks = ((START, END, text), (FAMILY_START, FAMILY_END, families), (SERVING_START, SERVING_END, serving))
-    for start, end, _ in blocks:
-        if start not in readme or end not in readme:
-            print(f"error: {args.update_readme} has no {start} ... {end} block", file=sys.stderr)
+    pages = {path: path.read_text() for path in [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))}
+    for start, end, block in ((START, END, text), (FAMILY_START, FAMILY_END, families),
+                              (SERVING_START, SERVING_END, serving)):
+        holders = [path for path, page in pages.items() if start in page and end in page]
+        if not holders:
+            print(f"error: no page has a {start} ... {end} block", file=sys.stderr)
             return 1
-    for start, end, block in blocks:
-        readme = replace_block(readme, start, end, block)
-    args.update_readme.write_text(readme)
-    print(f"updated {args.update_readme} from {args.result} and {', '.join(p.name for p in SERVING_RESULTS)}")
+        for path in holders:
+            pages[path] = replace_block(pages[path], start, end, block)
+    for path, page in pages.items():
+        path.write_text(page)
+    print(f"updated the tables from {args.result}, {len(FAMILY_RESULTS)} family and {len(SERVING_RESULTS)} serving "
+          f"results")
     return 0
 
 
