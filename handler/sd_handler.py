@@ -202,7 +202,8 @@ def _observe(context, result, encode_seconds: float) -> None:
         return
     seconds = {"GenerationSeconds": result.seconds, "EncodeSeconds": encode_seconds,
                "TextEncoderSeconds": result.stage_seconds.get("text_encoder"),
-               "DenoiseSeconds": result.stage_seconds.get("denoise"), "VaeSeconds": result.stage_seconds.get("vae")}
+               "DenoiseSeconds": result.stage_seconds.get("denoise"), "VaeSeconds": result.stage_seconds.get("vae"),
+               "LoraSwitchSeconds": result.stage_seconds.get("lora_switch")}
     for name, value in seconds.items():
         if value is not None:
             context.metrics.add_metric(name, value, "Seconds", None, [], MetricTypes.HISTOGRAM)

@@ -260,8 +260,8 @@ def test_metrics_endpoint_counts_images_by_status_and_times_each_stage(server):
     before = scrape(server)
     token = server.token
     with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(lambda p: server.predict(p, token), [{"prompt": f"m{i}", "seed": i} for i in range(3)]
-                                + [{"prompt": "bad", "quality": 0}]))
+        answers = list(pool.map(lambda p: server.predict(p, token), [{"prompt": f"m{i}", "seed": i} for i in range(2)]
+                                + [{"prompt": "m2", "loras": {"style": 0.3}}, {"prompt": "bad", "quality": 0}]))
     assert [a[0] for a in answers] == [200, 200, 200, 400]
 
     def delta(name, **labels):
@@ -281,3 +281,4 @@ def test_metrics_endpoint_counts_images_by_status_and_times_each_stage(server):
         assert delta(f"{name}_count") == 3, name
         assert delta(f"{name}_sum") > 0, name
     assert delta("BatchSize_sum") == 4 and delta("BatchSize_count") >= 1  # 4 requests, in however many batches
+    assert delta("LoraSwitchSeconds_count") >= 1 and delta("LoraSwitchSeconds_sum") > 0  # to style 0.3 (and back)
