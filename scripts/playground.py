@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from query import ServerUnreachable, current_key, request  # noqa: E402
 
 PAGE = Path(__file__).resolve().parent / "playground.html"
+MAX_IMAGES = 64  # per Generate; the server refuses more than its own batch size anyway
 
 
 class Server:
@@ -64,6 +65,8 @@ class Server:
         """fields: the page's form (request fields plus `n`). One v1 body of n instances, seeds counting up."""
         fields = {k: v for k, v in fields.items() if v not in (None, "", {})}
         n = fields.pop("n", 1)
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
+            return 400, {"error": f"`n` (images) must be an integer in 1..{MAX_IMAGES}, got {n!r}"[:200]}
         seed = fields.pop("seed", None)
         instances = [dict(fields, **({"seed": seed + i} if isinstance(seed, int) else {})) for i in range(n)]
         start = time.perf_counter()

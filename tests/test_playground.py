@@ -67,3 +67,14 @@ def test_type_generate_see_the_images_and_an_error(playground):
         expect(page.locator("#error")).to_contain_text("must be in 1..")
         assert KEY not in page.content()
         browser.close()
+
+
+@pytest.mark.parametrize("n", [0, 65, 10**9, "3", 2.5, True])
+def test_the_playground_refuses_a_bad_image_count_before_calling_the_server(n):
+    import argparse
+
+    from playground import Server
+
+    server = Server(argparse.Namespace(front="kserve", url="http://127.0.0.1:9", model="m", api_key=None))
+    status, answer = server.generate({"prompt": "x", "n": n})  # port 9: nothing listens, so no call was made
+    assert status == 400 and "`n` (images) must be an integer in 1..64" in answer["error"]
