@@ -233,3 +233,21 @@ def test_a_switch_that_fails_halfway_leaves_no_half_switched_model(engine, monke
     monkeypatch.setattr(loras.Factor, "delta", real_delta)
     assert np.array_equal(image(engine, seed=2), plain)
     assert np.array_equal(image(engine, seed=2, loras={"style": 1.0}), styled)
+
+
+def test_sdxl_adapters_reach_both_text_encoders_and_match_diffusers(tmp_path):
+    """SDXL: its second text encoder too (kohya's lora_te1_/lora_te2_ prefixes), the same image as diffusers."""
+    folder = save_pipeline("tiny-sdxl", tmp_path / "sdxl")
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    save_random_lora(pipe, folder / "loras" / "style.safetensors", seed=4, std=0.1)
+    save_random_lora(pipe, folder / "loras" / "detail.safetensors", seed=5, layout="kohya", std=0.1)
+    engine = load_engine(config(), folder, CPU)
+    touched = {component for fs in engine.adapters.factors.values() for f in fs for component in
+               ("unet", "text_encoder", "text_encoder_2") if any(m is f.module for m in getattr(
+                   engine.pipe, component).modules())}
+    assert touched == {"unet", "text_encoder", "text_encoder_2"}
+    reference = DiffusionPipeline.from_pretrained(folder)
+    for name in ("style", "detail"):
+        reference.load_lora_weights(str(folder / "loras"), weight_name=f"{name}.safetensors", adapter_name=name)
+    for adapters in ({"style": 0.8}, {"style": 0.5, "detail": 1.0}):
+        assert np.abs(image(engine, loras=adapters) - diffusers_image(reference, adapters)).max() <= 2 / 255, adapters
