@@ -109,6 +109,8 @@ class Metrics:
         self.queue = Histogram("QueueSeconds", "how long a request waited for the engine", buckets=seconds)
         self.batch = Histogram("BatchSize", "images per engine call", buckets=(1, 2, 4, 8, 16, 32, 64))
         self.peak = Gauge("PeakGPUMemory", "peak GPU memory (MB) of the last engine call")
+        self.lora_switch = Histogram("LoraSwitchSeconds", "a pipeline call's switch of the fused LoRA adapter set",
+                                     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
 
     def batch_started(self, batch) -> None:
         self.batch.observe(batch.images)
@@ -119,6 +121,9 @@ class Metrics:
         self.images.labels("ok").inc(len(results))
         for result in results:
             self.generation.observe(result.seconds)
+        for seconds in {id(r.stage_seconds): r.stage_seconds.get("lora_switch") for r in results}.values():
+            if seconds:  # once per pipeline call (its results share one stage_seconds)
+                self.lora_switch.observe(seconds)
         peaks = [r.peak_memory_bytes for r in results if r.peak_memory_bytes is not None]
         if peaks:
             self.peak.set(max(peaks) / 2**20)

@@ -211,6 +211,8 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(tmp_path, tiny_model_
 def test_metrics_count_images_by_status_beside_kserves_own(front):
     assert call(front, "/v1/images/generations", {"prompt": "a fox", "size": "64x64"})[0] == 200
     assert call(front, "/v1/images/generations", {"prompt": "a fox", "size": "65x64"})[0] == 400
+    assert call(front, "/v1/images/generations", {"prompt": "a fox", "loras": {"detail": 0.4}})[0] == 200
+    assert call(front, f"/v1/models/{MODEL}:predict", {"instances": ["a fox"]})[0] == 200  # KServe's own metrics
     status, body = call(front, "/metrics", token=None)  # Prometheus scrapes without the key
     samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
                if line and not line.startswith("#")}
@@ -218,7 +220,7 @@ def test_metrics_count_images_by_status_beside_kserves_own(front):
     assert samples['ImagesGenerated_total{Status="ok"}'] >= 1
     assert samples['ImagesGenerated_total{Status="invalid"}'] >= 1
     assert samples["GenerationSeconds_count"] >= 1 and samples["QueueSeconds_count"] >= 1
-    assert samples["BatchSize_count"] >= 1
+    assert samples["BatchSize_count"] >= 1 and samples["LoraSwitchSeconds_count"] >= 1
     assert any(name.startswith("request_predict_seconds") for name in samples)  # KServe's own
 
 
