@@ -121,9 +121,8 @@ class Metrics:
         self.images.labels("ok").inc(len(results))
         for result in results:
             self.generation.observe(result.seconds)
-        for seconds in {id(r.stage_seconds): r.stage_seconds.get("lora_switch") for r in results}.values():
-            if seconds:  # once per pipeline call (its results share one stage_seconds)
-                self.lora_switch.observe(seconds)
+            if result.stage_seconds.get("lora_switch"):  # on a pipeline call's first result only
+                self.lora_switch.observe(result.stage_seconds["lora_switch"])
         peaks = [r.peak_memory_bytes for r in results if r.peak_memory_bytes is not None]
         if peaks:
             self.peak.set(max(peaks) / 2**20)

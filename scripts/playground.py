@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from query import ServerUnreachable, current_key, request  # noqa: E402
+from query import KeyRenewalFailed, ServerUnreachable, current_key, is_token_failure, request  # noqa: E402
 
 PAGE = Path(__file__).resolve().parent / "playground.html"
 MAX_IMAGES = 64  # per Generate; the server refuses more than its own batch size anyway
@@ -46,13 +46,22 @@ class Server:
 
     def key(self, kind: str) -> str | None:
         if self.args.front == "kserve":
-            return self.args.api_key or os.environ.get("SD_API_KEY") or None
+            if self.args.api_key_file:
+                return self.args.api_key_file.read_text().strip()
+            return os.environ.get("SD_API_KEY") or None
         if not Path(self.args.key_file).is_file():
             return None  # a TorchServe with token authorization off
         return current_key(self.args.key_file, kind, self.args.management_url)
 
+    def call(self, url: str, kind: str, body: bytes | None = None, timeout: float = 600):
+        """One request with the key; if TorchServe says the key expired, once more with its successor."""
+        status, headers, answer = request(url, self.key(kind), body, body and "application/json", timeout)
+        if self.args.front == "torchserve" and is_token_failure(status, answer):
+            status, headers, answer = request(url, self.key(kind), body, body and "application/json", timeout)
+        return status, answer
+
     def describe(self) -> tuple[int, dict]:
-        status, _, body = request(self.describe_url, self.key("management"), timeout=30)
+        status, body = self.call(self.describe_url, "management", timeout=30)
         if status != 200:
             return status, {"error": _message(body)}
         document = json.loads(body)
@@ -68,10 +77,11 @@ class Server:
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
             return 400, {"error": f"`n` (images) must be an integer in 1..{MAX_IMAGES}, got {n!r}"[:200]}
         seed = fields.pop("seed", None)
-        instances = [dict(fields, **({"seed": seed + i} if isinstance(seed, int) else {})) for i in range(n)]
+        counted = isinstance(seed, int) and not isinstance(seed, bool)  # anything else goes as is: the server says
+        instances = [dict(fields, **({"seed": seed + i} if counted else {} if seed is None else {"seed": seed}))
+                     for i in range(n)]
         start = time.perf_counter()
-        status, headers, body = request(self.predict_url, self.key("inference"),
-                                        json.dumps({"instances": instances}).encode(), "application/json")
+        status, body = self.call(self.predict_url, "inference", json.dumps({"instances": instances}).encode())
         seconds = round(time.perf_counter() - start, 2)
         if status != 200:
             return status, {"error": _message(body), "seconds": seconds}
@@ -91,36 +101,47 @@ def _message(body: bytes) -> str:
     return str(document)[:500]
 
 
-def make_app(server: Server):
+def guarded(action) -> tuple[int, dict]:
+    """A server's unexpected answer or absence becomes a readable 502 for the page, never a bare 500."""
+    try:
+        return action()
+    except ServerUnreachable as e:
+        return 502, {"error": f"the server cannot be reached: {e}"}
+    except (KeyRenewalFailed, OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        return 502, {"error": f"the server's answer could not be used ({type(e).__name__}: {str(e)[:200]})"}
+
+
+def make_app(server: Server, hosts: list[str]):
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     app = FastAPI(title="Stable Diffusion playground", docs_url=None, redoc_url=None, openapi_url=None)
+    # Only this machine's names: a page elsewhere that rebinds its DNS name to 127.0.0.1 cannot read the answers.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
 
     @app.get("/", response_class=HTMLResponse)
     def page():
         return PAGE.read_text()
 
     @app.get("/api/model")
-    def model():
-        try:
-            status, document = server.describe()
-        except ServerUnreachable as e:
-            status, document = 502, {"error": f"the server cannot be reached: {e}"}
+    def model():  # a plain def: FastAPI runs it in a thread, so a slow server never blocks the page
+        status, document = guarded(server.describe)
         return JSONResponse(document, status_code=status)
 
     @app.post("/api/generate")
     async def generate(request: Request):
+        # JSON only: another site's page can post text/plain or a form here without asking, not application/json.
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            return JSONResponse({"error": "send application/json"}, status_code=415)
         try:
             fields = await request.json()
         except ValueError:
             return JSONResponse({"error": "the page sent a body that is not JSON"}, status_code=400)
         if not isinstance(fields, dict):
             return JSONResponse({"error": "the page sent a body that is not a JSON object"}, status_code=400)
-        try:
-            status, document = server.generate(fields)
-        except ServerUnreachable as e:
-            status, document = 502, {"error": f"the server cannot be reached: {e}"}
+        status, document = await run_in_threadpool(guarded, lambda: server.generate(fields))
         return JSONResponse(document, status_code=status)
 
     return app
@@ -133,7 +154,7 @@ def main(argv=None) -> int:
     parser.add_argument("--url", help="its inference URL (default: http://127.0.0.1:8080, or :8090 for kserve)")
     parser.add_argument("--management-url", default="http://127.0.0.1:8081", help="TorchServe's management URL")
     parser.add_argument("--key-file", default="key_file.json", help="TorchServe's key file (default: %(default)s)")
-    parser.add_argument("--api-key", help="the KServe front's key (default: $SD_API_KEY)")
+    parser.add_argument("--api-key-file", type=Path, help="file holding the KServe front's key (default: $SD_API_KEY)")
     parser.add_argument("--model", default="stable-diffusion", help="model name (default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", help="address the page listens on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=7860, help="port of the page (default: %(default)s)")
@@ -141,7 +162,8 @@ def main(argv=None) -> int:
     import uvicorn
 
     print(f"playground: http://{args.host}:{args.port} -> {args.front}", file=sys.stderr, flush=True)
-    uvicorn.run(make_app(Server(args)), host=args.host, port=args.port, log_level="warning")
+    hosts = sorted({"127.0.0.1", "localhost", args.host})
+    uvicorn.run(make_app(Server(args), hosts), host=args.host, port=args.port, log_level="warning")
     return 0
 
 

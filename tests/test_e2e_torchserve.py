@@ -122,7 +122,7 @@ def test_the_playground_learns_the_model_and_generates_through_torchserve(server
 
     from playground import Server as Playground
 
-    playground = Playground(argparse.Namespace(front="torchserve", url=server.inference, model=MODEL, api_key=None,
+    playground = Playground(argparse.Namespace(front="torchserve", url=server.inference, model=MODEL, api_key_file=None,
                                                management_url=server.management,
                                                key_file=str(server.work / "key_file.json")))
     status, described = playground.describe()

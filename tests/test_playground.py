@@ -17,7 +17,7 @@ from ts_server import ROOT, free_ports
 
 pytestmark = pytest.mark.e2e
 KEY = "playground-test-key"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,11 @@ def playground(tmp_path_factory, tiny_model_dir):
 def test_type_generate_see_the_images_and_an_error(playground):
     from playwright.sync_api import expect, sync_playwright
 
-    assert Path(CHROMIUM).is_file(), "Debian's chromium is missing (`make test` installs it: apt-get install chromium)"
+    if not Path(CHROMIUM).is_file():
+        message = "no chromium (`make test` installs Debian's as root; or set CHROMIUM=/path/to/chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI runs as root: the test must run there
+        pytest.skip(message)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1100, "height": 720})
@@ -75,6 +79,6 @@ def test_the_playground_refuses_a_bad_image_count_before_calling_the_server(n):
 
     from playground import Server
 
-    server = Server(argparse.Namespace(front="kserve", url="http://127.0.0.1:9", model="m", api_key=None))
+    server = Server(argparse.Namespace(front="kserve", url="http://127.0.0.1:9", model="m", api_key_file=None))
     status, answer = server.generate({"prompt": "x", "n": n})  # port 9: nothing listens, so no call was made
     assert status == 400 and "`n` (images) must be an integer in 1..64" in answer["error"]

@@ -115,8 +115,6 @@ class Engine:
                 ).images
             truncated = [self._truncated(r) for r in group]
             stages = {("denoise" if k == "unet" else k): sum(v) / 1000 for k, v in timer.calls_ms().items()}
-            if switch_s:
-                stages["lora_switch"] = switch_s
             peak = torch.cuda.max_memory_allocated(self.device) if cuda else None
         except torch.OutOfMemoryError as e:
             error: EngineError = OutOfMemory(f"out of {self.device.type} memory generating {len(group)} image(s) "
@@ -136,14 +134,17 @@ class Engine:
         logger.info("generated %d image(s) %dx%d x%d steps in %.3f s", len(group), first.width, first.height,
                     first.num_inference_steps, seconds)
         results: list[GenerationResult | EngineError] = []
-        for request, pixels, cut in zip(group, arrays, truncated):
+        for i, (request, pixels, cut) in enumerate(zip(group, arrays, truncated)):
             if not np.isfinite(pixels).all():
                 logger.error("image for seed %d has non-finite pixels", request.seed)
                 results.append(GenerationError("generation produced NaN pixels; see the server log"))
             else:
                 image = Image.fromarray((np.clip(pixels, 0, 1) * 255).round().astype(np.uint8))
+                # The adapter switch went before the whole call: it is on the call's first result only, so that
+                # fronts count it once per call.
                 results.append(GenerationResult(request=request, image=image, seconds=seconds, truncated=cut,
-                                                stage_seconds=stages, peak_memory_bytes=peak))
+                                                stage_seconds=dict(stages, lora_switch=switch_s) if i == 0 and
+                                                switch_s else stages, peak_memory_bytes=peak))
         return results
 
     def _truncated(self, request: GenerationRequest) -> tuple[str, ...]:
