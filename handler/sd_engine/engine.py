@@ -10,10 +10,9 @@ CPU so that a seed gives the same starting noise on any device.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -222,7 +221,7 @@ def load_engine(config: EngineConfig, source: str | Path, device: torch.device, 
     rules = request_rules(config, native_defaults(pipe))  # a default the model cannot take fails before optimizing
     # LoRA adapters are read into the plain layers, before compile and graphs see them.
     adapters, loras_unavailable = load_for_engine(pipe, config, source, backend)
-    rules = dataclasses.replace(rules, loras=adapters.names if adapters else (), loras_unavailable=loras_unavailable)
+    rules = replace(rules, loras=adapters.names if adapters else (), loras_unavailable=loras_unavailable)
 
     # 3. Optimize.
     start = time.perf_counter()

@@ -45,16 +45,11 @@ class GraphBudget:
     def __init__(self, cap_bytes: int | None = None):
         self.cap_bytes = cap_bytes
         self.held: OrderedDict[tuple, int] = OrderedDict()  # (GraphCache, key) -> bytes its capture added
-        self.pool_bytes = 0
-
-    @property
-    def total_bytes(self) -> int:
-        """The shared pool's size: what the graphs hold, now and for the next captures."""
-        return self.pool_bytes
+        self.total_bytes = 0  # the shared pool's size: what the graphs hold, now and for the next captures
 
     def record(self, cache: "GraphCache", key: tuple, size: int) -> None:
         self.held[(cache, key)] = size
-        self.pool_bytes += size
+        self.total_bytes += size
 
     def touch(self, cache: "GraphCache", key: tuple) -> None:
         self.held.move_to_end((cache, key))
@@ -64,11 +59,12 @@ class GraphBudget:
 
     def make_room(self) -> None:
         """Before a capture: at or past the cap, drop the least recently used graph (of any module)."""
-        if self.cap_bytes is not None and self.held and self.pool_bytes >= self.cap_bytes:
-            (cache, key), _ = self.held.popitem(last=False)
+        if self.cap_bytes is not None and self.held and self.total_bytes >= self.cap_bytes:
+            (cache, key), size = self.held.popitem(last=False)
             cache.entries.pop(key, None)
-            logger.info("%s: dropped its least recently used graph: the graphs' pool (%.2f GiB) is at the %.2f GiB "
-                        "cap", cache.name, self.pool_bytes / 2**30, self.cap_bytes / 2**30)
+            logger.info("%s: dropped its least recently used graph (its capture took %.2f GiB): the graphs' pool "
+                        "(%.2f GiB) is at the %.2f GiB cap", cache.name, size / 2**30, self.total_bytes / 2**30,
+                        self.cap_bytes / 2**30)
 
 
 class GraphCache:

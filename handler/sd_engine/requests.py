@@ -157,16 +157,13 @@ def _loras(value: Any, rules: RequestRules) -> tuple:
             known = ", ".join(rules.loras) if rules.loras else "none: this model has no adapters"
             raise InvalidRequest("loras", name, f"names an adapter this model does not have (known: {known})")
         limit = rules.max_lora_scale
-        try:
-            fits = not isinstance(strength, bool) and isinstance(strength, (int, float)) and math.isfinite(
-                strength) and -limit <= strength <= limit
-        except OverflowError:  # an integer beyond float range
-            fits = False
-        if not fits:
+        try:  # the rule every number field follows, reported under `loras`
+            strength = _number({name: strength}, name, None, -limit, limit)
+        except InvalidRequest:
             raise InvalidRequest("loras", {name: strength}, f"strength of {name!r} must be a finite number in "
-                                                            f"{-limit:g}..{limit:g}")
+                                                            f"{-limit:g}..{limit:g}") from None
         if strength:
-            chosen.append((name, float(strength)))
+            chosen.append((name, strength))
     return tuple(sorted(chosen))
 
 
