@@ -151,3 +151,25 @@ def test_a_full_queue_refuses_with_503(tiny_engine, cpu_rules):
     assert caught.value.status == 503
     batcher.close()
     batcher.run()
+
+
+def test_requests_spread_over_adapters_are_batched_by_adapter_set_oldest_first(tiny_engine, cpu_rules):
+    """Four queued submissions alternating two adapters, two images a call: first-come batching would make two calls
+    mixing both (each split again by the engine into two pipeline calls of one); grouping makes one call per adapter."""
+
+    class KeyRecordingEngine(CountingEngine):
+        def generate(self, requests):
+            self.calls.append([dict(r.loras) for r in requests])
+            return self.engine.generate(requests)
+
+    recording = KeyRecordingEngine(tiny_engine)
+    batcher = Batcher(recording, max_images=2, max_delay_s=0, start=False)
+    spread = [{"style": 0.5}, {"detail": 0.5}, {"style": 0.5}, {"detail": 0.5}]
+    futures = [batcher.submit([parse_request({"prompt": "p", "seed": i, "num_inference_steps": 2, "loras": loras},
+                                             cpu_rules)]) for i, loras in enumerate(spread)]
+    batcher.close()
+    batcher.run()  # everything is queued before the worker starts: here on this thread
+    assert recording.calls == [[{"style": 0.5}] * 2, [{"detail": 0.5}] * 2]
+    for future, loras in zip(futures, spread):
+        [result] = future.result(timeout=0)
+        assert isinstance(result, GenerationResult) and dict(result.request.loras) == loras

@@ -1,8 +1,9 @@
 """Micro-batching for fronts that have no batcher of their own (KServe's model server; TorchServe batches itself).
 
 Requests submitted from many threads or asyncio tasks within `max_delay_s` of the first waiting one are handed to
-Engine.generate together, until they hold `max_images` images; the engine then groups them by shape into pipeline
-calls of at most its batch size. One thread owns the engine, so pipeline calls never overlap on the GPU (one engine
+Engine.generate together, until they hold `max_images` images, those with the oldest one's shape key (size, steps,
+guidance, LoRA adapters) first (run()); the engine then groups them by shape into pipeline calls of at most its batch
+size. One thread owns the engine, so pipeline calls never overlap on the GPU (one engine
 per GPU process): a worker thread the batcher starts, or the caller's own thread in run() (start=False). A front
 whose engine may run on the CPU should run it on the main thread: PyTorch's CPU kernels measured 2-9x slower called
 from another thread here (libgomp, 2 cores). Every submission gets its own results, in order: a failing group fails
@@ -20,6 +21,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -58,6 +60,12 @@ class Batch:
     queue_seconds: list[float]  # per submission: from submit() to the start of its engine call
 
 
+def _key(job: _Job) -> tuple:
+    """What a submission is grouped by: its first request's shape key (a submission's images share their settings,
+    except where a v2 request gives each image its own adapters: the engine then splits the call)."""
+    return job.requests[0].shape_key if job.requests else ()
+
+
 class Batcher:
     def __init__(self, engine, max_images: int, max_delay_s: float, on_batch=None, start: bool = True,
                  max_queued: int = 0):
@@ -71,6 +79,7 @@ class Batcher:
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._closed = False
+        self._held = 0  # submissions the worker took from the queue but holds back for a later call (run())
         self._worker = threading.Thread(target=self.run, name="sd-batcher", daemon=True) if start else None
         if self._worker is not None:
             self._worker.start()
@@ -80,8 +89,9 @@ class Batcher:
         with self._lock:  # so that nothing is queued after close()'s end marker
             if self._closed:
                 raise BatcherClosed("the server is shutting down and takes no new requests")
-            if self.max_queued and self._queue.qsize() >= self.max_queued:
-                raise QueueFull(f"{self._queue.qsize()} requests are waiting already; try again later")
+            waiting = self._queue.qsize() + self._held
+            if self.max_queued and waiting >= self.max_queued:
+                raise QueueFull(f"{waiting} requests are waiting already; try again later")
             job = _Job(list(requests))
             self._queue.put(job)
         return job.future
@@ -100,28 +110,44 @@ class Batcher:
             self._worker.join(timeout)
 
     def run(self) -> None:
-        """The worker loop: the batcher's own thread runs it, or with start=False the caller, until close()."""
+        """The worker loop: the batcher's own thread runs it, or with start=False the caller, until close().
+
+        Each engine call takes the oldest waiting submission and, up to `max_images`, the later ones with the same
+        shape key (size, steps, guidance, LoRA adapter set), so that requests spread over several adapters still
+        make full batches: a batch of 8 mixing 4 adapters would run as 4 pipeline calls of 2 (measured on an H200,
+        SD 1.5: 81% of the images/s of one adapter). Submissions with other keys stay held, in order, for the next
+        calls; the oldest always goes first, so none waits behind a busier key for long."""
+        held: deque[_Job] = deque()  # taken from the queue, not yet given to the engine, oldest first
         stopping = False
-        while not stopping:
-            job = self._queue.get()
-            if job is None:
-                break
-            if not job.future.set_running_or_notify_cancel():  # its client gave up while it waited
-                continue
-            batch, images = [job], len(job.requests)
-            deadline = time.monotonic() + self.max_delay_s
-            while images < self.max_images:
+        while held or not stopping:
+            if held:
+                deadline = time.monotonic()  # held submissions have had their wait: take only what is queued now
+            else:
+                job = self._queue.get()
+                if job is None:
+                    break
+                held.append(job)
+                deadline = time.monotonic() + self.max_delay_s
+            key = _key(held[0])
+            while not stopping and sum(len(j.requests) for j in held if _key(j) == key) < self.max_images:
                 try:
                     more = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
-                if more is None:  # close(): this batch is the last
+                if more is None:  # close(): finish what is held, then stop
                     stopping = True
-                    break
-                if more.future.set_running_or_notify_cancel():  # running: a client's cancel no longer applies
-                    batch.append(more)
-                    images += len(more.requests)
-            self._process(batch)
+                else:
+                    held.append(more)
+            batch, images = [], 0
+            for job in list(held):
+                if _key(job) == key and (not batch or images + len(job.requests) <= self.max_images):
+                    held.remove(job)
+                    if job.future.set_running_or_notify_cancel():  # False: its client gave up while it waited
+                        batch.append(job)
+                        images += len(job.requests)
+            self._held = len(held)
+            if batch:
+                self._process(batch)
 
     def _process(self, batch: list[_Job]) -> None:
         requests = [request for job in batch for request in job.requests]
