@@ -20,7 +20,7 @@ DEFAULT_RESULT = ROOT / "bench" / "results" / "h200-sd15-2026-11-21.json"
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
 SERVING_RESULTS = [ROOT / "bench" / "results" / f"{name}.json" for name in (
     "h200x2-sd15-2026-11-22-serving-deepspeed", "h200x2-sd15-2026-11-22-serving-compile",
-    "h200-sd15-2026-12-02-serving-kserve")]
+    "h200-sd15-2026-12-04-serving-both")]
 SERVING_START, SERVING_END = "<!-- serving-table:start -->", "<!-- serving-table:end -->"
 # One file per GPU call: each row's "vs eager" and RMSE compare with the eager fp16 run of its own file.
 FAMILY_RESULTS = [ROOT / "bench" / "results" / f"h200-{name}.json" for name in (
@@ -85,7 +85,7 @@ def serving_table(records: list[dict]) -> str:
     lines = [
         f"{first['gpus'][0].split(', ')[1]}, {first['preset']} architecture with random weights, "
         f"{first['size']}x{first['size']}, {first['steps']} steps, TorchServe {first['versions']['torchserve']} "
-        f"({first['versions']['java']}) or the KServe front, batchSize {first['batch_size']}, maxBatchDelay 10 ms; "
+        f"or the KServe front, batchSize {first['batch_size']}, maxBatchDelay 10 ms; "
         "scripts/loadtest.py, each request its own seed; latency as the client saw it.",
         "",
         "| front | handler config | date | GPUs (workers) | clients | requests | images/s | p50 (s) | p95 (s) "
@@ -97,7 +97,8 @@ def serving_table(records: list[dict]) -> str:
         config = f"{record['backend']}{' + compile' if record['compile'] else ''} + cuda_graph"
         for name, phase in record["phases"].items():
             if phase.get("start_to_ready_s") is not None:
-                ready.append(f"{config}, {name}: {phase['start_to_ready_s']:.0f} s")
+                cache = f" (JIT cache {phase['jit_cache']})" if phase.get("jit_cache") else ""
+                ready.append(f"{config}, {record['date']} {name}{cache}: {phase['start_to_ready_s']:.0f} s")
             for clients, run in sorted(phase.get("loadtest", {}).items(), key=lambda item: int(item[0])):
                 errors = sum(n for status, n in run["status_counts"].items() if status != "200")
                 latency = run["latency_s"]

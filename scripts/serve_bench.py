@@ -101,7 +101,8 @@ def main(argv=None) -> int:
         phases.append(("multi", f"{args.gpus}gpu", args.gpus, multi, False))
     if "kserve" in args.phases:
         write_model_config(store, args, 1)
-        summary["phases"]["1gpu-kserve"] = phase = {"workers": 1, "device_ids": [0], "front": "kserve"}
+        summary["phases"]["1gpu-kserve"] = phase = {"workers": 1, "device_ids": [0], "front": "kserve",
+                                                    "jit_cache": jit_cache(args.work)}
         try:
             run_kserve_phase(phase, args, args.concurrency, save)
         except Exception as e:  # noqa: BLE001 - record it and go on
@@ -111,7 +112,8 @@ def main(argv=None) -> int:
         if key not in args.phases:
             continue
         write_model_config(store, args, workers)
-        summary["phases"][name] = phase = {"workers": workers, "device_ids": list(range(workers))}
+        summary["phases"][name] = phase = {"workers": workers, "device_ids": list(range(workers)),
+                                           "jit_cache": jit_cache(args.work)}
         try:
             run_phase(name, phase, args, workers, concurrencies, clients, save)
         except Exception as e:  # noqa: BLE001 - record it and go on to the next phase
@@ -203,6 +205,12 @@ def run_kserve_phase(phase, args, concurrencies, save):
         process.terminate()
         phase["exit_code"] = process.wait(timeout=600)
         subprocess.run(["tar", "-czf", str(args.out / "logs-kserve.tar.gz"), "-C", str(logs), "."])
+
+
+def jit_cache(work: Path) -> str:
+    """`empty` or `warm`: the phases share one cache_dir, so a phase after another starts with its compiled code."""
+    cache = work / "cache"
+    return "warm" if cache.is_dir() and any(path.is_file() for path in cache.rglob("*")) else "empty"
 
 
 def frontend_alive(work: Path) -> bool:
