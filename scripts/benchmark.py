@@ -15,13 +15,14 @@ through one graphed engine, compared with eager) and the cold start (fresh proce
 that upcasts its VAE (SDXL) it times one VAE decode in float32 and in float16 (`vae_decode_ms`).
 
 Writes <out-dir>/<gpu>-<preset>-<date>.json (a list of rows under "rows") and a .png plot next to it, after every row,
-so a run cut short keeps what it measured. Progress on stderr. Exit codes: 0 done; 1 a backend failed; 2 no CUDA GPU.
+so a run cut short keeps what it measured. Progress bars and logs on stderr. The random-weight folder, timing, parity
+and result files are gpu_common.py's, shared with the other GPU tools. Exit codes: 0 done; 1 a backend failed; 2 no
+CUDA GPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import statistics
@@ -29,19 +30,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
+from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from gpu_common import (NO_GPU, cuda_available, free, json_saver, nan_pixels, pixels, preset_weights, progress, pyplot,
+                        record_header, requests_for, result_stem, rmse, setup_logging, timed_runs)
 from sd_engine.config import EngineConfig
 from sd_engine.engine import Engine, GenerationResult, load_engine
 from sd_engine.loading import load_pipeline
 from sd_engine.optimize import keep_vae_in_float32
 from sd_engine.deepspeed_backend import deepspeed_inject
-from sd_engine.random_models import native_size, save_pipeline
-from sd_engine.requests import GenerationRequest
+from sd_engine.random_models import native_size
 from sd_engine.timing import StageTimer
 
 log = logging.getLogger("benchmark")
@@ -65,35 +66,17 @@ BACKENDS = {  # name -> handler: block overrides; None marks stock DeepSpeed, bu
 LADDER_ONLY = {"eager-fp32": (1,), "deepspeed": (1, 8), "deepspeed+stock-graph": (1, 8)}  # fewer batch sizes
 
 
-def requests_for(batch: int, steps: int, size: int, guidance: float = 7.5) -> list[GenerationRequest]:
-    return [GenerationRequest(prompt=f"a photo of an astronaut riding a horse on mars, take {i}", negative_prompt=None,
-                              num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                              seed=1000 + i) for i in range(batch)]
-
-
-def pixels(results) -> list[np.ndarray]:
-    for r in results:
-        if not isinstance(r, GenerationResult):
-            raise RuntimeError(f"generation failed: {r}")
-    return [np.asarray(r.image, dtype=np.float64) / 255.0 for r in results]
-
-
-def rmse(images, references) -> float:
-    return max(float(np.sqrt(np.mean((a - b) ** 2))) for a, b in zip(images, references))
-
-
 def measure(engine: Engine, batch: int, args, references: dict) -> dict:
     requests = requests_for(batch, args.steps, args.size, engine.rules.guidance_scale)  # the model's own guidance
     images = pixels(engine.generate(requests))  # warm-up: captures graphs for this shape
-    torch.cuda.synchronize()
-    times, peaks = [], []
+    peaks = []
+
+    def run():
+        results = engine.generate(requests)
+        peaks.append(max(r.peak_memory_bytes for r in results if isinstance(r, GenerationResult)))
+
     with StageTimer(engine.pipe, cuda=True) as timer:  # per-call means; the engine's own timer gives totals
-        for _ in range(args.runs):
-            start = time.perf_counter()
-            results = engine.generate(requests)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-            peaks.append(max(r.peak_memory_bytes for r in results if isinstance(r, GenerationResult)))
+        times = timed_runs(run, args.runs)
     components = {stage: round(statistics.mean(calls), 3) if calls else None  # mean milliseconds per call
                   for stage, calls in timer.calls_ms().items()}
     latency = statistics.median(times)
@@ -102,7 +85,7 @@ def measure(engine: Engine, batch: int, args, references: dict) -> dict:
             "unet_step_ms": components["unet"], "text_encoder_ms": components["text_encoder"],
             "vae_ms": components["vae"], "peak_mem_gib": round(max(peaks) / 2**30, 2),
             "rmse_vs_eager": round(rmse(images, reference), 5),
-            "nan_pixels": int(sum(np.isnan(i).sum() for i in images)),
+            "nan_pixels": nan_pixels(images),
             "runs_s": [round(t, 4) for t in times]}
 
 
@@ -117,11 +100,6 @@ def build_engine(name: str, base: dict, weights: Path, max_batch_size: int = 1) 
     keep_vae_in_float32(pipe)  # as optimize() does: DeepSpeed's VAE wrapper hides what diffusers' upcast reads
     deepspeed_inject(pipe, enable_cuda_graph=True)
     return Engine(pipe, EngineConfig.from_mapping({**base, "backend": "deepspeed"}), device, "deepspeed")
-
-
-def free() -> None:
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 def shape_safety(name: str, base: dict, weights: Path, steps: int, eager_images: dict) -> dict:
@@ -149,29 +127,41 @@ def cold_start(name: str, base: dict, weights: Path) -> float:
 
 
 def check_shape_safety(args, base: dict, record: dict, save) -> None:
-    eager = build_engine("eager-fp16", base, args.weights)
-    eager_images = {(b, s): pixels(eager.generate(requests_for(b, args.steps, s))) for b, s in
-                    ((1, 512), (3, 512), (1, 768))}
-    del eager
-    free()
-    record["shape_safety"] = []
-    for name in ("ours", "deepspeed+graph", "eager-fp16+graph"):
-        record["shape_safety"].append(shape_safety(name, base, args.weights, args.steps, eager_images))
-        save()
+    names = ("ours", "deepspeed+graph", "eager-fp16+graph")
+    with progress(1 + len(names), "shape-safety", unit="engine") as bar:
+        bar.set_postfix_str("eager-fp16 references")
+        eager = build_engine("eager-fp16", base, args.weights)
+        eager_images = {(b, s): pixels(eager.generate(requests_for(b, args.steps, s))) for b, s in
+                        ((1, 512), (3, 512), (1, 768))}
+        del eager
+        free()
+        bar.update()
+        record["shape_safety"] = []
+        for name in names:
+            bar.set_postfix_str(name)
+            record["shape_safety"].append(shape_safety(name, base, args.weights, args.steps, eager_images))
+            save()
+            bar.update()
 
 
 def check_cold_start(base: dict, weights: Path, record: dict, save, names=None) -> None:
     """Process start -> ready, first with an empty cache_dir (JIT builds, compilation), then again with it warm."""
     record["cold_start_s"] = {}
-    for name in names or ("ours", "deepspeed+graph", "eager-fp16+graph"):
-        cache = Path(tempfile.mkdtemp(prefix="sd-cache-"))
-        with_cache = {**base, "cache_dir": str(cache)}
-        # Each engine gets its own empty cache, so "first" pays every build and "cached" shows what a restart pays.
-        first = cold_start(name, with_cache, weights)
-        record["cold_start_s"][name] = {"first_start": first,
-                                        "restart_with_cache": cold_start(name, with_cache, weights)}
-        log.info("cold start %s: %s", name, record["cold_start_s"][name])
-        save()
+    names = names or ("ours", "deepspeed+graph", "eager-fp16+graph")
+    with progress(2 * len(names), "cold-start", unit="start") as bar:
+        for name in names:
+            cache = Path(tempfile.mkdtemp(prefix="sd-cache-"))
+            with_cache = {**base, "cache_dir": str(cache)}
+            # Each engine its own empty cache: "first" pays every build, "restart_with_cache" what a restart pays.
+            bar.set_postfix_str(f"{name}, empty cache")
+            first = cold_start(name, with_cache, weights)
+            bar.update()
+            bar.set_postfix_str(f"{name}, warm cache")
+            record["cold_start_s"][name] = {"first_start": first,
+                                            "restart_with_cache": cold_start(name, with_cache, weights)}
+            bar.update()
+            log.info("cold start %s: %s", name, record["cold_start_s"][name])
+            save()
 
 
 def check_loras(args, base: dict, record: dict, save, names=("a", "b", "c", "d")) -> None:
@@ -198,52 +188,52 @@ def check_loras(args, base: dict, record: dict, save, names=("a", "b", "c", "d")
     def spread(sets):  # the model's own guidance, as measure() uses
         return [replace(r, guidance_scale=guidance, loras=sets[i % len(sets)]) for i, r in enumerate(base_requests)]
 
-    def images_per_s(engine, requests):
-        pixels(engine.generate(requests))  # untimed: captures the group sizes' graphs
-        times = []
-        for _ in range(args.runs):
-            start = time.perf_counter()
-            pixels(engine.generate(requests))
-            times.append(time.perf_counter() - start)
-        return round(batch / statistics.median(times), 3)
+    def images_per_s(engine, requests):  # the untimed first run captures the group sizes' graphs
+        return round(batch / statistics.median(timed_runs(lambda: pixels(engine.generate(requests)), args.runs,
+                                                          warmup=1)), 3)
 
-    def served_images_per_s(engine, sets):
+    def served_images_per_s(engine, sets):  # the first run untimed, as above
         from sd_engine.batching import Batcher
 
         requests = [replace(r, guidance_scale=guidance, loras=sets[i % len(sets)])
                     for i, r in enumerate(requests_for(4 * batch, args.steps, args.size))]
-        batcher, times = Batcher(engine, max_images=batch, max_delay_s=0.01), []
+        batcher = Batcher(engine, max_images=batch, max_delay_s=0.01)
+
+        def serve():
+            futures = [batcher.submit([request]) for request in requests]
+            for future in futures:
+                [result] = future.result()
+                if not isinstance(result, GenerationResult):
+                    raise RuntimeError(f"generation failed: {result}")
         try:
-            for _ in range(args.runs + 1):  # the first untimed
-                start = time.perf_counter()
-                futures = [batcher.submit([request]) for request in requests]
-                for future in futures:
-                    [result] = future.result()
-                    if not isinstance(result, GenerationResult):
-                        raise RuntimeError(f"generation failed: {result}")
-                times.append(time.perf_counter() - start)
+            return round(len(requests) / statistics.median(timed_runs(serve, args.runs, warmup=1)), 3)
         finally:
             batcher.close()
-        return round(len(requests) / statistics.median(times[1:]), 3)
 
+    bar = progress(6, "loras")
+    bar.set_postfix_str("loading ours")
     engine = build_engine("ours", base, args.weights, batch)
     guidance = engine.rules.guidance_scale
     one, four = (("a", 0.8),), [((name, 0.8),) for name in names]
     row = {"check": "loras", "preset": args.preset, "batch": batch, "steps": args.steps, "height": args.size,
            "width": args.size, "lora_rank": args.lora_rank, "adapters": list(engine.rules.loras)}
+    bar.update()
     row["images_per_s_no_adapter"] = images_per_s(engine, spread([()]))
     row["images_per_s_one_adapter"] = images_per_s(engine, spread([one]))
+    bar.update()
     pixels(engine.generate(spread(four)))  # the groups' batch size captured before counting
     graphs = engine.pipe.unet.forward.budget
     before = (counters["stats"]["unique_graphs"], len(graphs.held))
     row["images_per_s_four_adapters"] = images_per_s(engine, spread(four))
     row["four_over_one"] = round(row["images_per_s_four_adapters"] / row["images_per_s_one_adapter"], 3)
+    bar.update()
     # Through the engine's batcher (the KServe front's), 4 batches' worth of one-image submissions queued at once: it
     # batches by adapter set, so spread requests still fill whole batches.
     row["served_images_per_s_one_adapter"] = served_images_per_s(engine, [one])
     row["served_images_per_s_four_adapters"] = served_images_per_s(engine, four)
     row["served_four_over_one"] = round(row["served_images_per_s_four_adapters"]
                                         / row["served_images_per_s_one_adapter"], 3)
+    bar.update()
     switches = [engine.adapters.apply(s) * 1000 for _ in range(3)
                 for s in (one, (("b", 0.5),), (("a", 0.5), ("b", 0.5), ("c", 0.5)), (), (("d", 1.0),))]
     row["switch_ms_median"], row["switch_ms_max"] = round(statistics.median(switches), 2), round(max(switches), 2)
@@ -252,10 +242,14 @@ def check_loras(args, base: dict, record: dict, save, names=("a", "b", "c", "d")
     styled = pixels(engine.generate(spread([one])))
     del engine
     free()
+    bar.update()
+    bar.set_postfix_str("eager-fp16 parity")
     engine = build_engine("eager-fp16", base, args.weights, batch)
     row["rmse_vs_eager_one_adapter"] = round(rmse(styled, pixels(engine.generate(spread([one])))), 5)
     del engine
     free()
+    bar.update()
+    bar.close()
     record["rows"].append(row)
     log.info("loras: %s", row)
     save()
@@ -264,7 +258,7 @@ def check_loras(args, base: dict, record: dict, save, names=("a", "b", "c", "d")
 def vae_decode_ms(weights: Path, size: int, runs: int = 5) -> dict | None:
     """For a pipeline that upcasts its VAE (SDXL): one eager, channels-last decode of a batch-1 latent in float32 (what
     the engine does, as diffusers does) and in float16 (what a VAE without force_upcast, e.g. the fp16-fix one, costs).
-    Median milliseconds, CUDA events."""
+    Median milliseconds of `runs` after an untimed one."""
     import diffusers
     from diffusers import AutoencoderKL
 
@@ -275,16 +269,9 @@ def vae_decode_ms(weights: Path, size: int, runs: int = 5) -> dict | None:
     for dtype in (torch.float32, torch.float16):
         vae = AutoencoderKL.from_pretrained(weights / "vae", dtype=dtype).to("cuda", memory_format=torch.channels_last)
         latent = torch.randn(1, 4, size // 8, size // 8, device="cuda", dtype=dtype)
-        times = []
         with torch.no_grad():
-            for _ in range(runs + 1):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                vae.decode(latent)
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-        timings[str(dtype).removeprefix("torch.")] = round(statistics.median(times[1:]), 2)
+            times = timed_runs(partial(vae.decode, latent), runs, warmup=1)
+        timings[str(dtype).removeprefix("torch.")] = round(statistics.median(times) * 1000, 2)
         del vae
         free()
     log.info("VAE decode at %dx%d, batch 1, eager: %s ms", size, size, timings)
@@ -292,11 +279,9 @@ def vae_decode_ms(weights: Path, size: int, runs: int = 5) -> dict | None:
 
 
 def plot(record: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return
     rows = [r for r in record["rows"] if "error" not in r]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     batch1 = [r for r in rows if r["batch"] == 1]
@@ -320,6 +305,47 @@ def plot(record: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def run_table(args, base: dict, record: dict, save) -> bool:
+    """Every backend at every batch size, one row each (saved as it comes); whether any failed."""
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    references: dict[int, list] = {}  # eager fp16 images per batch size; eager-fp16 runs first to fill it
+    names = ["eager-fp16"] + [n for n in args.backends.split(",") if n != "eager-fp16"]
+    plans = {}
+    for name in names:
+        sizes = [b for b in batches if b in LADDER_ONLY.get(name, batches)]
+        # Stock DeepSpeed captures its graph once, so it needs a fresh engine per batch size; the others share one.
+        plans[name] = [[b] for b in sizes] if BACKENDS[name] is None else [sizes]
+    failed = False
+    with progress(sum(len(g) for plan in plans.values() for g in plan), "benchmark", unit="row") as bar:
+        for name, plan in plans.items():
+            for group in plan:
+                engine, ready_s = None, None
+                for batch in group:
+                    bar.set_postfix_str(f"{name} batch {batch}")
+                    row = {"backend": name, "preset": args.preset, "steps": args.steps, "height": args.size,
+                           "width": args.size, "gpu": record["gpu"], "torch": record["torch"],
+                           "deepspeed": record["deepspeed"], "diffusers": record["diffusers"], "batch": batch}
+                    try:
+                        if engine is None:
+                            engine = build_engine(name, base, args.weights, max(group))
+                            ready_s = round(sum(engine.timings.values()), 2) if engine.timings else None
+                        row["ready_s"] = ready_s
+                        row.update(measure(engine, batch, args, references))
+                        record["guidance_scale"] = engine.rules.guidance_scale
+                    except Exception as e:  # noqa: BLE001 - record the failure, keep measuring the others
+                        log.exception("%s batch %d failed", name, batch)
+                        row["error"] = f"{type(e).__name__}: {e}"[:500]
+                        failed = True
+                    record["rows"].append(row)
+                    log.info("%s", {k: row.get(k) for k in ("backend", "batch", "latency_s", "images_per_s",
+                                                             "unet_step_ms", "rmse_vs_eager", "error")})
+                    save()
+                    bar.update()
+                del engine
+                free()
+    return failed
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default="sd15",
@@ -329,8 +355,8 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="timed runs per row, median reported (default: 3)")
     parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated subset of: "
                         + ", ".join(BACKENDS))
-    parser.add_argument("--weights", type=Path, help="where to build the random-weight folder (default: "
-                        "/tmp/bench-weights-<preset>)")
+    parser.add_argument("--weights", type=Path, help="where to build the random-weight folder, or reuse it "
+                        "(default: /tmp/bench-weights-<preset>, shared with the other GPU tools)")
     parser.add_argument("--out-dir", type=Path, default=Path("bench/results"), help="where the JSON and PNG go")
     parser.add_argument("--tag", help="appended to the result files' names, e.g. the part of a ladder a run holds")
     parser.add_argument("--lora-rank", type=int, default=16, help="rank of the random adapters (--check loras)")
@@ -338,39 +364,20 @@ def main(argv=None) -> int:
                         help="instead of the table, run one check and write <name>-<check>.json")
     args = parser.parse_args(argv)
     args.backends_given = args.backends != parser.get_default("backends")
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
-    if not torch.cuda.is_available():
-        print("no CUDA GPU", file=sys.stderr)
-        return 2
-    import deepspeed
-    import diffusers
+    setup_logging()
+    if not cuda_available():
+        return NO_GPU
 
     args.size = native_size(args.preset)
-    args.weights = args.weights or Path(f"/tmp/bench-weights-{args.preset}")
-    batches = [int(b) for b in args.batch_sizes.split(",")]
-    gpu = torch.cuda.get_device_name(0)
-    stem = f"{gpu.replace('NVIDIA ', '').split()[0].lower()}-{args.preset}-{date.today().isoformat()}"
-    stem += f"-{args.check}" if args.check else ""
-    stem += f"-{args.tag}" if args.tag else ""
+    record = {**record_header(), "preset": args.preset, "steps": args.steps, "height": args.size, "width": args.size,
+              "guidance_scale": None, "runs": args.runs, "rows": []}
+    stem = result_stem(record["gpu"], args.preset, args.check, args.tag)
     out_json, out_png = args.out_dir / f"{stem}.json", args.out_dir / f"{stem}.png"
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    record = {"gpu": gpu, "preset": args.preset, "steps": args.steps, "height": args.size, "width": args.size,
-              "guidance_scale": None, "torch": torch.__version__, "cuda": torch.version.cuda,
-              "deepspeed": deepspeed.__version__, "diffusers": diffusers.__version__, "runs": args.runs, "rows": []}
-
-    def save():
-        out_json.write_text(json.dumps(record, indent=1) + "\n")
-        if not args.check:
-            plot(record, out_png)
-
-    if not (args.weights / "model_index.json").is_file():
-        save_pipeline(args.preset, args.weights, seed=0, device="cuda", dtype=torch.float16)
+    save = json_saver(out_json, record, then=None if args.check else lambda: plot(record, out_png))
+    args.weights = preset_weights(args.preset, args.weights)
     # One listed size: the single-size engine (static shapes, the fastest at that size; docs/configuration.md).
     base = {"weights": str(args.weights), "num_inference_steps": args.steps, "warmup_steps": 2,
             "sizes": [[args.size, args.size]]}
-    if not args.check:
-        record["vae_decode_ms"] = vae_decode_ms(args.weights, args.size)
-        save()
     if args.check == "shape-safety":
         check_shape_safety(args, base, record, save)
     elif args.check == "loras":
@@ -381,38 +388,10 @@ def main(argv=None) -> int:
         print(json.dumps({k: record.get(k) for k in ("shape_safety", "cold_start_s", "rows")}, indent=1))
         print(f"wrote {out_json}")
         return 0
-    references: dict[int, list] = {}  # eager fp16 images per batch size; eager-fp16 runs first to fill it
-    names = ["eager-fp16"] + [n for n in args.backends.split(",") if n != "eager-fp16"]
-    failed = False
-    for name in names:
-        sizes = [b for b in batches if b in LADDER_ONLY.get(name, batches)]
-        # Stock DeepSpeed captures its graph once, so it needs a fresh engine per batch size; the others share one.
-        plan = [[b] for b in sizes] if BACKENDS[name] is None else [sizes]
-        for group in plan:
-            engine, ready_s = None, None
-            for batch in group:
-                row = {"backend": name, "preset": args.preset, "steps": args.steps, "height": args.size,
-                       "width": args.size, "gpu": gpu, "torch": record["torch"], "deepspeed": record["deepspeed"],
-                       "diffusers": record["diffusers"], "batch": batch}
-                log.info("%s batch %d ...", name, batch)
-                try:
-                    if engine is None:
-                        engine = build_engine(name, base, args.weights, max(group))
-                        ready_s = round(sum(engine.timings.values()), 2) if engine.timings else None
-                    row["ready_s"] = ready_s
-                    row.update(measure(engine, batch, args, references))
-                    record["guidance_scale"] = engine.rules.guidance_scale
-                except Exception as e:  # noqa: BLE001 - record the failure, keep measuring the others
-                    log.exception("%s batch %d failed", name, batch)
-                    row["error"] = f"{type(e).__name__}: {e}"[:500]
-                    failed = True
-                record["rows"].append(row)
-                log.info("%s", {k: row.get(k) for k in ("backend", "batch", "latency_s", "images_per_s",
-                                                         "unet_step_ms", "rmse_vs_eager", "error")})
-                save()
-            del engine
-            free()
 
+    record["vae_decode_ms"] = vae_decode_ms(args.weights, args.size)
+    save()
+    failed = run_table(args, base, record, save)
     table = [f"{'backend':24} {'batch':>5} {'latency_s':>9} {'img/s':>7} {'unet_ms':>8} {'rmse':>8} {'mem_gib':>7}"]
     for r in record["rows"]:
         table.append(f"{r['backend']:24} {r['batch']:5d} " + (f"{r['latency_s']:9.3f} {r['images_per_s']:7.2f} "

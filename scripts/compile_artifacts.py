@@ -12,14 +12,14 @@ start-up times, and with --time-sizes the batch-1 latency at each listed size (a
 
     python scripts/compile_artifacts.py /models/sd15 --config config/model-config.yaml --check --json out.json
 
-Exit codes: 0 done; 1 failed; 2 bad arguments or config.
+Progress bars and logs go to stderr, the record to stdout. Timing and the record header are gpu_common.py's, shared
+with the other GPU tools. Exit codes: 0 done; 1 failed; 2 bad arguments or config.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -29,8 +29,9 @@ from pathlib import Path
 
 import yaml
 
+from gpu_common import PROMPT, json_saver, progress, record_header, setup_logging, timed_runs
+
 ROOT = Path(__file__).resolve().parent.parent
-PROMPT = "a photo of an astronaut riding a horse on mars"
 
 
 def main(argv=None) -> int:
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", help="the model's name in the record (e.g. sd15, sdxl; default: the folder's)")
     parser.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)  # the --check child
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()
     if not (args.weights / "model_index.json").is_file():
         parser.error(f"{args.weights} is not a diffusers folder (no model_index.json)")
     model_config = yaml.safe_load(args.config.read_text()) or {}
@@ -56,9 +57,7 @@ def main(argv=None) -> int:
     cache = tempfile.mkdtemp(prefix="sd-compile-cache-")
     block = dict(model_config.get("handler") or {}, compile=True, cache_dir=cache)
     block.pop("weights", None)
-    from sd_engine.artifacts import ARTIFACTS_DIR, save_compile_artifacts
     from sd_engine.config import EngineConfig
-    from sd_engine.engine import load_engine, pick_device
     from sd_engine.errors import ConfigError
 
     try:
@@ -66,41 +65,65 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not args.load_only:
+        return make_artifacts(args, config, batch_size)
+    # The --check child: a fresh process whose compiled graphs can only come from the artifacts.
+    engine, record, ready_s = load(args, config, batch_size)
+    record["ready_warm_s"] = ready_s
+    record["compile_cache"] = compile_counters()
+    if args.time_sizes:
+        record["latency_s"] = size_latencies(engine)
+        record["best_batch"] = batch_throughput(engine, batch_size)
+    print(json.dumps(record))
+    return 0
+
+
+def load(args, config, batch_size: int):
+    """The engine as a worker loads it, the record of how it started, and the seconds it took."""
+    from sd_engine.engine import load_engine, pick_device
+
     device = pick_device(0)
     start = time.perf_counter()
     engine = load_engine(config, args.weights, device, batch_size)
     ready_s = round(time.perf_counter() - start, 1)
     started = {**engine.timings, **engine.startup}
-    record = {"preset": args.preset or args.weights.name, "gpu": gpu_name(device), "weights": str(args.weights),
+    record = {"preset": args.preset or args.weights.name, **record_header(device), "weights": str(args.weights),
               "batch_size": batch_size, "device": str(device), "sizes": [list(size) for size in engine.rules.sizes],
               **{k: round(v, 2) if isinstance(v, float) else v for k, v in started.items()}}
-    if args.load_only:
-        record["ready_warm_s"] = ready_s
-        record["compile_cache"] = compile_counters()
-        if args.time_sizes:
-            record["latency_s"] = size_latencies(engine)
-            record["best_batch"] = batch_throughput(engine, batch_size)
-        print(json.dumps(record))
-        return 0
+    return engine, record, ready_s
 
-    record["ready_cold_s"] = ready_s
-    path = save_compile_artifacts(args.weights / ARTIFACTS_DIR, device)
-    record["artifact"] = {"file": path.name, "mb": round(path.stat().st_size / 2**20, 1)}
-    add_to_manifest(args.weights, path)
-    if args.check:
-        child = subprocess.run([sys.executable, __file__, str(args.weights), "--config", str(args.config),
-                                "--batch-size", str(batch_size), "--preset", record["preset"], "--load-only"]
-                               + (["--time-sizes"] if args.time_sizes else []),
-                               capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        sys.stderr.write(child.stderr[-4000:])
-        if child.returncode != 0:
-            print(f"error: the --check start failed ({child.returncode})", file=sys.stderr)
-            return 1
-        record["warm"] = json.loads(child.stdout.strip().splitlines()[-1])
-    text = json.dumps(record, indent=1)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+
+def make_artifacts(args, config, batch_size: int) -> int:
+    """Compile everything in this process, save the artifacts, and with --check time a fresh start from them."""
+    from sd_engine.artifacts import ARTIFACTS_DIR, save_compile_artifacts
+
+    with progress(2 + args.check, "compile_artifacts") as bar:
+        bar.set_postfix_str("load, compile and warm up every size")
+        engine, record, ready_s = load(args, config, batch_size)
+        record["ready_cold_s"] = ready_s
+        save = json_saver(args.json, record)
+        save()
+        bar.update()
+        bar.set_postfix_str("save the artifacts")
+        path = save_compile_artifacts(args.weights / ARTIFACTS_DIR, engine.device)
+        record["artifact"] = {"file": path.name, "mb": round(path.stat().st_size / 2**20, 1)}
+        add_to_manifest(args.weights, path)
+        save()
+        bar.update()
+        if args.check:
+            bar.set_postfix_str("a fresh start from the artifacts")
+            child = subprocess.run([sys.executable, __file__, str(args.weights), "--config", str(args.config),
+                                    "--batch-size", str(batch_size), "--preset", record["preset"], "--load-only"]
+                                   + (["--time-sizes"] if args.time_sizes else []),
+                                   capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            bar.update()
+            bar.write(child.stderr[-4000:].rstrip(), file=sys.stderr)  # above the bar, not through it
+            if child.returncode != 0:
+                print(f"error: the --check start failed ({child.returncode})", file=sys.stderr)
+                return 1
+            record["warm"] = json.loads(child.stdout.strip().splitlines()[-1])
+            save()
+    print(json.dumps(record, indent=1))
     return 0
 
 
@@ -139,19 +162,7 @@ def batch_throughput(engine, batch: int) -> dict:
 
 def best_of_two(engine, requests) -> float:
     """Seconds of the faster of two generations after an untimed one (which may still capture a graph)."""
-    engine.generate(requests)
-    times = []
-    for _ in range(2):
-        start = time.perf_counter()
-        engine.generate(requests)
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def gpu_name(device) -> str:
-    import torch
-
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return min(timed_runs(lambda: engine.generate(requests), 2, warmup=1))
 
 
 def add_to_manifest(weights: Path, artifact: Path) -> None:

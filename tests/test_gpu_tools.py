@@ -1,0 +1,68 @@
+"""The GPU tools' shared helpers (scripts/gpu_common.py) on the CPU, and the tools' own command lines up to the point
+where they need a GPU: the numbers they record come from these helpers, so these are checked where a CI can run."""
+
+import json
+from datetime import date
+
+import pytest
+import torch
+
+import benchmark
+import gpu_check
+from gpu_common import (json_saver, nan_pixels, pixels, preset_weights, record_header, requests_for, result_stem,
+                        rmse, timed_runs)
+
+
+def test_preset_weights_are_built_once_then_reused(tmp_path):
+    folder = preset_weights("tiny", tmp_path / "w", device="cpu")
+    index = folder / "model_index.json"
+    assert index.is_file()
+    built = index.stat().st_mtime_ns
+    assert preset_weights("tiny", folder, device="cpu") == folder
+    assert index.stat().st_mtime_ns == built
+
+
+def test_timing_and_parity_helpers_on_the_tiny_engine(tiny_engine):
+    requests = requests_for(2, 2, 64)
+    assert [r.seed for r in requests] == [1000, 1001] and len({r.prompt for r in requests}) == 2
+    images = pixels(tiny_engine.generate(requests))
+    assert images[0].shape == (64, 64, 3) and 0 <= images[0].min() and images[0].max() <= 1
+    assert rmse(images, pixels(tiny_engine.generate(requests))) == 0  # same seeds, same images
+    assert rmse(images, images[::-1]) > 0
+    assert nan_pixels(images) == 0
+    calls = []
+    times = timed_runs(lambda: calls.append(1), runs=3, warmup=2)
+    assert len(times) == 3 and len(calls) == 5 and all(t >= 0 for t in times)
+
+
+def test_pixels_refuses_a_failed_generation():
+    with pytest.raises(RuntimeError, match="generation failed"):
+        pixels([ValueError("boom")])
+
+
+def test_result_names_and_the_save_after_every_step(tmp_path):
+    today = date.today().isoformat()
+    assert result_stem("NVIDIA H200", "sdxl", None, "ladder") == f"h200-sdxl-{today}-ladder"
+    assert result_stem("NVIDIA H100 80GB HBM3", "sd15", "cold-start", None) == f"h100-sd15-{today}-cold-start"
+    record, plotted = {"rows": []}, []
+    save = json_saver(tmp_path / "out" / "run.json", record, then=lambda: plotted.append(len(record["rows"])))
+    for row in range(2):
+        record["rows"].append({"row": row})
+        save()
+        assert json.loads((tmp_path / "out" / "run.json").read_text()) == record
+    assert plotted == [1, 2]
+    json_saver(None, record)()  # no path: nothing written, no error
+
+
+def test_record_header_names_the_device_and_the_stack():
+    header = record_header("cpu")
+    assert header["gpu"] == "cpu" and header["torch"] == torch.__version__
+    assert {"cuda", "diffusers", "transformers", "deepspeed"} <= set(header)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the exit code on a machine without CUDA")
+@pytest.mark.parametrize("tool, argv", [(benchmark, ["--preset", "sdxl", "--check", "loras"]),
+                                        (gpu_check, ["--graph-modes", "true", "--oom", "10"])])
+def test_gpu_only_tools_parse_their_flags_and_exit_2_without_cuda(tool, argv, capsys):
+    assert tool.main(argv) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
