@@ -66,3 +66,23 @@ def test_record_header_names_the_device_and_the_stack():
 def test_gpu_only_tools_parse_their_flags_and_exit_2_without_cuda(tool, argv, capsys):
     assert tool.main(argv) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_one_command_reaches_every_gpu_tool(capsys):
+    """scripts/gpu.py SUBCOMMAND runs that tool with the rest of the command line; its usage names the subcommand."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import gpu
+
+    script = Path(gpu.__file__)
+    for sub, flag in (("check", "--graph-modes"), ("bench", "--check"), ("precompile", "--time-sizes"),
+                      ("serve-bench", "--phases")):
+        shown = subprocess.run([sys.executable, str(script), sub, "--help"], capture_output=True, text=True,
+                               timeout=120)
+        assert shown.returncode == 0 and f"gpu.py {sub}" in shown.stdout and flag in shown.stdout, shown.stderr
+    assert gpu.main(["nope"]) == 2 and "unknown subcommand 'nope'" in capsys.readouterr().err
+    assert gpu.main([]) == 2 and "serve-bench" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert gpu.main(["bench", "--preset", "sdxl"]) == 2 and "no CUDA GPU" in capsys.readouterr().err
