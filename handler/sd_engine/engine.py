@@ -228,7 +228,8 @@ def load_engine(config: EngineConfig, source: str | Path, device: torch.device, 
     if config.cache_dir:
         set_cache_dirs(config.cache_dir)
     artifacts = load_compile_artifacts(Path(source) / ARTIFACTS_DIR, device) if config.compile else None
-    optimize(pipe, config, device, backend, max_batch_size, compiled_sizes=rules.sizes)
+    optimize(pipe, config, device, backend, max_batch_size, compiled_sizes=rules.sizes,
+             artifacts=Path(source) / ARTIFACTS_DIR if config.compile else None)
     optimize_s = time.perf_counter() - start
 
     # 4. Warm up.

@@ -14,7 +14,8 @@ A straight run of steps, each an option of EngineConfig:
 4. fp8: float8 matmuls in the UNet's transformer layers (fp8.py; eager backend, compute capability 8.9+).
 5. compile: torch.compile (inductor, default mode) of the UNet and VAE decoder, for the compiled sizes (the listed
    sizes, warmed up at load); a request at any other legal size runs them uncompiled (with CUDA graphs when on),
-   because a new size would recompile inside the request (268 s measured for 768x768 on an H200).
+   because a new size would recompile inside the request (268 s measured for 768x768 on an H200). AOT-compiled
+   packages in the model's compile-artifacts folder that fit this worker (aot.py) stand in for torch.compile.
 6. cuda_graph: our shape-keyed CUDA graphs (graphs.py) around UNet, text encoder(s) and VAE decoder, for any backend.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import torch
 from torch.utils._pytree import tree_leaves
@@ -55,10 +57,11 @@ def check_device(config, device: torch.device) -> None:
 
 
 def optimize(pipe, config, device: torch.device, backend: str, max_batch_size: int = 1,
-             compiled_sizes: tuple[tuple[int, int], ...] = ()):
+             compiled_sizes: tuple[tuple[int, int], ...] = (), artifacts: Path | None = None):
     """Apply config's optimizations to a pipeline already on `device` and in its dtype. Returns the same pipeline.
     `max_batch_size`: the most images the engine will generate in one call (DeepSpeed's workspace is sized for it).
-    `compiled_sizes`: the (height, width) images that run compiled when config.compile is on."""
+    `compiled_sizes`: the (height, width) images that run compiled when config.compile is on.
+    `artifacts`: the compile-artifacts folder, where AOT-compiled packages (aot.py) may replace torch.compile."""
     if keep_vae_in_float32(pipe):
         logger.info("VAE: float32 for decoding (the pipeline upcasts this VAE, whose config sets force_upcast)")
     if config.channels_last:
@@ -88,11 +91,20 @@ def optimize(pipe, config, device: torch.device, backend: str, max_batch_size: i
         # took 0.274 s against 0.225 s static. With one size, shapes stay static (a second batch size recompiles
         # once, with batch dynamic: torch's automatic dynamic shapes).
         dims = (0, 2, 3) if len(latents) > 1 else ()
-        pipe.unet.forward = by_latent_size(torch.compile(pipe.unet.forward), pipe.unet.forward, latents, dims)
-        pipe.vae.decode = by_latent_size(torch.compile(pipe.vae.decode), pipe.vae.decode, latents, dims)
-        logger.info("compile: UNet and VAE decoder compiled with torch.compile (inductor) for %s, shapes %s; "
-                    "other sizes run uncompiled", ", ".join(f"{w}x{h}" for h, w in sorted(compiled_sizes)),
-                    "in batch, height and width" if dims else "static")
+        aot = {}
+        if artifacts is not None and backend == "eager" and not (config.fuse_qkv or config.fp8):
+            from .aot import load_packages
+
+            aot = load_packages(pipe, artifacts, device, latents, max_batch_size)
+        unet, decode = aot.get("unet") or torch.compile(pipe.unet.forward), \
+            aot.get("vae_decode") or torch.compile(pipe.vae.decode)
+        pipe.unet.forward = by_latent_size(unet, pipe.unet.forward, latents, dims)
+        pipe.vae.decode = by_latent_size(decode, pipe.vae.decode, latents, dims)
+        logger.info("compile: UNet and VAE decoder %s for %s, shapes %s; other sizes run uncompiled",
+                    {0: "compiled with torch.compile (inductor)", 1: f"ahead of time: {', '.join(aot)}; the other "
+                     "with torch.compile", 2: "compiled ahead of time (AOTInductor packages)"}[len(aot)],
+                    ", ".join(f"{w}x{h}" for h, w in sorted(compiled_sizes)),
+                    "in batch, height and width" if dims else "static" + (" (batch dynamic)" if aot else ""))
     if config.cuda_graph:
         from .graphs import GraphBudget, graph_pipeline
 

@@ -1,0 +1,76 @@
+"""AOT-compiled UNet and VAE decoder (sd_engine/aot.py), made by `scripts/compile_artifacts.py --aot` on the tiny model
+(with its LoRA adapters) for the CPU config's three derived sizes: a worker loads them instead of compiling, serves
+every listed size with them (height and width dynamic), gives the eager pipeline's image, and adapters fused into its
+live weights reach the compiled code. A package made for other sizes is skipped with a line saying why."""
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from sd_engine.aot import AOT_DIR, INDEX, load_packages
+from sd_engine.artifacts import ARTIFACTS_DIR
+from sd_engine.engine import GenerationResult, load_engine
+from sd_engine.requests import parse_request
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def aot_model(tiny_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("aot") / "weights"
+    shutil.copytree(tiny_model_dir, folder)
+    made = subprocess.run([sys.executable, str(ROOT / "scripts" / "compile_artifacts.py"), str(folder), "--config",
+                           str(ROOT / "config" / "model-config-cpu.yaml"), "--aot", "--batch-size", "2"],
+                          capture_output=True, text=True, timeout=900)
+    assert made.returncode == 0, made.stderr[-3000:]
+    record = json.loads(made.stdout)
+    assert sorted(name.split("-")[0] for name in record["aot"]) == ["unet", "vae_decode"]
+    return folder
+
+
+def images(engine, fields_list, rules):
+    results = engine.generate([parse_request(fields, rules) for fields in fields_list])
+    assert all(isinstance(r, GenerationResult) for r in results), results
+    return [np.asarray(r.image, dtype=np.int16) for r in results]
+
+
+def test_a_worker_loads_the_packages_and_gives_the_eager_image_at_every_listed_size(aot_model, cpu_config, caplog):
+    eager = load_engine(replace(cpu_config, warmup=False), aot_model, CPU, max_batch_size=2)
+    graphs_before = counters["stats"]["unique_graphs"]
+    with caplog.at_level(logging.INFO, logger="sd_engine"):
+        fast = load_engine(replace(cpu_config, compile=True, warmup=False), aot_model, CPU, max_batch_size=2)
+    assert "compiled ahead of time (AOTInductor packages)" in caplog.text
+    rules = fast.rules
+    assert {(64, 64), (64, 96), (96, 64)} <= set(rules.sizes)
+    for height, width in ((64, 64), (64, 96), (96, 64)):
+        batch = [{"prompt": "a red fox", "seed": 1, "height": height, "width": width, "num_inference_steps": 2},
+                 {"prompt": "a blue fox", "seed": 2, "height": height, "width": width, "num_inference_steps": 2}]
+        for got, want in zip(images(fast, batch, rules), images(eager, batch, eager.rules)):
+            assert got.shape == (height, width, 3) and np.abs(got - want).max() <= 2
+    # LoRA adapters are fused into the live weights, which the packages read: the styled image is eager's too.
+    styled = [{"prompt": "a red fox", "seed": 1, "num_inference_steps": 2, "loras": {"style": 0.8}}]
+    plain = [{"prompt": "a red fox", "seed": 1, "num_inference_steps": 2}]
+    got, want = images(fast, styled, rules)[0], images(eager, styled, eager.rules)[0]
+    assert np.abs(got - want).max() <= 2 and np.abs(got - images(fast, plain, rules)[0]).max() > 10
+    assert counters["stats"]["unique_graphs"] == graphs_before  # nothing went through torch.compile
+
+
+def test_packages_made_for_other_sizes_are_skipped_with_the_reason(aot_model, tiny_engine, caplog):
+    index = json.loads((aot_model / ARTIFACTS_DIR / AOT_DIR / INDEX).read_text())
+    assert {info["module"] for info in index.values()} == {"unet", "vae_decode"}
+    with caplog.at_level(logging.INFO, logger="sd_engine.aot"):
+        made_for = {tuple(size) for size in next(iter(index.values()))["latent_sizes"]}
+        assert load_packages(tiny_engine.pipe, aot_model / ARTIFACTS_DIR, CPU, made_for | {(40, 40)}, 2) == {}
+        assert load_packages(tiny_engine.pipe, aot_model / ARTIFACTS_DIR, CPU, made_for, 64) == {}
+    lines = [r.getMessage() for r in caplog.records if "no unet package fits" in r.getMessage()]
+    assert len(lines) == 2 and "latent_sizes" in lines[0] and "max_batch" in lines[1]
