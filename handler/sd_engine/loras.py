@@ -57,6 +57,13 @@ class Adapters:
         # The untouched weights of every layer an adapter may change: a switch starts again from them, exactly.
         self.originals = {key: module.weight.detach().clone() for key, module in touched.items()}
         self.modules = touched
+        # Per factor of a Linear or 1x1 Conv2d layer, B and A as matrices in the layer's dtype: a switch then writes
+        # each such layer with one matmul-add per adapter (addmm accumulates in float32 and rounds once, as the
+        # float32 path below does), not one float32 round trip per layer (launch-bound: SDXL's 736 layers took
+        # 62-100 ms for one adapter that way on an H200).
+        self.matrices = {id(f): (f.up.reshape(f.up.shape[0], -1).to(f.module.weight.dtype),
+                                 f.down.reshape(f.down.shape[0], -1).to(f.module.weight.dtype))
+                         for fs in factors.values() for f in fs if f.down.dim() == 2 or f.down.shape[2:4] == (1, 1)}
         self.active: tuple[tuple[str, float], ...] = ()
 
     @property
@@ -84,14 +91,7 @@ class Adapters:
         device = None
         try:
             for key in keys:
-                base, weight = self.originals[key], self.modules[key].weight
-                if key in chosen:
-                    total = base.to(torch.float32, copy=True)  # never base itself (a float32 model's)
-                    for f, strength in chosen[key]:
-                        total += f.delta().view(base.shape) * (strength * f.scaling)
-                    weight.copy_(total)
-                else:
-                    weight.copy_(base)
+                weight = self._write(key, chosen.get(key, []))
                 device = weight.device if weight.is_cuda else device
         except BaseException:
             self.restore()
@@ -100,6 +100,26 @@ class Adapters:
         if device is not None:  # the time the switch really took, not the time to queue it
             torch.cuda.synchronize(device)
         return time.perf_counter() - start
+
+    def _write(self, key: int, terms: list[tuple[Factor, float]]) -> torch.Tensor:
+        """Set one layer's weight to W0 + sum(strength x scaling x B A) over `terms` (W0 alone for none)."""
+        base, weight = self.originals[key], self.modules[key].weight
+        if terms and all(id(f) in self.matrices for f, _ in terms):
+            flat = weight.view(weight.shape[0], -1)  # a Linear's, or a 1x1 Conv2d's (any memory format)
+            for i, (f, strength) in enumerate(terms):
+                up, down = self.matrices[id(f)]
+                if i == 0:  # W0 + s B A straight into the weight: one kernel
+                    torch.addmm(base.view(flat.shape), up, down, alpha=strength * f.scaling, out=flat)
+                else:
+                    flat.addmm_(up, down, alpha=strength * f.scaling)
+        elif terms:
+            total = base.to(torch.float32, copy=True)  # never base itself (a float32 model's)
+            for f, strength in terms:
+                total += f.delta().view(base.shape) * (strength * f.scaling)
+            weight.copy_(total)
+        else:
+            weight.copy_(base)
+        return weight
 
     @torch.no_grad()
     def restore(self) -> None:
