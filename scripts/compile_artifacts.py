@@ -71,6 +71,10 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.aot and (config.backend not in ("eager", "auto") or config.fuse_qkv or config.fp8):
+        print("error: --aot packages are used by the eager backend without fuse_qkv and fp8 only; the config has "
+              f"handler.backend {config.backend}, fuse_qkv {config.fuse_qkv}, fp8 {config.fp8}", file=sys.stderr)
+        return 2
     if not args.load_only:
         return make_artifacts(args, config, batch_size)
     # The --check child: a fresh process whose compiled graphs can only come from the artifacts.
@@ -137,7 +141,7 @@ def make_artifacts(args, config, batch_size: int) -> int:
             bar.set_postfix_str("a fresh start from the artifacts")
             child = subprocess.run([sys.executable, __file__, str(args.weights), "--config", str(args.config),
                                     "--batch-size", str(batch_size), "--preset", record["preset"], "--load-only"]
-                                   + (["--time-sizes"] if args.time_sizes else []),
+                                   + (["--time-sizes"] if args.time_sizes else []) + (["--aot"] if args.aot else []),
                                    capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
             bar.update()
             bar.write(child.stderr[-4000:].rstrip(), file=sys.stderr)  # above the bar, not through it
@@ -146,6 +150,10 @@ def make_artifacts(args, config, batch_size: int) -> int:
                 return 1
             record["warm"] = json.loads(child.stdout.strip().splitlines()[-1])
             save()
+            if args.aot and sorted(record["warm"].get("aot", [])) != ["unet", "vae_decode"]:
+                print(f"error: the --check start did not use both AOT packages (it used {record['warm'].get('aot')}; "
+                      "its log above says why)", file=sys.stderr)
+                return 1
     print(json.dumps(record, indent=1))
     return 0
 

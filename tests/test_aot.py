@@ -30,11 +30,12 @@ def aot_model(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("aot") / "weights"
     shutil.copytree(tiny_model_dir, folder)
     made = subprocess.run([sys.executable, str(ROOT / "scripts" / "compile_artifacts.py"), str(folder), "--config",
-                           str(ROOT / "config" / "model-config-cpu.yaml"), "--aot", "--batch-size", "2"],
+                           str(ROOT / "config" / "model-config-cpu.yaml"), "--aot", "--batch-size", "2", "--check"],
                           capture_output=True, text=True, timeout=900)
     assert made.returncode == 0, made.stderr[-3000:]
     record = json.loads(made.stdout)
     assert sorted(name.split("-")[0] for name in record["aot"]) == ["unet", "vae_decode"]
+    assert record["warm"]["aot"] == ["unet", "vae_decode"]  # --check: a fresh process used both
     return folder
 
 
@@ -44,12 +45,15 @@ def images(engine, fields_list, rules):
     return [np.asarray(r.image, dtype=np.int16) for r in results]
 
 
-def test_a_worker_loads_the_packages_and_gives_the_eager_image_at_every_listed_size(aot_model, cpu_config, caplog):
+def test_a_worker_loads_the_packages_and_gives_the_eager_image_at_every_listed_size(aot_model, cpu_config, caplog,
+                                                                                     tmp_path):
     eager = load_engine(replace(cpu_config, warmup=False), aot_model, CPU, max_batch_size=2)
     graphs_before = counters["stats"]["unique_graphs"]
+    elsewhere = shutil.copytree(aot_model, tmp_path / "unpacked")  # a worker's folder is never where they were made
     with caplog.at_level(logging.INFO, logger="sd_engine"):
-        fast = load_engine(replace(cpu_config, compile=True, warmup=False), aot_model, CPU, max_batch_size=2)
-    assert "compiled ahead of time (AOTInductor packages)" in caplog.text
+        fast = load_engine(replace(cpu_config, compile=True, warmup=False), elsewhere, CPU, max_batch_size=2)
+    assert "compiled ahead of time (AOTInductor packages)" in caplog.text and fast.startup["aot"] == ["unet",
+                                                                                                       "vae_decode"]
     rules = fast.rules
     assert {(64, 64), (64, 96), (96, 64)} <= set(rules.sizes)
     for height, width in ((64, 64), (64, 96), (96, 64)):

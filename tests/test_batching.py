@@ -173,3 +173,24 @@ def test_requests_spread_over_adapters_are_batched_by_adapter_set_oldest_first(t
     for future, loras in zip(futures, spread):
         [result] = future.result(timeout=0)
         assert isinstance(result, GenerationResult) and dict(result.request.loras) == loras
+
+
+def test_submissions_held_back_for_a_later_batch_count_towards_the_queue_bound(tiny_engine, cpu_rules):
+    """While the worker waits (max_delay_s) to fill a batch of one key, submissions of another key that it took off
+    the queue and holds still count against max_queued: the third gets a 503."""
+    import time
+
+    from sd_engine.batching import QueueFull
+
+    batcher = Batcher(tiny_engine, max_images=4, max_delay_s=30, max_queued=2)
+    first = batcher.submit([parse_request({"prompt": "p", "seed": 1}, cpu_rules)])
+    other = batcher.submit([parse_request({"prompt": "p", "seed": 2, "num_inference_steps": 3}, cpu_rules)])
+    deadline = time.monotonic() + 30
+    while batcher._held < 2 and time.monotonic() < deadline:  # the worker took both off the queue and holds them
+        time.sleep(0.01)
+    assert batcher._held == 2
+    with pytest.raises(QueueFull):
+        batcher.submit([parse_request({"prompt": "one too many"}, cpu_rules)])
+    batcher.close()
+    assert isinstance(first.result(timeout=120)[0], GenerationResult)
+    assert isinstance(other.result(timeout=120)[0], GenerationResult)

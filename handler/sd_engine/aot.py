@@ -62,9 +62,13 @@ class _Decode(torch.nn.Module):
 def description(pipe, module: str, device: torch.device, latent_sizes, max_batch: int) -> dict:
     """What a package for `module` depends on: the platform, and what its code was made for."""
     part = pipe.unet if module == "unet" else pipe.vae
+    # The architecture, not where it was loaded from: diffusers' private keys (_name_or_path: the folder, which
+    # TorchServe and KServe put elsewhere on every machine; _diffusers_version) are left out.
+    config = {key: value for key, value in dict(part.config).items() if not key.startswith("_")}
     return {**platform(device), "module": module, "dtype": str(part.dtype).removeprefix("torch."),
+            "input_dtype": str(pipe.unet.dtype).removeprefix("torch."),
             "channels_last": next(part.parameters()).is_contiguous(memory_format=torch.channels_last),
-            "model": json.dumps(dict(part.config), sort_keys=True, default=str),
+            "model": json.dumps(config, sort_keys=True, default=str),
             "latent_sizes": sorted([list(s) for s in latent_sizes]), "max_batch": max_batch}
 
 
@@ -78,6 +82,9 @@ def _examples(pipe, module: str, device: torch.device, latent_sizes, max_batch: 
     dims = {0: batch}
     if len(sizes) > 1:  # several sizes: height and width symbolic, in steps the UNet's downsampling keeps whole
         step = 2 ** (len(pipe.unet.config.down_block_types) - 1)
+        if any(h % step or w % step for h, w in sizes):
+            raise ValueError(f"handler.sizes: for AOT packages of several sizes each side must be a multiple of "
+                             f"{step * pipe.vae_scale_factor} pixels (what the UNet's downsampling keeps whole)")
         low_h, high_h = min(s[0] for s in sizes), max(s[0] for s in sizes)
         low_w, high_w = min(s[1] for s in sizes), max(s[1] for s in sizes)
         dims = {0: batch, 2: step * Dim("h", min=low_h // step, max=high_h // step),
@@ -125,7 +132,7 @@ def build_packages(pipe, folder: Path, device: torch.device, latent_sizes, max_b
 def read_index(folder: Path) -> dict:
     try:
         index = json.loads((folder / INDEX).read_text())
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError):
         return {}
     return index if isinstance(index, dict) else {}
 
@@ -140,7 +147,9 @@ def load_packages(pipe, folder: Path, device: torch.device, latent_sizes, max_ba
     loaded = {}
     for module in MODULES:
         mine = description(pipe, module, device, latent_sizes, max_batch)
-        fits = [name for name, info in index.items() if isinstance(info, dict) and _fits(info, mine)]
+        # An exact match of sizes first (static shapes where the worker compiles one size), then any superset.
+        fits = sorted((name for name, info in index.items() if isinstance(info, dict) and _fits(info, mine)),
+                      key=lambda name: index[name].get("latent_sizes") != mine["latent_sizes"])
         if not fits:
             differ = {name: [k for k in mine if info.get(k) != mine[k]] for name, info in index.items()
                       if isinstance(info, dict) and info.get("module") == module}
@@ -153,14 +162,40 @@ def load_packages(pipe, folder: Path, device: torch.device, latent_sizes, max_ba
             runner = torch._inductor.aoti_load_package(str(folder / fits[0]), run_single_threaded=True)
             wrapper = _UNet(pipe.unet) if module == "unet" else _Decode(pipe.vae, pipe.vae.decode)
             live = {**dict(wrapper.named_parameters()), **dict(wrapper.named_buffers())}
+            # user_managed: the package reads these very tensors (no copy), so in-place writes (LoRA fusion) reach
+            # it; a parameter replaced by another tensor after this would not.
             runner.load_constants({name: live[name] for name in runner.get_constant_fqns()}, check_full_update=True,
                                   user_managed=True)
-        except Exception as e:  # noqa: BLE001 - a package that does not load costs a compile, never the worker
-            logger.warning("AOT: %s could not be loaded (%s: %s); torch.compile instead", fits[0], type(e).__name__, e)
+            call = (_unet_call if module == "unet" else _decode_call)(runner, pipe, max_batch)
+            error = _check(call, wrapper, pipe, module, device, latent_sizes)
+        except Exception as e:  # noqa: BLE001 - a package that does not load or run costs a compile, never the worker
+            logger.warning("AOT: %s could not be used (%s: %s); torch.compile instead", fits[0], type(e).__name__, e)
             continue
-        loaded[module] = (_unet_call if module == "unet" else _decode_call)(runner, pipe)
-        logger.info("AOT: %s from %s in %.1f s", module, fits[0], time.perf_counter() - start)
+        if error is not None:
+            logger.warning("AOT: %s differs from the plain %s by %.3g (relative); torch.compile instead", fits[0],
+                           module, error)
+            continue
+        loaded[module] = call
+        logger.info("AOT: %s from %s in %.1f s (checked against the plain module at batch 1)", module, fits[0],
+                    time.perf_counter() - start)
     return loaded
+
+
+@torch.no_grad()
+def _check(call, wrapper, pipe, module: str, device: torch.device, latent_sizes, tolerance: float = 0.02):
+    """One call at batch 1 and the smallest size through the package and through the plain module: None when they
+    agree (largest difference within `tolerance` of the largest value), else that relative difference. Batch 1 is the
+    end of the exported range, the edge a compiler's assumptions meet first."""
+    args, _ = _examples(pipe, module, device, [min(latent_sizes)], 2)  # (its shapes for export unused here)
+    args = tuple(a[:1] if a.dim() else a for a in args)
+    want = wrapper(*args).float()
+    if module == "unet":
+        extra = {"added_cond_kwargs": {"text_embeds": args[3], "time_ids": args[4]}} if len(args) > 3 else {}
+        got = call(args[0], args[1], args[2], return_dict=False, **extra)[0].float()
+    else:
+        got = call(args[0], return_dict=False)[0].float()
+    error = float((got - want).abs().max() / want.abs().max().clamp(min=1e-6))
+    return None if error <= tolerance and torch.isfinite(got).all() else error
 
 
 def _fits(info: dict, mine: dict) -> bool:
@@ -170,21 +205,32 @@ def _fits(info: dict, mine: dict) -> bool:
     return same and {tuple(s) for s in mine["latent_sizes"]} <= sizes and info.get("max_batch", 0) >= mine["max_batch"]
 
 
-def _unet_call(runner, pipe):
+def _on_device(runner, args):
+    """The runner's call on the inputs' device (its stream is the calling thread's current one), on contiguous
+    inputs (the compiled code assumes the examples' layout and, unless asked to, does not check)."""
+    args = [a.contiguous() for a in args]
+    if args[0].is_cuda:
+        with torch.cuda.device(args[0].device):
+            return runner(*args)
+    return runner(*args)
+
+
+def _unet_call(runner, pipe, max_batch: int):
     plain = pipe.unet.forward
     dtype = pipe.unet.dtype
 
     def call(sample, timestep, encoder_hidden_states=None, timestep_cond=None, cross_attention_kwargs=None,
              added_cond_kwargs=None, return_dict=True, **rest):
         if timestep_cond is not None or cross_attention_kwargs or rest or not torch.is_tensor(timestep) or \
-                timestep.dim() != 0 or set(added_cond_kwargs or {}) - {"text_embeds", "time_ids"}:
+                timestep.dim() != 0 or set(added_cond_kwargs or {}) - {"text_embeds", "time_ids"} or \
+                sample.shape[0] > 2 * max_batch:  # what the package was not made for: the plain UNet
             return plain(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond, return_dict=return_dict,
                          cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=added_cond_kwargs, **rest)
         # The UNet embeds the timestep as float32 whatever its type (an integer step is exact in float32).
-        args = [sample.to(dtype), timestep.to(torch.float32), encoder_hidden_states.to(dtype)]
+        args = [sample.to(dtype), timestep.to(sample.device, torch.float32), encoder_hidden_states.to(dtype)]
         if added_cond_kwargs:
             args += [added_cond_kwargs["text_embeds"].to(dtype), added_cond_kwargs["time_ids"].to(dtype)]
-        out = runner(*args)
+        out = _on_device(runner, args)
         if return_dict:
             from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
@@ -193,11 +239,13 @@ def _unet_call(runner, pipe):
     return call
 
 
-def _decode_call(runner, pipe):
-    dtype = pipe.unet.dtype  # what the package was made for (_examples)
+def _decode_call(runner, pipe, max_batch: int):
+    dtype, plain = pipe.unet.dtype, pipe.vae.decode  # the latents' dtype the package was made for (_examples)
 
     def call(z, return_dict=True, generator=None):
-        out = runner(z.to(dtype))
+        if z.shape[0] > max_batch:
+            return plain(z, return_dict=return_dict)
+        out = _on_device(runner, [z.to(dtype)])
         if return_dict:
             from diffusers.models.autoencoders.vae import DecoderOutput
 

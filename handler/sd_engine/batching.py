@@ -1,10 +1,11 @@
 """Micro-batching for fronts that have no batcher of their own (KServe's model server; TorchServe batches itself).
 
 Requests submitted from many threads or asyncio tasks within `max_delay_s` of the first waiting one are handed to
-Engine.generate together, until they hold `max_images` images, those with the oldest one's shape key (size, steps,
-guidance, LoRA adapters) first (run()); the engine then groups them by shape into pipeline calls of at most its batch
-size. One thread owns the engine, so pipeline calls never overlap on the GPU (one engine
-per GPU process): a worker thread the batcher starts, or the caller's own thread in run() (start=False). A front
+Engine.generate together, until they hold `max_images` images: the oldest waiting one and the later ones with its
+shape key (size, steps, guidance, LoRA adapters); the others wait, in order, for the next call (run()). The engine
+then runs them in pipeline calls of at most its batch size. One thread owns the engine, so pipeline calls never
+overlap on the GPU (one engine per GPU process): a worker thread the batcher starts, or the caller's own thread in
+run() (start=False). A front
 whose engine may run on the CPU should run it on the main thread: PyTorch's CPU kernels measured 2-9x slower called
 from another thread here (libgomp, 2 cores). Every submission gets its own results, in order: a failing group fails
 only its own requests (the engine's rule), an unexpected exception fails only the batch it happened in, and the
@@ -127,6 +128,7 @@ class Batcher:
                 if job is None:
                     break
                 held.append(job)
+                self._held = len(held)
                 deadline = time.monotonic() + self.max_delay_s
             key = _key(held[0])
             while not stopping and sum(len(j.requests) for j in held if _key(j) == key) < self.max_images:
@@ -138,6 +140,7 @@ class Batcher:
                     stopping = True
                 else:
                     held.append(more)
+                    self._held = len(held)  # still waiting: max_queued counts it
             batch, images = [], 0
             for job in list(held):
                 if _key(job) == key and (not batch or images + len(job.requests) <= self.max_images):

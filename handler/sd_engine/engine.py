@@ -228,8 +228,9 @@ def load_engine(config: EngineConfig, source: str | Path, device: torch.device, 
     if config.cache_dir:
         set_cache_dirs(config.cache_dir)
     artifacts = load_compile_artifacts(Path(source) / ARTIFACTS_DIR, device) if config.compile else None
+    optimized: dict = {}
     optimize(pipe, config, device, backend, max_batch_size, compiled_sizes=rules.sizes,
-             artifacts=Path(source) / ARTIFACTS_DIR if config.compile else None)
+             artifacts=Path(source) / ARTIFACTS_DIR if config.compile else None, report=optimized)
     optimize_s = time.perf_counter() - start
 
     # 4. Warm up.
@@ -239,13 +240,14 @@ def load_engine(config: EngineConfig, source: str | Path, device: torch.device, 
     graph_gib = budget.total_bytes / 2**30 if budget is not None else 0.0
     logger.info("engine ready: %s, torch %s, diffusers %s, device %s, dtype %s, backend %s, cuda_graph %s; "
                 "default %dx%d, %d steps, guidance %g; full-speed sizes %s; load %.1f s, optimize %.1f s "
-                "(compile artifacts: %s), warm-up %.1f s; CUDA graphs %.2f GiB",
+                "(compile artifacts: %s; AOT-compiled: %s), warm-up %.1f s; CUDA graphs %.2f GiB",
                 type(pipe).__name__, torch.__version__, _diffusers_version(), device, str(dtype).removeprefix("torch."),
                 backend, config.cuda_graph, rules.width, rules.height, rules.num_inference_steps,
                 rules.guidance_scale, " ".join(f"{w}x{h}" for h, w in rules.sizes), load_s, optimize_s,
-                f"loaded in {artifacts['load_s']:.1f} s" if artifacts else "none loaded", warmup_s, graph_gib)
+                f"loaded in {artifacts['load_s']:.1f} s" if artifacts else "none loaded",
+                ", ".join(optimized.get("aot", [])) or "none", warmup_s, graph_gib)
     engine.timings = {"load_s": load_s, "optimize_s": optimize_s, "warmup_s": warmup_s}
-    engine.startup = {"artifacts_loaded": bool(artifacts), "cuda_graph_gib": graph_gib}
+    engine.startup = {"artifacts_loaded": bool(artifacts), "aot": optimized.get("aot", []), "cuda_graph_gib": graph_gib}
     return engine
 
 

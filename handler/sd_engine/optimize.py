@@ -57,11 +57,13 @@ def check_device(config, device: torch.device) -> None:
 
 
 def optimize(pipe, config, device: torch.device, backend: str, max_batch_size: int = 1,
-             compiled_sizes: tuple[tuple[int, int], ...] = (), artifacts: Path | None = None):
+             compiled_sizes: tuple[tuple[int, int], ...] = (), artifacts: Path | None = None,
+             report: dict | None = None):
     """Apply config's optimizations to a pipeline already on `device` and in its dtype. Returns the same pipeline.
     `max_batch_size`: the most images the engine will generate in one call (DeepSpeed's workspace is sized for it).
     `compiled_sizes`: the (height, width) images that run compiled when config.compile is on.
-    `artifacts`: the compile-artifacts folder, where AOT-compiled packages (aot.py) may replace torch.compile."""
+    `artifacts`: the compile-artifacts folder, where AOT-compiled packages (aot.py) may replace torch.compile.
+    `report`: filled with what the caller's start-up record shows (`aot`: the modules that run AOT-compiled)."""
     if keep_vae_in_float32(pipe):
         logger.info("VAE: float32 for decoding (the pipeline upcasts this VAE, whose config sets force_upcast)")
     if config.channels_last:
@@ -96,6 +98,8 @@ def optimize(pipe, config, device: torch.device, backend: str, max_batch_size: i
             from .aot import load_packages
 
             aot = load_packages(pipe, artifacts, device, latents, max_batch_size)
+        if report is not None:
+            report["aot"] = sorted(aot)
         unet, decode = aot.get("unet") or torch.compile(pipe.unet.forward), \
             aot.get("vae_decode") or torch.compile(pipe.vae.decode)
         pipe.unet.forward = by_latent_size(unet, pipe.unet.forward, latents, dims)
