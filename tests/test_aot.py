@@ -78,3 +78,33 @@ def test_packages_made_for_other_sizes_are_skipped_with_the_reason(aot_model, ti
         assert load_packages(tiny_engine.pipe, aot_model / ARTIFACTS_DIR, CPU, made_for, 64) == {}
     lines = [r.getMessage() for r in caplog.records if "no unet package fits" in r.getMessage()]
     assert len(lines) == 2 and "latent_sizes" in lines[0] and "max_batch" in lines[1]
+
+
+@pytest.mark.e2e
+def test_torchserve_serves_with_the_packages_from_its_own_unpacked_model(aot_model, cpu_config, tmp_path):
+    """Packaged into the MAR (covered by its sha256 manifest) and unpacked by TorchServe in a folder of its own: the
+    worker's ready line says both modules run AOT-compiled, and the served image is the eager engine's for the seed."""
+    import io
+
+    import yaml
+    from PIL import Image
+
+    from ts_server import start_server
+
+    model_config = yaml.safe_load((ROOT / "config" / "model-config-cpu.yaml").read_text())
+    model_config["batchSize"] = 2  # what the packages were made for
+    model_config["handler"]["compile"] = True
+    config_path = tmp_path / "model-config.yaml"
+    config_path.write_text(yaml.safe_dump(model_config, sort_keys=False))
+    fields = {"prompt": "a red fox", "seed": 5, "format": "png", "height": 64, "width": 96}
+    work = tmp_path / "ts"
+    work.mkdir()
+    with start_server(work, aot_model, model_config=config_path) as server:
+        status, _, body = server.predict(fields)
+        log = (work / "logs" / "model_log.log").read_text()
+    assert status == 200, body[:500]
+    assert "AOT-compiled: unet, vae_decode" in log and "torch.compile instead" not in log
+    eager = load_engine(replace(cpu_config, warmup=False), aot_model, CPU, max_batch_size=2)
+    [want] = images(eager, [{k: v for k, v in fields.items() if k != "format"}], eager.rules)
+    got = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"), dtype=np.int16)
+    assert got.shape == want.shape and np.abs(got - want).max() <= 2
