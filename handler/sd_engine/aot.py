@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import file_name, platform
+from .artifacts import file_name, platform, read_index
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,11 @@ class _Decode(torch.nn.Module):
 
     def forward(self, latents):
         return self.decode(latents, return_dict=False)[0]
+
+
+def _wrapper(pipe, module: str) -> torch.nn.Module:
+    """What is exported for `module`, and what a loaded package is checked against: the plain call."""
+    return _UNet(pipe.unet) if module == "unet" else _Decode(pipe.vae, pipe.vae.decode)
 
 
 def description(pipe, module: str, device: torch.device, latent_sizes, max_batch: int) -> dict:
@@ -112,7 +117,7 @@ def build_packages(pipe, folder: Path, device: torch.device, latent_sizes, max_b
     folder.mkdir(parents=True, exist_ok=True)
     index, written = read_index(folder), []
     for module in MODULES:
-        wrapper = _UNet(pipe.unet) if module == "unet" else _Decode(pipe.vae, pipe.vae.decode)
+        wrapper = _wrapper(pipe, module)
         args, (shapes,) = _examples(pipe, module, device, latent_sizes, max_batch)
         start = time.perf_counter()
         with torch.no_grad():
@@ -127,14 +132,6 @@ def build_packages(pipe, folder: Path, device: torch.device, latent_sizes, max_b
                     time.perf_counter() - start)
     (folder / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
     return written
-
-
-def read_index(folder: Path) -> dict:
-    try:
-        index = json.loads((folder / INDEX).read_text())
-    except (OSError, ValueError):
-        return {}
-    return index if isinstance(index, dict) else {}
 
 
 def load_packages(pipe, folder: Path, device: torch.device, latent_sizes, max_batch: int) -> dict:
@@ -160,7 +157,7 @@ def load_packages(pipe, folder: Path, device: torch.device, latent_sizes, max_ba
         start = time.perf_counter()
         try:
             runner = torch._inductor.aoti_load_package(str(folder / fits[0]), run_single_threaded=True)
-            wrapper = _UNet(pipe.unet) if module == "unet" else _Decode(pipe.vae, pipe.vae.decode)
+            wrapper = _wrapper(pipe, module)
             live = {**dict(wrapper.named_parameters()), **dict(wrapper.named_buffers())}
             # user_managed: the package reads these very tensors (no copy), so in-place writes (LoRA fusion) reach
             # it; a parameter replaced by another tensor after this would not.

@@ -57,7 +57,7 @@ def read_index(folder: Path) -> dict[str, dict]:
         index = json.loads((folder / INDEX).read_text())
     except FileNotFoundError:
         return {}
-    except ValueError as e:
+    except (OSError, ValueError) as e:
         logger.warning("compile artifacts: %s is unreadable (%s); ignoring it", folder / INDEX, e)
         return {}
     return index if isinstance(index, dict) else {}

@@ -227,10 +227,12 @@ def load_engine(config: EngineConfig, source: str | Path, device: torch.device, 
     start = time.perf_counter()
     if config.cache_dir:
         set_cache_dirs(config.cache_dir)
-    artifacts = load_compile_artifacts(Path(source) / ARTIFACTS_DIR, device) if config.compile else None
+    folder = Path(source) / ARTIFACTS_DIR if config.compile else None
     optimized: dict = {}
-    optimize(pipe, config, device, backend, max_batch_size, compiled_sizes=rules.sizes,
-             artifacts=Path(source) / ARTIFACTS_DIR if config.compile else None, report=optimized)
+    optimize(pipe, config, device, backend, max_batch_size, compiled_sizes=rules.sizes, artifacts=folder,
+             report=optimized)
+    # torch.compile's own artifacts, for what still compiles (it compiles lazily: at warm-up, after this).
+    artifacts = load_compile_artifacts(folder, device) if folder and len(optimized.get("aot", [])) < 2 else None
     optimize_s = time.perf_counter() - start
 
     # 4. Warm up.

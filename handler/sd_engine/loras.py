@@ -76,9 +76,9 @@ class Adapters:
     @torch.no_grad()
     def apply(self, selection: tuple[tuple[str, float], ...]) -> float:
         """Fuse `selection` ((name, strength), ...) into the weights, undoing the set before, one layer at a time
-        (float32 arithmetic, one layer's temporaries at once). Returns the seconds it took (0 when the set is already
-        active). Should it fail halfway (out of memory), every layer goes back to its own weights and the error
-        is raised: no request sees a half-switched model."""
+        (_write: float32 accumulation, one layer's temporaries at once). Returns the seconds it took (0 when the set
+        is already active). Should it fail halfway (out of memory), every layer goes back to its own weights and the
+        error is raised: no request sees a half-switched model."""
         if selection == self.active:
             return 0.0
         start = time.perf_counter()
