@@ -7,8 +7,9 @@ process, then saves it into WEIGHTS/compile-artifacts/ (sd_engine/artifacts.py: 
 stack, described in index.json). If WEIGHTS has a sha256 manifest (a packaged no-archive folder), the new files are
 added to it; otherwise package the folder afterwards (scripts/package_model.py), which ships them inside the MAR.
 
---aot makes AOTInductor packages of the UNet and the VAE decoder instead (sd_engine/aot.py): a worker loads them in
-about a second, where torch.compile's artifacts still leave it the tracing (45-62 s measured on an H200).
+--aot makes AOTInductor packages of the UNet and the VAE decoder instead (sd_engine/aot.py), one per listed size,
+built by --jobs processes side by side: a worker loads them instead of tracing, where torch.compile's artifacts still
+leave it the tracing (45-62 s measured on an H200).
 
 --check then starts a fresh process with empty caches that loads the engine with the artifacts, and records both
 start-up times, and with --time-sizes the batch-1 latency at each listed size (and one unlisted), as JSON.
@@ -46,11 +47,14 @@ def main(argv=None) -> int:
     parser.add_argument("--aot", action="store_true",
                         help="make AOTInductor packages of the UNet and VAE decoder (sd_engine/aot.py: a worker "
                              "loads them instead of compiling or tracing) instead of torch.compile's cache artifacts")
+    parser.add_argument("--jobs", type=int, help="with --aot: sizes built at once, each by a process of its own "
+                        "(default: one per 4 CPU cores, at most one per size)")
     parser.add_argument("--check", action="store_true", help="then time a fresh start that loads the artifacts")
     parser.add_argument("--time-sizes", action="store_true", help="with --check: batch-1 latency at each size")
     parser.add_argument("--json", type=Path, help="write the record here too")
     parser.add_argument("--preset", help="the model's name in the record (e.g. sd15, sdxl; default: the folder's)")
     parser.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)  # the --check child
+    parser.add_argument("--build-size", help=argparse.SUPPRESS)  # an --aot child: the latent size HxW it builds
     args = parser.parse_args(argv)
     setup_logging()
     if not (args.weights / "model_index.json").is_file():
@@ -75,6 +79,8 @@ def main(argv=None) -> int:
         print("error: --aot packages are used by the eager backend without fuse_qkv and fp8 only; the config has "
               f"handler.backend {config.backend}, fuse_qkv {config.fuse_qkv}, fp8 {config.fp8}", file=sys.stderr)
         return 2
+    if args.build_size:
+        return build_one_size(args, config, batch_size)
     if not args.load_only:
         return make_artifacts(args, config, batch_size)
     # The --check child: a fresh process whose compiled graphs can only come from the artifacts.
@@ -108,19 +114,17 @@ def make_artifacts(args, config, batch_size: int) -> int:
     from sd_engine.artifacts import ARTIFACTS_DIR, save_compile_artifacts
 
     with progress(2 + args.check, "compile_artifacts") as bar:
-        if args.aot:  # the optimized pipeline (dtype, channels-last, VAE precision) with nothing compiled or graphed
-            bar.set_postfix_str("load, export and AOT-compile UNet and VAE decoder")
-            from dataclasses import replace
-
-            from sd_engine.aot import build_packages
-
+        if args.aot:
+            bar.set_postfix_str("export and AOT-compile UNet and VAE decoder, one process per size")
             start = time.perf_counter()
-            engine, record, _ = load(args, replace(config, compile=False, cuda_graph=False, warmup=False), batch_size)
-            scale = engine.pipe.vae_scale_factor
-            paths = build_packages(engine.pipe, args.weights / ARTIFACTS_DIR, engine.device,
-                                   {(h // scale, w // scale) for h, w in engine.rules.sizes}, batch_size)
-            record["ready_cold_s"] = round(time.perf_counter() - start, 1)  # what making them took, load included
-            record["aot"] = {path.name: round(path.stat().st_size / 2**20, 1) for path in paths}
+            try:
+                record, entries = build_packages_in_parallel(args, config, batch_size)
+            except RuntimeError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            record["ready_cold_s"] = round(time.perf_counter() - start, 1)  # what making them took, loads included
+            record["aot"] = {name: round((args.weights / ARTIFACTS_DIR / "aot" / name).stat().st_size / 2**20, 1)
+                             for name in entries}
         else:
             bar.set_postfix_str("load, compile and warm up every size")
             engine, record, ready_s = load(args, config, batch_size)
@@ -129,7 +133,7 @@ def make_artifacts(args, config, batch_size: int) -> int:
         save()
         bar.update()
         if args.aot:
-            add_to_manifest(args.weights, paths[0])
+            add_to_manifest(args.weights, args.weights / ARTIFACTS_DIR / "aot" / next(iter(entries)))
         else:
             bar.set_postfix_str("save the artifacts")
             path = save_compile_artifacts(args.weights / ARTIFACTS_DIR, engine.device)
@@ -142,9 +146,8 @@ def make_artifacts(args, config, batch_size: int) -> int:
             child = subprocess.run([sys.executable, __file__, str(args.weights), "--config", str(args.config),
                                     "--batch-size", str(batch_size), "--preset", record["preset"], "--load-only"]
                                    + (["--time-sizes"] if args.time_sizes else []) + (["--aot"] if args.aot else []),
-                                   capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-            bar.update()
-            bar.write(child.stderr[-4000:].rstrip(), file=sys.stderr)  # above the bar, not through it
+                                   stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            bar.update()  # (its log went to stderr as it ran)
             if child.returncode != 0:
                 print(f"error: the --check start failed ({child.returncode})", file=sys.stderr)
                 return 1
@@ -155,6 +158,62 @@ def make_artifacts(args, config, batch_size: int) -> int:
                       "its log above says why)", file=sys.stderr)
                 return 1
     print(json.dumps(record, indent=1))
+    return 0
+
+
+def build_packages_in_parallel(args, config, batch_size: int):
+    """The record of the model's load, and the index entries of the AOT packages of every listed size, each size built
+    by a child process (--build-size), --jobs at a time; the index is written here, once they are all done."""
+    from dataclasses import replace
+
+    import torch
+
+    from sd_engine.aot import write_index
+    from sd_engine.artifacts import ARTIFACTS_DIR
+
+    engine, record, _ = load(args, replace(config, compile=False, cuda_graph=False, warmup=False), batch_size)
+    scale = engine.pipe.vae_scale_factor
+    sizes = sorted({(h // scale, w // scale) for h, w in engine.rules.sizes})
+    del engine
+    torch.cuda.empty_cache()
+    cpus = os.cpu_count() or 1
+    jobs = max(1, min(len(sizes), args.jobs or cpus // 4))
+    # Inductor's compile workers shared out, so that the processes do not oversubscribe the cores.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TORCHINDUCTOR_COMPILE_THREADS=str(max(1, cpus // jobs)))
+
+    def build(size):
+        child = subprocess.run([sys.executable, __file__, str(args.weights), "--config", str(args.config),
+                                "--batch-size", str(batch_size), "--aot", "--build-size", f"{size[0]}x{size[1]}"],
+                               stdout=subprocess.PIPE, text=True, env=env)
+        if child.returncode != 0:
+            raise RuntimeError(f"building the AOT packages for latents {size[0]}x{size[1]} failed "
+                               f"({child.returncode}; its log is above)")
+        return json.loads(child.stdout.strip().splitlines()[-1])
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(jobs) as pool:
+        built = list(pool.map(build, sizes))
+    entries = {name: info for one in built for name, info in one["entries"].items()}
+    write_index(args.weights / ARTIFACTS_DIR, entries)
+    record["aot_jobs"] = jobs
+    record["aot_build_s"] = {f"{w * scale}x{h * scale}": one["seconds"] for (h, w), one in zip(sizes, built)}
+    return record, entries
+
+
+def build_one_size(args, config, batch_size: int) -> int:
+    """An --aot child: the optimized pipeline (dtype, channels-last, VAE precision) with nothing compiled or graphed,
+    exported and AOT-compiled for one latent size; prints its index entries."""
+    from dataclasses import replace
+
+    from sd_engine.aot import build_packages
+    from sd_engine.artifacts import ARTIFACTS_DIR
+
+    size = tuple(int(side) for side in args.build_size.split("x"))
+    engine, _, _ = load(args, replace(config, compile=False, cuda_graph=False, warmup=False), batch_size)
+    start = time.perf_counter()
+    entries = build_packages(engine.pipe, args.weights / ARTIFACTS_DIR, engine.device, size, batch_size)
+    print(json.dumps({"entries": entries, "seconds": round(time.perf_counter() - start, 1)}))
     return 0
 
 

@@ -8,14 +8,16 @@ itself; loading it traces nothing.
 
 What a package holds: code, not weights (`package_constants_in_so` off). The worker hands each package its own live
 parameters (`load_constants(..., user_managed=True)`: no copy), so LoRA adapters fused into the weights in place
-(loras.py) reach the compiled code, and the weights are stored once. Shapes: the batch is dynamic (1 up to twice the
-largest batch size for the UNet, which sees both halves of classifier-free guidance); height and width are static for
-one listed size and dynamic over the listed sizes' range otherwise, as with torch.compile (optimize.py).
+(loras.py) reach the compiled code, and the weights are stored once. Shapes: one package per module and listed size,
+height and width static (one package dynamic over several sizes measured 30% slower on an H200: SD 1.5 512x512 batch 1
+0.292 s against 0.225 s static, bench/results/h200-sd15-2026-12-04-aot-dynamic.json), the batch dynamic (1 up to twice
+the largest batch size for the UNet, which sees both halves of classifier-free guidance).
 
 Files: WEIGHTS/compile-artifacts/aot/<module>-<platform>.pt2, described in aot/index.json (the platform as in
-artifacts.py, plus what the code was made for: module, dtype, channels_last, sizes, largest batch). A worker uses a
-package whose description fits its own config and falls back to torch.compile, with one log line saying why, when
-none does. scripts/compile_artifacts.py --aot makes them; the package's sha256 manifest covers them (they are code).
+artifacts.py, plus what the code was made for: module, dtype, channels_last, size, largest batch). A worker uses the
+packages when every size it compiles has one that fits its own config, and falls back to torch.compile, with one log
+line saying why, when not. scripts/compile_artifacts.py --aot makes them (the sizes in parallel processes); the
+package's sha256 manifest covers them (they are code).
 """
 
 from __future__ import annotations
@@ -77,129 +79,149 @@ def description(pipe, module: str, device: torch.device, latent_sizes, max_batch
             "latent_sizes": sorted([list(s) for s in latent_sizes]), "max_batch": max_batch}
 
 
-def _examples(pipe, module: str, device: torch.device, latent_sizes, max_batch: int):
-    """Example inputs (at the largest listed size, batch 2) and their dynamic shapes for torch.export."""
+def _examples(pipe, module: str, device: torch.device, latent_size, max_batch: int):
+    """Example inputs (at `latent_size`, batch 2) and their dynamic shapes (the batch) for torch.export."""
     from torch.export import Dim
 
-    sizes = sorted(latent_sizes)
-    height, width = sizes[-1]
-    batch = Dim("batch", min=1, max=2 * max_batch if module == "unet" else max_batch)
-    dims = {0: batch}
-    if len(sizes) > 1:  # several sizes: height and width symbolic, in steps the UNet's downsampling keeps whole
-        step = 2 ** (len(pipe.unet.config.down_block_types) - 1)
-        if any(h % step or w % step for h, w in sizes):
-            raise ValueError(f"handler.sizes: for AOT packages of several sizes each side must be a multiple of "
-                             f"{step * pipe.vae_scale_factor} pixels (what the UNet's downsampling keeps whole)")
-        low_h, high_h = min(s[0] for s in sizes), max(s[0] for s in sizes)
-        low_w, high_w = min(s[1] for s in sizes), max(s[1] for s in sizes)
-        dims = {0: batch, 2: step * Dim("h", min=low_h // step, max=high_h // step),
-                3: step * Dim("w", min=low_w // step, max=high_w // step)}
+    height, width = latent_size
+    batch = {0: Dim("batch", min=1, max=2 * max_batch if module == "unet" else max_batch)}
     if module == "vae_decode":  # the latents come in the UNet's dtype (a float32 VAE casts them itself: optimize.py)
         latents = torch.randn(2, pipe.vae.config.latent_channels, height, width, device=device, dtype=pipe.unet.dtype)
-        return (latents,), ({"latents": dims},)
+        return (latents,), ({"latents": batch},)
     unet = pipe.unet
     sample = torch.randn(2, unet.config.in_channels, height, width, device=device, dtype=unet.dtype)
     timestep = torch.tensor(999.0, device=device)
     text = torch.randn(2, 77, unet.config.cross_attention_dim, device=device, dtype=unet.dtype)
-    args, shapes = [sample, timestep, text], [dims, None, {0: batch}]
+    args, shapes = [sample, timestep, text], [batch, None, batch]
     if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text embeddings and the six size/crop ids
         args += [torch.randn(2, pipe.text_encoder_2.config.projection_dim, device=device, dtype=unet.dtype),
                  torch.zeros(2, 6, device=device, dtype=unet.dtype)]
-        shapes += [{0: batch}, {0: batch}]
+        shapes += [batch, batch]
     return tuple(args), (dict(zip(("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"),
                                   shapes)),)
 
 
-def build_packages(pipe, folder: Path, device: torch.device, latent_sizes, max_batch: int) -> list[Path]:
+def build_packages(pipe, folder: Path, device: torch.device, latent_size, max_batch: int) -> dict[str, dict]:
     """Export and AOT-compile the UNet and the VAE decoder of an optimized pipeline (dtype, channels-last and the VAE
-    precision already as the worker will have them); write the packages and their index into `folder`."""
+    precision already as the worker will have them) for one latent size; write the packages into `folder`/aot and
+    return their index entries (write_index records them: processes building other sizes may run alongside)."""
     folder = folder / AOT_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    index, written = read_index(folder), []
+    entries = {}
     for module in MODULES:
         wrapper = _wrapper(pipe, module)
-        args, (shapes,) = _examples(pipe, module, device, latent_sizes, max_batch)
+        args, (shapes,) = _examples(pipe, module, device, latent_size, max_batch)
         start = time.perf_counter()
         with torch.no_grad():
             exported = torch.export.export(wrapper, args, dynamic_shapes=shapes, strict=False)
-            info = description(pipe, module, device, latent_sizes, max_batch)
+            info = description(pipe, module, device, [latent_size], max_batch)
             path = folder / f"{module}-{file_name(info).removesuffix('.bin')}.pt2"
             torch._inductor.aoti_compile_and_package(
                 exported, package_path=str(path), inductor_configs={"aot_inductor.package_constants_in_so": False})
-        index[path.name] = info
-        written.append(path)
-        logger.info("AOT: %s compiled to %s (%.1f MB) in %.0f s", module, path.name, path.stat().st_size / 2**20,
-                    time.perf_counter() - start)
+        entries[path.name] = info
+        logger.info("AOT: %s for latents %dx%d compiled to %s (%.1f MB) in %.0f s", module, *latent_size, path.name,
+                    path.stat().st_size / 2**20, time.perf_counter() - start)
+    return entries
+
+
+def write_index(folder: Path, entries: dict[str, dict]) -> None:
+    """Add packages' entries to `folder`/aot/index.json (those of other platforms and sizes stay)."""
+    folder = folder / AOT_DIR
+    index = read_index(folder)
+    index.update(entries)
     (folder / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
-    return written
 
 
 def load_packages(pipe, folder: Path, device: torch.device, latent_sizes, max_batch: int) -> dict:
     """The compiled calls of the packages in `folder` that fit this worker, by module ({} when none do): each takes the
-    module's arguments as the pipeline passes them. One log line per module says what was loaded, or why not."""
+    module's arguments as the pipeline passes them and runs the package made for the latents' size. A module is
+    AOT-compiled only when every size in `latent_sizes` has a package. One log line per module says what was loaded,
+    or why not."""
     folder = folder / AOT_DIR
     index = read_index(folder)
     if not index:
         return {}
     loaded = {}
     for module in MODULES:
-        mine = description(pipe, module, device, latent_sizes, max_batch)
-        # An exact match of sizes first (static shapes where the worker compiles one size), then any superset.
-        fits = sorted((name for name, info in index.items() if isinstance(info, dict) and _fits(info, mine)),
-                      key=lambda name: index[name].get("latent_sizes") != mine["latent_sizes"])
-        if not fits:
-            differ = {name: [k for k in mine if info.get(k) != mine[k]] for name, info in index.items()
-                      if isinstance(info, dict) and info.get("module") == module}
-            logger.info("AOT: no %s package fits this worker (latent sizes %s, batch up to %d); %s; torch.compile "
-                        "instead", module, mine["latent_sizes"], max_batch, f"the listed ones differ in {differ}"
-                        if differ else "there is none")
+        mine = description(pipe, module, device, sorted(latent_sizes), max_batch)
+        chosen, missing = {}, []
+        for size in sorted(latent_sizes):
+            # The package made for this size alone first (static shapes), then one made for several.
+            fits = sorted((name for name, info in index.items() if isinstance(info, dict) and _fits(info, mine, size)),
+                          key=lambda name: len(index[name].get("latent_sizes", [])))
+            if fits:
+                chosen[size] = fits[0]
+            else:
+                missing.append(size)
+        if missing:
+            differ = {name: [k for k in mine if k != "latent_sizes" and info.get(k) != mine[k]]
+                      for name, info in index.items() if isinstance(info, dict) and info.get("module") == module}
+            logger.info("AOT: no %s package fits this worker for latents %s (batch up to %d); %s; torch.compile "
+                        "instead", module, ", ".join(f"{h}x{w}" for h, w in missing), max_batch,
+                        f"the listed ones differ in {differ} (an empty list: made for other sizes)" if differ
+                        else "there is none")
             continue
         start = time.perf_counter()
         try:
-            runner = torch._inductor.aoti_load_package(str(folder / fits[0]), run_single_threaded=True)
-            wrapper = _wrapper(pipe, module)
-            live = {**dict(wrapper.named_parameters()), **dict(wrapper.named_buffers())}
-            # user_managed: the package reads these very tensors (no copy), so in-place writes (LoRA fusion) reach
-            # it; a parameter replaced by another tensor after this would not.
-            runner.load_constants({name: live[name] for name in runner.get_constant_fqns()}, check_full_update=True,
-                                  user_managed=True)
-            call = (_unet_call if module == "unet" else _decode_call)(runner, pipe, max_batch)
-            error = _check(call, wrapper, pipe, module, device, latent_sizes)
+            runners = _load_runners(pipe, module, folder, chosen, device)
         except Exception as e:  # noqa: BLE001 - a package that does not load or run costs a compile, never the worker
-            logger.warning("AOT: %s could not be used (%s: %s); torch.compile instead", fits[0], type(e).__name__, e)
+            logger.warning("AOT: the %s packages could not be used (%s: %s); torch.compile instead", module,
+                           type(e).__name__, e)
             continue
-        if error is not None:
-            logger.warning("AOT: %s differs from the plain %s by %.3g (relative); torch.compile instead", fits[0],
-                           module, error)
+        if runners is None:
             continue
-        loaded[module] = call
-        logger.info("AOT: %s from %s in %.1f s (checked against the plain module at batch 1)", module, fits[0],
+        loaded[module] = (_unet_call if module == "unet" else _decode_call)(runners, pipe, max_batch)
+        logger.info("AOT: %s from %d package(s) for latents %s in %.1f s (each checked against the plain module at "
+                    "batch 1)", module, len(set(chosen.values())), ", ".join(f"{h}x{w}" for h, w in sorted(chosen)),
                     time.perf_counter() - start)
     return loaded
 
 
+def _load_runners(pipe, module: str, folder: Path, chosen: dict, device: torch.device):
+    """{latent size: loaded package} for `module`, each file loaded once and checked at its size; None (with a log
+    line) when one differs from the plain module."""
+    wrapper = _wrapper(pipe, module)
+    live = {**dict(wrapper.named_parameters()), **dict(wrapper.named_buffers())}
+    by_file, runners = {}, {}
+    for size, name in sorted(chosen.items()):
+        if name not in by_file:
+            start = time.perf_counter()
+            runner = torch._inductor.aoti_load_package(str(folder / name), run_single_threaded=True)
+            # user_managed: the package reads these very tensors (no copy), so in-place writes (LoRA fusion) reach
+            # it; a parameter replaced by another tensor after this would not.
+            runner.load_constants({fqn: live[fqn] for fqn in runner.get_constant_fqns()}, check_full_update=True,
+                                  user_managed=True)
+            loaded_s = time.perf_counter() - start
+            error = _check(runner, wrapper, pipe, module, device, size)
+            logger.info("AOT: %s loaded in %.1f s, checked in %.1f s", name, loaded_s,
+                        time.perf_counter() - start - loaded_s)
+            if error is not None:
+                logger.warning("AOT: %s differs from the plain %s by %.3g (relative) at latents %dx%d; torch.compile "
+                               "instead", name, module, error, *size)
+                return None
+            by_file[name] = runner
+        runners[size] = by_file[name]
+    return runners
+
+
 @torch.no_grad()
-def _check(call, wrapper, pipe, module: str, device: torch.device, latent_sizes, tolerance: float = 0.02):
-    """One call at batch 1 and the smallest size through the package and through the plain module: None when they
-    agree (largest difference within `tolerance` of the largest value), else that relative difference. Batch 1 is the
-    end of the exported range, the edge a compiler's assumptions meet first."""
-    args, _ = _examples(pipe, module, device, [min(latent_sizes)], 2)  # (its shapes for export unused here)
+def _check(runner, wrapper, pipe, module: str, device: torch.device, latent_size, tolerance: float = 0.02):
+    """One call at batch 1 and `latent_size` through the package and through the plain module: None when they agree
+    (largest difference within `tolerance` of the largest value), else that relative difference. Batch 1 is the end
+    of the exported range, the edge a compiler's assumptions meet first."""
+    args, _ = _examples(pipe, module, device, latent_size, 2)  # (its shapes for export unused here)
     args = tuple(a[:1] if a.dim() else a for a in args)
     want = wrapper(*args).float()
-    if module == "unet":
-        extra = {"added_cond_kwargs": {"text_embeds": args[3], "time_ids": args[4]}} if len(args) > 3 else {}
-        got = call(args[0], args[1], args[2], return_dict=False, **extra)[0].float()
-    else:
-        got = call(args[0], return_dict=False)[0].float()
+    got = _on_device(runner, list(args)).float()
     error = float((got - want).abs().max() / want.abs().max().clamp(min=1e-6))
     return None if error <= tolerance and torch.isfinite(got).all() else error
 
 
-def _fits(info: dict, mine: dict) -> bool:
-    """Same platform and model; made for every size this worker compiles and at least its largest batch."""
+def _fits(info: dict, mine: dict, size) -> bool:
+    """Same platform and model; made for `size` (among others, perhaps) and at least this worker's largest batch."""
     same = all(info.get(key) == value for key, value in mine.items() if key not in ("latent_sizes", "max_batch"))
     sizes = {tuple(s) for s in info.get("latent_sizes", [])}
-    return same and {tuple(s) for s in mine["latent_sizes"]} <= sizes and info.get("max_batch", 0) >= mine["max_batch"]
+    return same and tuple(size) in sizes and info.get("max_batch", 0) >= mine["max_batch"]
 
 
 def _on_device(runner, args):
@@ -212,15 +234,17 @@ def _on_device(runner, args):
     return runner(*args)
 
 
-def _unet_call(runner, pipe, max_batch: int):
+def _unet_call(runners: dict, pipe, max_batch: int):
     plain = pipe.unet.forward
     dtype = pipe.unet.dtype
 
     def call(sample, timestep, encoder_hidden_states=None, timestep_cond=None, cross_attention_kwargs=None,
              added_cond_kwargs=None, return_dict=True, **rest):
-        if timestep_cond is not None or cross_attention_kwargs or rest or not torch.is_tensor(timestep) or \
-                timestep.dim() != 0 or set(added_cond_kwargs or {}) - {"text_embeds", "time_ids"} or \
-                sample.shape[0] > 2 * max_batch:  # what the package was not made for: the plain UNet
+        runner = runners.get(tuple(sample.shape[-2:]))
+        if runner is None or timestep_cond is not None or cross_attention_kwargs or rest or \
+                not torch.is_tensor(timestep) or timestep.dim() != 0 or \
+                set(added_cond_kwargs or {}) - {"text_embeds", "time_ids"} or \
+                sample.shape[0] > 2 * max_batch:  # what the packages were not made for: the plain UNet
             return plain(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond, return_dict=return_dict,
                          cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=added_cond_kwargs, **rest)
         # The UNet embeds the timestep as float32 whatever its type (an integer step is exact in float32).
@@ -236,11 +260,12 @@ def _unet_call(runner, pipe, max_batch: int):
     return call
 
 
-def _decode_call(runner, pipe, max_batch: int):
-    dtype, plain = pipe.unet.dtype, pipe.vae.decode  # the latents' dtype the package was made for (_examples)
+def _decode_call(runners: dict, pipe, max_batch: int):
+    dtype, plain = pipe.unet.dtype, pipe.vae.decode  # the latents' dtype the packages were made for (_examples)
 
     def call(z, return_dict=True, generator=None):
-        if z.shape[0] > max_batch:
+        runner = runners.get(tuple(z.shape[-2:]))
+        if runner is None or z.shape[0] > max_batch:
             return plain(z, return_dict=return_dict)
         out = _on_device(runner, [z.to(dtype)])
         if return_dict:

@@ -100,15 +100,16 @@ def optimize(pipe, config, device: torch.device, backend: str, max_batch_size: i
             aot = load_packages(pipe, artifacts, device, latents, max_batch_size)
         if report is not None:
             report["aot"] = sorted(aot)
-        unet, decode = aot.get("unet") or torch.compile(pipe.unet.forward), \
-            aot.get("vae_decode") or torch.compile(pipe.vae.decode)
-        pipe.unet.forward = by_latent_size(unet, pipe.unet.forward, latents, dims)
-        pipe.vae.decode = by_latent_size(decode, pipe.vae.decode, latents, dims)
+        # AOT packages are made per size (static height and width, the batch dynamic): no shapes to mark for them.
+        pipe.unet.forward = by_latent_size(aot.get("unet") or torch.compile(pipe.unet.forward), pipe.unet.forward,
+                                           latents, () if "unet" in aot else dims)
+        pipe.vae.decode = by_latent_size(aot.get("vae_decode") or torch.compile(pipe.vae.decode), pipe.vae.decode,
+                                         latents, () if "vae_decode" in aot else dims)
         logger.info("compile: UNet and VAE decoder %s for %s, shapes %s; other sizes run uncompiled",
                     {0: "compiled with torch.compile (inductor)", 1: f"ahead of time: {', '.join(aot)}; the other "
                      "with torch.compile", 2: "compiled ahead of time (AOTInductor packages)"}[len(aot)],
                     ", ".join(f"{w}x{h}" for h, w in sorted(compiled_sizes)),
-                    "in batch, height and width" if dims else "static" + (" (batch dynamic)" if aot else ""))
+                    "static per size, batch dynamic" if aot else "in batch, height and width" if dims else "static")
     if config.cuda_graph:
         from .graphs import GraphBudget, graph_pipeline
 
