@@ -186,7 +186,7 @@ def _load_runners(pipe, module: str, folder: Path, chosen: dict, device: torch.d
     for size, name in sorted(chosen.items()):
         if name not in by_file:
             start = time.perf_counter()
-            runner = torch._inductor.aoti_load_package(str(folder / name), run_single_threaded=True)
+            runner = _load_package(folder / name)
             # user_managed: the package reads these very tensors (no copy), so in-place writes (LoRA fusion) reach
             # it; a parameter replaced by another tensor after this would not.
             runner.load_constants({fqn: live[fqn] for fqn in runner.get_constant_fqns()}, check_full_update=True,
@@ -202,6 +202,16 @@ def _load_runners(pipe, module: str, folder: Path, chosen: dict, device: torch.d
             by_file[name] = runner
         runners[size] = by_file[name]
     return runners
+
+
+def _load_package(path: Path):
+    """torch._inductor.aoti_load_package's runner (single-threaded: CUDA graphs capture its calls) without its
+    platform comparison, which first probes the host CPU's vector ISA by compiling and loading a C++ program per ISA:
+    48.9 s of a 74.7 s start on an H200 with a fresh Inductor cache (bench/results/h200-sd15-2026-12-06-aot-4sizes.log),
+    to compare a value a GPU package does not use. The index entry (_fits) has already matched the platform."""
+    from torch._inductor.package.package import AOTICompiledModel
+
+    return AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1, -1))
 
 
 @torch.no_grad()

@@ -216,8 +216,12 @@ def load_engine(config: EngineConfig, source: str | Path, device: torch.device, 
 
     # 2. Load the weights and move them to the device; DeepSpeed captures each module's device when it wraps it.
     start = time.perf_counter()
-    pipe = load_pipeline(source, dtype).to(device)
+    pipe = load_pipeline(source, dtype)
+    read_s = time.perf_counter() - start
+    pipe = pipe.to(device)
     load_s = time.perf_counter() - start
+    logger.info("loaded %s in %.1f s: %.1f s to import diffusers and read the weights, %.1f s to move them to %s",
+                source, load_s, read_s, load_s - read_s, device)
     rules = request_rules(config, native_defaults(pipe))  # a default the model cannot take fails before optimizing
     # LoRA adapters are read into the plain layers, before compile and graphs see them.
     adapters, loras_unavailable = load_for_engine(pipe, config, source, backend)
