@@ -84,7 +84,8 @@ def _examples(pipe, module: str, device: torch.device, latent_size, max_batch: i
     from torch.export import Dim
 
     height, width = latent_size
-    batch = {0: Dim("batch", min=1, max=2 * max_batch if module == "unet" else max_batch)}
+    # (torch.export wants a range, not one value: at least 1..2, also for a worker of batch size 1.)
+    batch = {0: Dim("batch", min=1, max=max(2, 2 * max_batch if module == "unet" else max_batch))}
     if module == "vae_decode":  # the latents come in the UNet's dtype (a float32 VAE casts them itself: optimize.py)
         latents = torch.randn(2, pipe.vae.config.latent_channels, height, width, device=device, dtype=pipe.unet.dtype)
         return (latents,), ({"latents": batch},)
