@@ -9,7 +9,9 @@ added to it; otherwise package the folder afterwards (scripts/package_model.py),
 
 --aot makes AOTInductor packages of the UNet and the VAE decoder instead (sd_engine/aot.py), one per listed size,
 built by --jobs processes side by side: a worker loads them instead of tracing, where torch.compile's artifacts still
-leave it the tracing (45-62 s measured on an H200).
+leave it the tracing (45-62 s measured on an H200). Sizes whose packages are already there and fit are not built
+again, so a run cut short (a time limit, a lost machine) is finished by running it again; to rebuild, delete
+WEIGHTS/compile-artifacts/aot.
 
 --check then starts a fresh process with empty caches that loads the engine with the artifacts, and records both
 start-up times, and with --time-sizes the batch-1 latency at each listed size (and one unlisted), as JSON.
@@ -133,7 +135,7 @@ def make_artifacts(args, config, batch_size: int) -> int:
         save()
         bar.update()
         if args.aot:
-            add_to_manifest(args.weights, args.weights / ARTIFACTS_DIR / "aot" / next(iter(entries)))
+            add_to_manifest(args.weights, args.weights / ARTIFACTS_DIR / "aot" / "index.json")
         else:
             bar.set_postfix_str("save the artifacts")
             path = save_compile_artifacts(args.weights / ARTIFACTS_DIR, engine.device)
@@ -162,24 +164,31 @@ def make_artifacts(args, config, batch_size: int) -> int:
 
 
 def build_packages_in_parallel(args, config, batch_size: int):
-    """The record of the model's load, and the index entries of the AOT packages of every listed size, each size built
-    by a child process (--build-size), --jobs at a time; the index is written here, once they are all done."""
+    """The record of the model's load, and the index entries of the AOT packages built for the listed sizes that have
+    none yet (a run cut short, e.g. by a time limit, is resumed by running it again), each size built by a child
+    process (--build-size), --jobs at a time; the index gains each size's packages as soon as they are built."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
     from dataclasses import replace
 
     import torch
 
-    from sd_engine.aot import write_index
+    from sd_engine.aot import missing_sizes, write_index
     from sd_engine.artifacts import ARTIFACTS_DIR
 
     engine, record, _ = load(args, replace(config, compile=False, cuda_graph=False, warmup=False), batch_size)
     scale = engine.pipe.vae_scale_factor
     sizes = sorted({(h // scale, w // scale) for h, w in engine.rules.sizes})
+    todo = missing_sizes(engine.pipe, args.weights / ARTIFACTS_DIR, engine.device, sizes, batch_size)
     del engine
     torch.cuda.empty_cache()
     cpus = os.cpu_count() or 1
-    jobs = max(1, min(len(sizes), args.jobs or cpus // 4))
+    jobs = max(1, min(len(todo) or 1, args.jobs or cpus // 4))
     # Inductor's compile workers shared out, so that the processes do not oversubscribe the cores.
     env = dict(os.environ, PYTHONUNBUFFERED="1", TORCHINDUCTOR_COMPILE_THREADS=str(max(1, cpus // jobs)))
+    pixels = {size: f"{size[1] * scale}x{size[0] * scale}" for size in sizes}
+    if len(todo) < len(sizes):
+        print(f"AOT packages for {', '.join(pixels[s] for s in sizes if s not in todo)} are already built and fit; "
+              f"building {', '.join(pixels[s] for s in todo) or 'nothing'}", file=sys.stderr)
 
     def build(size):
         child = subprocess.run([sys.executable, __file__, str(args.weights), "--config", str(args.config),
@@ -190,14 +199,18 @@ def build_packages_in_parallel(args, config, batch_size: int):
                                f"({child.returncode}; its log is above)")
         return json.loads(child.stdout.strip().splitlines()[-1])
 
-    from concurrent.futures import ThreadPoolExecutor
-
+    entries, seconds = {}, {}
     with ThreadPoolExecutor(jobs) as pool:
-        built = list(pool.map(build, sizes))
-    entries = {name: info for one in built for name, info in one["entries"].items()}
-    write_index(args.weights / ARTIFACTS_DIR, entries)
+        futures = {pool.submit(build, size): size for size in todo}
+        for future in as_completed(futures):
+            built = future.result()
+            write_index(args.weights / ARTIFACTS_DIR, built["entries"])  # kept even if a later size fails
+            entries.update(built["entries"])
+            seconds[futures[future]] = built["seconds"]
+            print(f"AOT packages for {pixels[futures[future]]} built in {built['seconds']} s", file=sys.stderr)
     record["aot_jobs"] = jobs
-    record["aot_build_s"] = {f"{w * scale}x{h * scale}": one["seconds"] for (h, w), one in zip(sizes, built)}
+    record["aot_build_s"] = {pixels[size]: seconds[size] for size in todo}
+    record["aot_reused"] = [pixels[size] for size in sizes if size not in todo]
     return record, entries
 
 

@@ -38,6 +38,13 @@ def aot_model(tiny_model_dir, tmp_path_factory):
     assert sorted(name.split("-")[0] for name in record["aot"]) == ["unet"] * 3 + ["vae_decode"] * 3
     assert record["aot_jobs"] == 1 and len(record["aot_build_s"]) == 3
     assert record["warm"]["aot"] == ["unet", "vae_decode"]  # --check: a fresh process used both
+    # Run again (as after a run cut short): the sizes whose packages fit are kept, nothing is built.
+    again = subprocess.run([sys.executable, str(ROOT / "scripts" / "compile_artifacts.py"), str(folder), "--config",
+                            str(ROOT / "config" / "model-config-cpu.yaml"), "--aot", "--batch-size", "2"],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout)["aot_build_s"] == {} and len(json.loads(again.stdout)["aot_reused"]) == 3
+    assert "building nothing" in again.stderr
     return folder
 
 

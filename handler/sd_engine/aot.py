@@ -133,6 +133,29 @@ def write_index(folder: Path, entries: dict[str, dict]) -> None:
     (folder / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
 
 
+def missing_sizes(pipe, folder: Path, device: torch.device, latent_sizes, max_batch: int) -> list:
+    """The latent sizes among `latent_sizes` for which a module has no package in `folder` that fits this worker:
+    what is left to build (the others' packages are code for this very platform and model, so they are kept)."""
+    index = read_index(folder / AOT_DIR)
+    return sorted({size for module in MODULES
+                   for size in _choose(index, description(pipe, module, device, sorted(latent_sizes), max_batch),
+                                       latent_sizes)[1]})
+
+
+def _choose(index: dict, mine: dict, latent_sizes) -> tuple[dict, list]:
+    """{size: the package's file name} for the sizes that have a package fitting `mine`, and the sizes that have none.
+    The package made for a size alone comes first (static shapes), then one made for several."""
+    chosen, missing = {}, []
+    for size in sorted(latent_sizes):
+        fits = sorted((name for name, info in index.items() if isinstance(info, dict) and _fits(info, mine, size)),
+                      key=lambda name: len(index[name].get("latent_sizes", [])))
+        if fits:
+            chosen[size] = fits[0]
+        else:
+            missing.append(size)
+    return chosen, missing
+
+
 def load_packages(pipe, folder: Path, device: torch.device, latent_sizes, max_batch: int) -> dict:
     """The compiled calls of the packages in `folder` that fit this worker, by module ({} when none do): each takes the
     module's arguments as the pipeline passes them and runs the package made for the latents' size. A module is
@@ -145,15 +168,7 @@ def load_packages(pipe, folder: Path, device: torch.device, latent_sizes, max_ba
     loaded = {}
     for module in MODULES:
         mine = description(pipe, module, device, sorted(latent_sizes), max_batch)
-        chosen, missing = {}, []
-        for size in sorted(latent_sizes):
-            # The package made for this size alone first (static shapes), then one made for several.
-            fits = sorted((name for name, info in index.items() if isinstance(info, dict) and _fits(info, mine, size)),
-                          key=lambda name: len(index[name].get("latent_sizes", [])))
-            if fits:
-                chosen[size] = fits[0]
-            else:
-                missing.append(size)
+        chosen, missing = _choose(index, mine, latent_sizes)
         if missing:
             differ = {name: [k for k in mine if k != "latent_sizes" and info.get(k) != mine[k]]
                       for name, info in index.items() if isinstance(info, dict) and info.get("module") == module}
