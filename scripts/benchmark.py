@@ -210,46 +210,45 @@ def check_loras(args, base: dict, record: dict, save, names=("a", "b", "c", "d")
         finally:
             batcher.close()
 
-    bar = progress(6, "loras")
-    bar.set_postfix_str("loading ours")
-    engine = build_engine("ours", base, args.weights, batch)
-    guidance = engine.rules.guidance_scale
-    one, four = (("a", 0.8),), [((name, 0.8),) for name in names]
-    row = {"check": "loras", "preset": args.preset, "batch": batch, "steps": args.steps, "height": args.size,
-           "width": args.size, "lora_rank": args.lora_rank, "adapters": list(engine.rules.loras)}
-    bar.update()
-    row["images_per_s_no_adapter"] = images_per_s(engine, spread([()]))
-    row["images_per_s_one_adapter"] = images_per_s(engine, spread([one]))
-    bar.update()
-    pixels(engine.generate(spread(four)))  # the groups' batch size captured before counting
-    graphs = engine.pipe.unet.forward.budget
-    before = (counters["stats"]["unique_graphs"], len(graphs.held))
-    row["images_per_s_four_adapters"] = images_per_s(engine, spread(four))
-    row["four_over_one"] = round(row["images_per_s_four_adapters"] / row["images_per_s_one_adapter"], 3)
-    bar.update()
-    # Through the engine's batcher (the KServe front's), 4 batches' worth of one-image submissions queued at once: it
-    # batches by adapter set, so spread requests still fill whole batches.
-    row["served_images_per_s_one_adapter"] = served_images_per_s(engine, [one])
-    row["served_images_per_s_four_adapters"] = served_images_per_s(engine, four)
-    row["served_four_over_one"] = round(row["served_images_per_s_four_adapters"]
-                                        / row["served_images_per_s_one_adapter"], 3)
-    bar.update()
-    switches = [engine.adapters.apply(s) * 1000 for _ in range(3)
-                for s in (one, (("b", 0.5),), (("a", 0.5), ("b", 0.5), ("c", 0.5)), (), (("d", 1.0),))]
-    row["switch_ms_median"], row["switch_ms_max"] = round(statistics.median(switches), 2), round(max(switches), 2)
-    row["compiles_while_switching"] = counters["stats"]["unique_graphs"] - before[0]
-    row["graph_captures_while_switching"] = len(graphs.held) - before[1]
-    styled = pixels(engine.generate(spread([one])))
-    del engine
-    free()
-    bar.update()
-    bar.set_postfix_str("eager-fp16 parity")
-    engine = build_engine("eager-fp16", base, args.weights, batch)
-    row["rmse_vs_eager_one_adapter"] = round(rmse(styled, pixels(engine.generate(spread([one])))), 5)
-    del engine
-    free()
-    bar.update()
-    bar.close()
+    with progress(6, "loras") as bar:
+        bar.set_postfix_str("loading ours")
+        engine = build_engine("ours", base, args.weights, batch)
+        guidance = engine.rules.guidance_scale
+        one, four = (("a", 0.8),), [((name, 0.8),) for name in names]
+        row = {"check": "loras", "preset": args.preset, "batch": batch, "steps": args.steps, "height": args.size,
+               "width": args.size, "lora_rank": args.lora_rank, "adapters": list(engine.rules.loras)}
+        bar.update()
+        row["images_per_s_no_adapter"] = images_per_s(engine, spread([()]))
+        row["images_per_s_one_adapter"] = images_per_s(engine, spread([one]))
+        bar.update()
+        pixels(engine.generate(spread(four)))  # the groups' batch size captured before counting
+        graphs = engine.pipe.unet.forward.budget
+        before = (counters["stats"]["unique_graphs"], len(graphs.held))
+        row["images_per_s_four_adapters"] = images_per_s(engine, spread(four))
+        row["four_over_one"] = round(row["images_per_s_four_adapters"] / row["images_per_s_one_adapter"], 3)
+        bar.update()
+        # Through the engine's batcher (the KServe front's), 4 batches' worth of one-image submissions queued at once:
+        # it batches by adapter set, so spread requests still fill whole batches.
+        row["served_images_per_s_one_adapter"] = served_images_per_s(engine, [one])
+        row["served_images_per_s_four_adapters"] = served_images_per_s(engine, four)
+        row["served_four_over_one"] = round(row["served_images_per_s_four_adapters"]
+                                            / row["served_images_per_s_one_adapter"], 3)
+        bar.update()
+        switches = [engine.adapters.apply(s) * 1000 for _ in range(3)
+                    for s in (one, (("b", 0.5),), (("a", 0.5), ("b", 0.5), ("c", 0.5)), (), (("d", 1.0),))]
+        row["switch_ms_median"], row["switch_ms_max"] = round(statistics.median(switches), 2), round(max(switches), 2)
+        row["compiles_while_switching"] = counters["stats"]["unique_graphs"] - before[0]
+        row["graph_captures_while_switching"] = len(graphs.held) - before[1]
+        styled = pixels(engine.generate(spread([one])))
+        del engine
+        free()
+        bar.update()
+        bar.set_postfix_str("eager-fp16 parity")
+        engine = build_engine("eager-fp16", base, args.weights, batch)
+        row["rmse_vs_eager_one_adapter"] = round(rmse(styled, pixels(engine.generate(spread([one])))), 5)
+        del engine
+        free()
+        bar.update()
     record["rows"].append(row)
     log.info("loras: %s", row)
     save()
