@@ -25,6 +25,7 @@ with the other GPU tools. Exit codes: 0 done; 1 failed; 2 bad arguments or confi
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -50,7 +51,8 @@ def main(argv=None) -> int:
                         help="make AOTInductor packages of the UNet and VAE decoder (sd_engine/aot.py: a worker "
                              "loads them instead of compiling or tracing) instead of torch.compile's cache artifacts")
     parser.add_argument("--jobs", type=int, help="with --aot: sizes built at once, each by a process of its own "
-                        "(default: one per 4 CPU cores, at most one per size)")
+                        "that holds the whole pipeline on the GPU (default: one per 4 usable CPU cores, at most one "
+                        "per size)")
     parser.add_argument("--check", action="store_true", help="then time a fresh start that loads the artifacts")
     parser.add_argument("--time-sizes", action="store_true", help="with --check: batch-1 latency at each size")
     parser.add_argument("--json", type=Path, help="write the record here too")
@@ -59,6 +61,8 @@ def main(argv=None) -> int:
     parser.add_argument("--build-size", help=argparse.SUPPRESS)  # an --aot child: the latent size HxW it builds
     args = parser.parse_args(argv)
     setup_logging()
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, not {args.jobs}")
     if not (args.weights / "model_index.json").is_file():
         parser.error(f"{args.weights} is not a diffusers folder (no model_index.json)")
     model_config = yaml.safe_load(args.config.read_text()) or {}
@@ -124,7 +128,9 @@ def make_artifacts(args, config, batch_size: int) -> int:
             except RuntimeError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 1
-            record["ready_cold_s"] = round(time.perf_counter() - start, 1)  # what making them took, loads included
+            record["build_s"] = round(time.perf_counter() - start, 1)  # what making them took, loads included
+            if not record["aot_reused"]:  # a whole build from nothing, not the rest of one cut short
+                record["ready_cold_s"] = record["build_s"]
             record["aot"] = {name: round((args.weights / ARTIFACTS_DIR / "aot" / name).stat().st_size / 2**20, 1)
                              for name in entries}
         else:
@@ -180,8 +186,9 @@ def build_packages_in_parallel(args, config, batch_size: int):
     sizes = sorted({(h // scale, w // scale) for h, w in engine.rules.sizes})
     todo = missing_sizes(engine.pipe, args.weights / ARTIFACTS_DIR, engine.device, sizes, batch_size)
     del engine
+    gc.collect()  # the pipeline's weights off the GPU before the children load theirs
     torch.cuda.empty_cache()
-    cpus = os.cpu_count() or 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     jobs = max(1, min(len(todo) or 1, args.jobs or cpus // 4))
     # Inductor's compile workers shared out, so that the processes do not oversubscribe the cores.
     env = dict(os.environ, PYTHONUNBUFFERED="1", TORCHINDUCTOR_COMPILE_THREADS=str(max(1, cpus // jobs)))
@@ -194,20 +201,30 @@ def build_packages_in_parallel(args, config, batch_size: int):
         child = subprocess.run([sys.executable, __file__, str(args.weights), "--config", str(args.config),
                                 "--batch-size", str(batch_size), "--aot", "--build-size", f"{size[0]}x{size[1]}"],
                                stdout=subprocess.PIPE, text=True, env=env)
-        if child.returncode != 0:
-            raise RuntimeError(f"building the AOT packages for latents {size[0]}x{size[1]} failed "
-                               f"({child.returncode}; its log is above)")
-        return json.loads(child.stdout.strip().splitlines()[-1])
+        try:
+            if child.returncode == 0:
+                return json.loads(child.stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            pass
+        raise RuntimeError(f"exit code {child.returncode}")
 
-    entries, seconds = {}, {}
+    entries, seconds, failed = {}, {}, []
     with ThreadPoolExecutor(jobs) as pool:
         futures = {pool.submit(build, size): size for size in todo}
         for future in as_completed(futures):
-            built = future.result()
-            write_index(args.weights / ARTIFACTS_DIR, built["entries"])  # kept even if a later size fails
+            size = futures[future]
+            try:
+                built = future.result()
+            except RuntimeError as e:
+                failed.append(f"{pixels[size]} ({e})")
+                continue
+            write_index(args.weights / ARTIFACTS_DIR, built["entries"])  # kept whatever the other sizes do
             entries.update(built["entries"])
-            seconds[futures[future]] = built["seconds"]
-            print(f"AOT packages for {pixels[futures[future]]} built in {built['seconds']} s", file=sys.stderr)
+            seconds[size] = built["seconds"]
+            print(f"AOT packages for {pixels[size]} built in {built['seconds']} s", file=sys.stderr)
+    if failed:
+        raise RuntimeError(f"building the AOT packages failed for {', '.join(failed)} (the logs are above); the "
+                           "sizes built are kept: run again to retry the others")
     record["aot_jobs"] = jobs
     record["aot_build_s"] = {pixels[size]: seconds[size] for size in todo}
     record["aot_reused"] = [pixels[size] for size in sizes if size not in todo]

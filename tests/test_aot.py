@@ -30,21 +30,29 @@ def aot_model(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("aot") / "weights"
     shutil.copytree(tiny_model_dir, folder)
     made = subprocess.run([sys.executable, str(ROOT / "scripts" / "compile_artifacts.py"), str(folder), "--config",
-                           str(ROOT / "config" / "model-config-cpu.yaml"), "--aot", "--batch-size", "2", "--check"],
+                           str(ROOT / "config" / "model-config-cpu.yaml"), "--aot", "--batch-size", "2", "--check",
+                           "--jobs", "2"],
                           capture_output=True, text=True, timeout=900)
     assert made.returncode == 0, made.stderr[-3000:]
     record = json.loads(made.stdout)
-    # One package per module and listed size (the CPU config's three), built one size at a time on this machine.
+    # One package per module and listed size (the CPU config's three), two sizes built at a time.
     assert sorted(name.split("-")[0] for name in record["aot"]) == ["unet"] * 3 + ["vae_decode"] * 3
-    assert record["aot_jobs"] == 1 and len(record["aot_build_s"]) == 3
+    assert record["aot_jobs"] == 2 and len(record["aot_build_s"]) == 3 and record["aot_reused"] == []
     assert record["warm"]["aot"] == ["unet", "vae_decode"]  # --check: a fresh process used both
-    # Run again (as after a run cut short): the sizes whose packages fit are kept, nothing is built.
+    # A run cut short before one size entered the index: running again builds that size alone and keeps the others.
+    index_path = folder / ARTIFACTS_DIR / AOT_DIR / INDEX
+    index = json.loads(index_path.read_text())
+    wide = next(info["latent_sizes"] for info in index.values()  # the size 64 high, 96 wide
+                if info["latent_sizes"][0][0] < info["latent_sizes"][0][1])
+    index_path.write_text(json.dumps({name: info for name, info in index.items() if info["latent_sizes"] != wide}))
     again = subprocess.run([sys.executable, str(ROOT / "scripts" / "compile_artifacts.py"), str(folder), "--config",
                             str(ROOT / "config" / "model-config-cpu.yaml"), "--aot", "--batch-size", "2"],
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads(again.stdout)["aot_build_s"] == {} and len(json.loads(again.stdout)["aot_reused"]) == 3
-    assert "building nothing" in again.stderr
+    resumed = json.loads(again.stdout)
+    assert list(resumed["aot_build_s"]) == ["96x64"]
+    assert len(resumed["aot_reused"]) == 2
+    assert "ready_cold_s" not in resumed and json.loads(index_path.read_text()).keys() == index.keys()
     return folder
 
 

@@ -1,5 +1,6 @@
 """Ahead-of-time compiled UNet and VAE decoder (torch.export + AOTInductor), made once per GPU type and software stack,
-shipped with the weights and loaded by a worker in about a second.
+shipped with the weights and loaded by a worker in well under a second each (after the first: about 4 s with its first
+run, bench/results/h200-sd15-2026-12-06-aot-4sizes.log).
 
 Why: torch.compile's cache artifacts (artifacts.py) spare a new worker Inductor's and Triton's work but not the
 tracing: a warm start still spent 45 s (SD 1.5, 3 sizes) and 62 s (SDXL, 7 sizes) of its warm-up re-tracing the
@@ -13,10 +14,11 @@ height and width static (one package dynamic over several sizes measured 30% slo
 0.292 s against 0.225 s static, bench/results/h200-sd15-2026-12-04-aot-dynamic.json), the batch dynamic (1 up to twice
 the largest batch size for the UNet, which sees both halves of classifier-free guidance).
 
-Files: WEIGHTS/compile-artifacts/aot/<module>-<platform>.pt2, described in aot/index.json (the platform as in
-artifacts.py, plus what the code was made for: module, dtype, channels_last, size, largest batch). A worker uses the
-packages when every size it compiles has one that fits its own config, and falls back to torch.compile, with one log
-line saying why, when not. scripts/compile_artifacts.py --aot makes them (the sizes in parallel processes); the
+Files: WEIGHTS/compile-artifacts/aot/<module>-<platform>-<hash>.pt2, described in aot/index.json (the platform as in
+artifacts.py, the host CPU's architecture and instruction-set level, since the package's host code is compiled for
+the CPU it was built on, plus what the code was made for: module, dtype, channels_last, size, largest batch). A worker
+uses the packages when every size it compiles has one that fits its own config, and falls back to torch.compile, with
+one log line saying why, when not. scripts/compile_artifacts.py --aot makes them (the sizes in parallel processes); the
 package's sha256 manifest covers them (they are code).
 """
 
@@ -26,6 +28,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from platform import machine
 
 import torch
 
@@ -72,7 +75,9 @@ def description(pipe, module: str, device: torch.device, latent_sizes, max_batch
     # The architecture, not where it was loaded from: diffusers' private keys (_name_or_path: the folder, which
     # TorchServe and KServe put elsewhere on every machine; _diffusers_version) are left out.
     config = {key: value for key, value in dict(part.config).items() if not key.startswith("_")}
-    return {**platform(device), "module": module, "dtype": str(part.dtype).removeprefix("torch."),
+    # Inductor compiles a package's host code for the building machine's CPU (-march=native), GPU packages included.
+    cpu = {"cpu_machine": machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    return {**platform(device), **cpu, "module": module, "dtype": str(part.dtype).removeprefix("torch."),
             "input_dtype": str(pipe.unet.dtype).removeprefix("torch."),
             "channels_last": next(part.parameters()).is_contiguous(memory_format=torch.channels_last),
             "model": json.dumps(config, sort_keys=True, default=str),
@@ -130,13 +135,19 @@ def write_index(folder: Path, entries: dict[str, dict]) -> None:
     folder = folder / AOT_DIR
     index = read_index(folder)
     index.update(entries)
-    (folder / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+    # Whole or not at all (a build cut by a time limit may be killed here): a new file, then renamed over the old.
+    partial = folder / f"{INDEX}.partial"
+    partial.write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+    partial.replace(folder / INDEX)
 
 
 def missing_sizes(pipe, folder: Path, device: torch.device, latent_sizes, max_batch: int) -> list:
-    """The latent sizes among `latent_sizes` for which a module has no package in `folder` that fits this worker:
-    what is left to build (the others' packages are code for this very platform and model, so they are kept)."""
-    index = read_index(folder / AOT_DIR)
+    """The latent sizes among `latent_sizes` for which a module has no package in `folder` made for that size alone
+    that fits this worker: what is left to build (the others' packages are code for this very platform and model, so
+    they are kept; one made for several sizes, slower, is replaced)."""
+    folder = folder / AOT_DIR
+    index = {name: info for name, info in read_index(folder).items()
+             if isinstance(info, dict) and len(info.get("latent_sizes", [])) == 1 and (folder / name).is_file()}
     return sorted({size for module in MODULES
                    for size in _choose(index, description(pipe, module, device, sorted(latent_sizes), max_batch),
                                        latent_sizes)[1]})
@@ -222,9 +233,10 @@ def _load_runners(pipe, module: str, folder: Path, chosen: dict, device: torch.d
 
 def _load_package(path: Path):
     """torch._inductor.aoti_load_package's runner (single-threaded: CUDA graphs capture its calls) without its
-    platform comparison, which first probes the host CPU's vector ISA by compiling and loading a C++ program per ISA:
-    48.9 s of a 74.7 s start on an H200 with a fresh Inductor cache (bench/results/h200-sd15-2026-12-06-aot-4sizes.log),
-    to compare a value a GPU package does not use. The index entry (_fits) has already matched the platform."""
+    platform comparison, which only warns, after probing the host CPU's vector ISA by compiling and loading a C++
+    program per ISA into the Inductor cache: the first package's load took 48.9 s of a 74.7 s start on an H200 with a
+    fresh cache (bench/results/h200-sd15-2026-12-06-aot-4sizes.log; a profile showed the probe's compiles, not yet
+    re-measured without them). The index entry (_fits) has already matched the platform and the CPU's level."""
     from torch._inductor.package.package import AOTICompiledModel
 
     return AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1, -1))

@@ -252,7 +252,7 @@ def load_engine(config: EngineConfig, source: str | Path, device: torch.device, 
                 rules.guidance_scale, " ".join(f"{w}x{h}" for h, w in rules.sizes), load_s, optimize_s,
                 f"loaded in {artifacts['load_s']:.1f} s" if artifacts else "none loaded",
                 ", ".join(optimized.get("aot", [])) or "none", warmup_s, graph_gib)
-    engine.timings = {"load_s": load_s, "optimize_s": optimize_s, "warmup_s": warmup_s}
+    engine.timings = {"load_s": load_s, "read_s": read_s, "optimize_s": optimize_s, "warmup_s": warmup_s}
     engine.startup = {"artifacts_loaded": bool(artifacts), "aot": optimized.get("aot", []), "cuda_graph_gib": graph_gib}
     return engine
 

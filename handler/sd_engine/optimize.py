@@ -105,11 +105,13 @@ def optimize(pipe, config, device: torch.device, backend: str, max_batch_size: i
                                            latents, () if "unet" in aot else dims)
         pipe.vae.decode = by_latent_size(aot.get("vae_decode") or torch.compile(pipe.vae.decode), pipe.vae.decode,
                                          latents, () if "vae_decode" in aot else dims)
-        logger.info("compile: UNet and VAE decoder %s for %s, shapes %s; other sizes run uncompiled",
+        shapes = ["the packages static per size, batch dynamic"] if aot else []
+        if len(aot) < 2:
+            shapes.append(f"torch.compile's {'dynamic in batch, height and width' if dims else 'static'}")
+        logger.info("compile: UNet and VAE decoder %s for %s, shapes: %s; other sizes run uncompiled",
                     {0: "compiled with torch.compile (inductor)", 1: f"ahead of time: {', '.join(aot)}; the other "
                      "with torch.compile", 2: "compiled ahead of time (AOTInductor packages)"}[len(aot)],
-                    ", ".join(f"{w}x{h}" for h, w in sorted(compiled_sizes)),
-                    "static per size, batch dynamic" if aot else "in batch, height and width" if dims else "static")
+                    ", ".join(f"{w}x{h}" for h, w in sorted(compiled_sizes)), "; ".join(shapes))
     if config.cuda_graph:
         from .graphs import GraphBudget, graph_pipeline
 
