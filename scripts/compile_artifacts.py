@@ -117,6 +117,7 @@ def load(args, config, batch_size: int):
 
 def make_artifacts(args, config, batch_size: int) -> int:
     """Compile everything in this process, save the artifacts, and with --check time a fresh start from them."""
+    from sd_engine.aot import AOT_DIR, INDEX
     from sd_engine.artifacts import ARTIFACTS_DIR, save_compile_artifacts
 
     with progress(2 + args.check, "compile_artifacts") as bar:
@@ -131,7 +132,7 @@ def make_artifacts(args, config, batch_size: int) -> int:
             record["build_s"] = round(time.perf_counter() - start, 1)  # what making them took, loads included
             if not record["aot_reused"]:  # a whole build from nothing, not the rest of one cut short
                 record["ready_cold_s"] = record["build_s"]
-            record["aot"] = {name: round((args.weights / ARTIFACTS_DIR / "aot" / name).stat().st_size / 2**20, 1)
+            record["aot"] = {name: round((args.weights / ARTIFACTS_DIR / AOT_DIR / name).stat().st_size / 2**20, 1)
                              for name in entries}
         else:
             bar.set_postfix_str("load, compile and warm up every size")
@@ -141,7 +142,7 @@ def make_artifacts(args, config, batch_size: int) -> int:
         save()
         bar.update()
         if args.aot:
-            add_to_manifest(args.weights, args.weights / ARTIFACTS_DIR / "aot" / "index.json")
+            add_to_manifest(args.weights, args.weights / ARTIFACTS_DIR / AOT_DIR / INDEX)
         else:
             bar.set_postfix_str("save the artifacts")
             path = save_compile_artifacts(args.weights / ARTIFACTS_DIR, engine.device)
@@ -174,14 +175,13 @@ def build_packages_in_parallel(args, config, batch_size: int):
     none yet (a run cut short, e.g. by a time limit, is resumed by running it again), each size built by a child
     process (--build-size), --jobs at a time; the index gains each size's packages as soon as they are built."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
-    from dataclasses import replace
 
     import torch
 
     from sd_engine.aot import missing_sizes, write_index
     from sd_engine.artifacts import ARTIFACTS_DIR
 
-    engine, record, _ = load(args, replace(config, compile=False, cuda_graph=False, warmup=False), batch_size)
+    engine, record, _ = load_for_export(args, config, batch_size)
     scale = engine.pipe.vae_scale_factor
     sizes = sorted({(h // scale, w // scale) for h, w in engine.rules.sizes})
     todo = missing_sizes(engine.pipe, args.weights / ARTIFACTS_DIR, engine.device, sizes, batch_size)
@@ -232,19 +232,25 @@ def build_packages_in_parallel(args, config, batch_size: int):
 
 
 def build_one_size(args, config, batch_size: int) -> int:
-    """An --aot child: the optimized pipeline (dtype, channels-last, VAE precision) with nothing compiled or graphed,
-    exported and AOT-compiled for one latent size; prints its index entries."""
-    from dataclasses import replace
-
+    """An --aot child: the pipeline of load_for_export, exported and AOT-compiled for one latent size; prints its index
+    entries."""
     from sd_engine.aot import build_packages
     from sd_engine.artifacts import ARTIFACTS_DIR
 
     size = tuple(int(side) for side in args.build_size.split("x"))
-    engine, _, _ = load(args, replace(config, compile=False, cuda_graph=False, warmup=False), batch_size)
+    engine, _, _ = load_for_export(args, config, batch_size)
     start = time.perf_counter()
     entries = build_packages(engine.pipe, args.weights / ARTIFACTS_DIR, engine.device, size, batch_size)
     print(json.dumps({"entries": entries, "seconds": round(time.perf_counter() - start, 1)}))
     return 0
+
+
+def load_for_export(args, config, batch_size: int):
+    """load() of the pipeline as a worker optimizes it (dtype, channels-last, VAE precision) with nothing compiled,
+    graphed or warmed up: what AOT packages are described by (the parent) and exported from (a child)."""
+    from dataclasses import replace
+
+    return load(args, replace(config, compile=False, cuda_graph=False, warmup=False), batch_size)
 
 
 def compile_counters() -> dict:
