@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import stat
+import threading
 import zipfile
 from pathlib import Path, PurePosixPath
 
@@ -97,7 +98,12 @@ def prepare_weights(model_dir: str | Path, weights: str) -> Path:
     model_dir = Path(model_dir).resolve()
     path = Path(weights) if Path(weights).is_absolute() else model_dir / weights
     if path.is_dir():
+        # Hashing the weights (about 1 s per 1.3 GB) overlaps with importing diffusers (5-10 s), which load_pipeline
+        # would do next anyway: hashlib releases the GIL, so the check costs a start next to nothing.
+        importing = threading.Thread(target=_import_diffusers, name="import-diffusers", daemon=True)
+        importing.start()
         verify_manifest(path)
+        importing.join()
         return path
     if path.is_file() and path.suffix == ".zip":
         return extract_zip(path, path.with_suffix(""))
@@ -152,6 +158,13 @@ def _checked_members(archive: zipfile.ZipFile, staging: Path, max_bytes: int) ->
         if total > max_bytes:
             raise ModelLoadError(f"model.zip expands to more than {max_bytes} bytes; refusing to extract it")
     return members
+
+
+def _import_diffusers() -> None:
+    try:
+        from diffusers import DiffusionPipeline  # noqa: F401
+    except Exception:  # noqa: BLE001 - load_pipeline imports it again and reports what is wrong
+        pass
 
 
 def load_pipeline(source: str | Path, torch_dtype):
