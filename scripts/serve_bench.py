@@ -63,6 +63,10 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="num_inference_steps (default: %(default)s)")
     parser.add_argument("--size", type=int, default=512, help="height and width (default: %(default)s)")
     parser.add_argument("--device-type", default="gpu", help="model-config deviceType (cpu: a dry run here)")
+    parser.add_argument("--weights", type=Path, help="serve this diffusers folder (with the compile-artifacts/ that "
+                        "compile_artifacts.py made in it) instead of building the preset's random weights")
+    parser.add_argument("--config", type=Path, default=ROOT / "config" / "model-config.yaml",
+                        help="the model config the phases start from (default: the shipped GPU one)")
     parser.add_argument("--phases", nargs="+", default=["cold", "warm", "multi"],
                         choices=("cold", "warm", "multi", "kserve"),
                         help="which phases to run (default: the TorchServe ones)")
@@ -94,6 +98,9 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         store = build_and_package(args)
         summary["build_and_package_s"] = round(time.perf_counter() - start, 1)
+        # What the worker may load instead of compiling: AOT packages shipped with --weights (compile_artifacts.py).
+        summary["aot_packages"] = sorted(path.name for path in
+                                         (store / MODEL / "model" / "compile-artifacts" / "aot").glob("*.pt2"))
         save()
         bar.update()
         if "kserve" in args.phases:
@@ -136,10 +143,11 @@ def main(argv=None) -> int:
 def build_and_package(args) -> Path:
     """The preset with random weights (built on the CPU, in a child process so this one never holds it), packaged in
     the no-archive layout; the model store."""
-    weights, store = args.work / "weights", args.work / "model_store"
-    subprocess.run([sys.executable, "-c", "import sys; from gpu_common import preset_weights; "
-                    "preset_weights(sys.argv[1], sys.argv[2], device='cpu')", args.preset, str(weights)],
-                   check=True, stdout=sys.stderr)  # stdout is the summary's alone (DeepSpeed prints on import)
+    weights, store = args.weights or args.work / "weights", args.work / "model_store"
+    if not args.weights:
+        subprocess.run([sys.executable, "-c", "import sys; from gpu_common import preset_weights; "
+                        "preset_weights(sys.argv[1], sys.argv[2], device='cpu')", args.preset, str(weights)],
+                       check=True, stdout=sys.stderr)  # stdout is the summary's alone (DeepSpeed prints on import)
     subprocess.run([sys.executable, str(ROOT / "scripts" / "package_model.py"), str(weights), str(store),
                     "--no-archive", "--model-name", MODEL], check=True, stdout=subprocess.DEVNULL)
     return store
@@ -250,7 +258,7 @@ def phase_ok(phase: dict) -> bool:
 
 def write_model_config(store: Path, args, workers: int) -> None:
     """The shipped GPU model-config.yaml with this phase's workers (one per GPU) and the chosen optimizations."""
-    config = yaml.safe_load((ROOT / "config" / "model-config.yaml").read_text())
+    config = yaml.safe_load(args.config.read_text())
     config.update(minWorkers=workers, maxWorkers=workers, batchSize=args.batch_size, deviceType=args.device_type)
     if args.device_type == "gpu":
         config["deviceIds"] = list(range(workers))
