@@ -11,7 +11,9 @@ added to it; otherwise package the folder afterwards (scripts/package_model.py),
 built by --jobs processes side by side: a worker loads them instead of tracing, where torch.compile's artifacts still
 leave it the tracing (45-62 s measured on an H200). Sizes whose packages are already there and fit are not built
 again, so a run cut short (a time limit, a lost machine) is finished by running it again; to rebuild, delete
-WEIGHTS/compile-artifacts/aot.
+WEIGHTS/compile-artifacts/aot. Each size's packages are run against the plain modules (batch 1, 2 and the largest,
+and from a CUDA graph) before they are indexed: a size that fails is named, left out and the exit code is 1, while
+the sizes built are kept (a worker runs the one left out uncompiled).
 
 --check then starts a fresh process with empty caches that loads the engine with the artifacts, and records both
 start-up times, and with --time-sizes the batch-1 latency at each listed size (and one unlisted), as JSON.
@@ -124,13 +126,14 @@ def make_artifacts(args, config, batch_size: int) -> int:
         if args.aot:
             bar.set_postfix_str("export and AOT-compile UNet and VAE decoder, one process per size")
             start = time.perf_counter()
-            try:
-                record, entries = build_packages_in_parallel(args, config, batch_size)
-            except RuntimeError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 1
+            record, entries = build_packages_in_parallel(args, config, batch_size)
+            if record.get("aot_failed"):  # the sizes built are kept and a worker uses them; the others run uncompiled
+                print(f"error: building the AOT packages failed for {', '.join(record['aot_failed'])} (the logs are "
+                      "above); the sizes built are kept: run again to retry the others", file=sys.stderr)
+                if not entries and not record["aot_reused"]:
+                    return 1
             record["build_s"] = round(time.perf_counter() - start, 1)  # what making them took, loads included
-            if not record["aot_reused"]:  # a whole build from nothing, not the rest of one cut short
+            if not record["aot_reused"] and not record.get("aot_failed"):  # a whole build from nothing
                 record["ready_cold_s"] = record["build_s"]
             record["aot"] = {name: round((args.weights / ARTIFACTS_DIR / AOT_DIR / name).stat().st_size / 2**20, 1)
                              for name in entries}
@@ -167,13 +170,15 @@ def make_artifacts(args, config, batch_size: int) -> int:
                       "its log above says why)", file=sys.stderr)
                 return 1
     print(json.dumps(record, indent=1))
-    return 0
+    return 1 if record.get("aot_failed") else 0
 
 
 def build_packages_in_parallel(args, config, batch_size: int):
     """The record of the model's load, and the index entries of the AOT packages built for the listed sizes that have
     none yet (a run cut short, e.g. by a time limit, is resumed by running it again), each size built by a child
-    process (--build-size), --jobs at a time; the index gains each size's packages as soon as they are built."""
+    process (--build-size), --jobs at a time; the index gains each size's packages as soon as they are built and
+    checked. A size whose child fails (its packages differ from the plain modules, or fault) is named in the record's
+    `aot_failed` and stays out of the index."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     import torch
@@ -222,11 +227,10 @@ def build_packages_in_parallel(args, config, batch_size: int):
             entries.update(built["entries"])
             seconds[size] = built["seconds"]
             print(f"AOT packages for {pixels[size]} built in {built['seconds']} s", file=sys.stderr)
-    if failed:
-        raise RuntimeError(f"building the AOT packages failed for {', '.join(failed)} (the logs are above); the "
-                           "sizes built are kept: run again to retry the others")
     record["aot_jobs"] = jobs
-    record["aot_build_s"] = {pixels[size]: seconds[size] for size in todo}
+    record["aot_build_s"] = {pixels[size]: seconds[size] for size in todo if size in seconds}
+    if failed:
+        record["aot_failed"] = sorted(failed)
     record["aot_reused"] = [pixels[size] for size in sizes if size not in todo]
     return record, entries
 
@@ -234,13 +238,16 @@ def build_packages_in_parallel(args, config, batch_size: int):
 def build_one_size(args, config, batch_size: int) -> int:
     """An --aot child: the pipeline of load_for_export, exported and AOT-compiled for one latent size; prints its index
     entries."""
-    from sd_engine.aot import build_packages
+    from sd_engine.aot import build_packages, validate_packages
     from sd_engine.artifacts import ARTIFACTS_DIR
 
     size = tuple(int(side) for side in args.build_size.split("x"))
     engine, _, _ = load_for_export(args, config, batch_size)
     start = time.perf_counter()
     entries = build_packages(engine.pipe, args.weights / ARTIFACTS_DIR, engine.device, size, batch_size)
+    # Checked before the parent indexes them: a package that differs fails this size here, one that faults kills
+    # this process (and so fails the size too).
+    validate_packages(engine.pipe, args.weights / ARTIFACTS_DIR, engine.device, entries, batch_size)
     print(json.dumps({"entries": entries, "seconds": round(time.perf_counter() - start, 1)}))
     return 0
 

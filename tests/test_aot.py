@@ -89,13 +89,57 @@ def test_a_worker_loads_the_packages_and_gives_the_eager_image_at_every_listed_s
 def test_packages_made_for_other_sizes_are_skipped_with_the_reason(aot_model, tiny_engine, caplog):
     index = json.loads((aot_model / ARTIFACTS_DIR / AOT_DIR / INDEX).read_text())
     assert {info["module"] for info in index.values()} == {"unet", "vae_decode"}
+    made_for = {tuple(info["latent_sizes"][0]) for info in index.values()}
+    assert len(made_for) == 3
     with caplog.at_level(logging.INFO, logger="sd_engine.aot"):
-        made_for = {tuple(info["latent_sizes"][0]) for info in index.values()}
-        assert len(made_for) == 3
-        assert load_packages(tiny_engine.pipe, aot_model / ARTIFACTS_DIR, CPU, made_for | {(40, 40)}, 2) == {}
+        assert load_packages(tiny_engine.pipe, aot_model / ARTIFACTS_DIR, CPU, {(40, 40)}, 2) == {}
         assert load_packages(tiny_engine.pipe, aot_model / ARTIFACTS_DIR, CPU, made_for, 64) == {}
     lines = [r.getMessage() for r in caplog.records if "no unet package fits" in r.getMessage()]
     assert len(lines) == 2 and "for latents 40x40 " in lines[0] and "max_batch" in lines[1]
+
+
+def test_a_size_without_a_package_runs_uncompiled_beside_the_packaged_ones(aot_model, tiny_engine, caplog):
+    """A listed size whose build failed: the other sizes keep their packages, that one takes the plain module (as
+    an unlisted size does), and the start-up report names it."""
+    made_for = {tuple(info["latent_sizes"][0])
+                for info in json.loads((aot_model / ARTIFACTS_DIR / AOT_DIR / INDEX).read_text()).values()}
+    report = {}
+    with caplog.at_level(logging.INFO, logger="sd_engine.aot"):
+        loaded = load_packages(tiny_engine.pipe, aot_model / ARTIFACTS_DIR, CPU, made_for | {(40, 40)}, 2, report)
+    assert sorted(loaded) == ["unet", "vae_decode"]
+    assert report["aot_missing"] == {"unet": ["40x40"], "vae_decode": ["40x40"]}
+    assert "no vae_decode package for latents 40x40" in caplog.text and "run uncompiled" in caplog.text
+    vae = tiny_engine.pipe.vae
+    for size in ((40, 40), sorted(made_for)[0]):
+        latents = torch.randn(1, vae.config.latent_channels, *size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            got, want = loaded["vae_decode"](latents).sample, vae.decode(latents).sample
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-3)
+
+
+def test_a_package_that_differs_from_the_plain_module_fails_its_size(aot_model, tiny_engine, monkeypatch):
+    """validate_packages, run where the packages are built, on a package whose output is off. A fake: no real package
+    differs on the CPU (the one this guards against faulted on an H100), so the real package's output plus 1 stands
+    in."""
+    from sd_engine import aot
+
+    index = json.loads((aot_model / ARTIFACTS_DIR / AOT_DIR / INDEX).read_text())
+    name, info = next((name, info) for name, info in index.items() if info["module"] == "vae_decode")
+    aot.validate_packages(tiny_engine.pipe, aot_model / ARTIFACTS_DIR, CPU, {name: info}, 2)  # the real one passes
+
+    class Off:
+        def __init__(self, runner):
+            self.runner = runner
+            self.get_constant_fqns, self.load_constants = runner.get_constant_fqns, runner.load_constants
+
+        def __call__(self, *args):
+            return self.runner(*args) + 1
+
+    real = aot._load_package
+    monkeypatch.setattr(aot, "_load_package", lambda path: Off(real(path)))
+    size = "x".join(map(str, info["latent_sizes"][0]))
+    with pytest.raises(RuntimeError, match=f"the vae_decode package for latents {size} differs .* at batch 1$"):
+        aot.validate_packages(tiny_engine.pipe, aot_model / ARTIFACTS_DIR, CPU, {name: info}, 2)
 
 
 @pytest.mark.e2e

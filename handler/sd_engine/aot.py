@@ -84,24 +84,24 @@ def description(pipe, module: str, device: torch.device, latent_sizes, max_batch
             "latent_sizes": sorted([list(s) for s in latent_sizes]), "max_batch": max_batch}
 
 
-def _examples(pipe, module: str, device: torch.device, latent_size, max_batch: int):
-    """Example inputs (at `latent_size`, batch 2) and their dynamic shapes (the batch) for torch.export."""
+def _examples(pipe, module: str, device: torch.device, latent_size, max_batch: int, n: int = 2):
+    """Example inputs (at `latent_size`, batch `n`) and their dynamic shapes (the batch) for torch.export."""
     from torch.export import Dim
 
     height, width = latent_size
     # (torch.export wants a range, not one value: at least 1..2, also for a worker of batch size 1.)
     batch = {0: Dim("batch", min=1, max=max(2, 2 * max_batch if module == "unet" else max_batch))}
     if module == "vae_decode":  # the latents come in the UNet's dtype (a float32 VAE casts them itself: optimize.py)
-        latents = torch.randn(2, pipe.vae.config.latent_channels, height, width, device=device, dtype=pipe.unet.dtype)
+        latents = torch.randn(n, pipe.vae.config.latent_channels, height, width, device=device, dtype=pipe.unet.dtype)
         return (latents,), ({"latents": batch},)
     unet = pipe.unet
-    sample = torch.randn(2, unet.config.in_channels, height, width, device=device, dtype=unet.dtype)
+    sample = torch.randn(n, unet.config.in_channels, height, width, device=device, dtype=unet.dtype)
     timestep = torch.tensor(999.0, device=device)
-    text = torch.randn(2, 77, unet.config.cross_attention_dim, device=device, dtype=unet.dtype)
+    text = torch.randn(n, 77, unet.config.cross_attention_dim, device=device, dtype=unet.dtype)
     args, shapes = [sample, timestep, text], [batch, None, batch]
     if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text embeddings and the six size/crop ids
-        args += [torch.randn(2, pipe.text_encoder_2.config.projection_dim, device=device, dtype=unet.dtype),
-                 torch.zeros(2, 6, device=device, dtype=unet.dtype)]
+        args += [torch.randn(n, pipe.text_encoder_2.config.projection_dim, device=device, dtype=unet.dtype),
+                 torch.zeros(n, 6, device=device, dtype=unet.dtype)]
         shapes += [batch, batch]
     return tuple(args), (dict(zip(("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"),
                                   shapes)),)
@@ -167,11 +167,13 @@ def _choose(index: dict, mine: dict, latent_sizes) -> tuple[dict, list]:
     return chosen, missing
 
 
-def load_packages(pipe, folder: Path, device: torch.device, latent_sizes, max_batch: int) -> dict:
+def load_packages(pipe, folder: Path, device: torch.device, latent_sizes, max_batch: int,
+                  report: dict | None = None) -> dict:
     """The compiled calls of the packages in `folder` that fit this worker, by module ({} when none do): each takes the
-    module's arguments as the pipeline passes them and runs the package made for the latents' size. A module is
-    AOT-compiled only when every size in `latent_sizes` has a package. One log line per module says what was loaded,
-    or why not."""
+    module's arguments as the pipeline passes them and runs the package made for the latents' size. A module with no
+    fitting package is left to torch.compile; one with packages for some of `latent_sizes` only runs the others
+    uncompiled, as sizes not listed are (compiling them would take minutes at start: what the packages are for), and
+    `report["aot_missing"]` names them by module. One log line per module says what was loaded, or why not."""
     folder = folder / AOT_DIR
     index = read_index(folder)
     if not index:
@@ -180,7 +182,7 @@ def load_packages(pipe, folder: Path, device: torch.device, latent_sizes, max_ba
     for module in MODULES:
         mine = description(pipe, module, device, sorted(latent_sizes), max_batch)
         chosen, missing = _choose(index, mine, latent_sizes)
-        if missing:
+        if not chosen:
             differ = {name: [k for k in mine if k != "latent_sizes" and info.get(k) != mine[k]]
                       for name, info in index.items() if isinstance(info, dict) and info.get("module") == module}
             logger.info("AOT: no %s package fits this worker for latents %s (batch up to %d); %s; torch.compile "
@@ -188,6 +190,12 @@ def load_packages(pipe, folder: Path, device: torch.device, latent_sizes, max_ba
                         f"the listed ones differ in {differ} (an empty list: made for other sizes)" if differ
                         else "there is none")
             continue
+        if missing:
+            logger.warning("AOT: no %s package for latents %s (their build failed or has not run: "
+                           "scripts/compile_artifacts.py --aot builds what is missing); those sizes run uncompiled",
+                           module, ", ".join(f"{h}x{w}" for h, w in missing))
+            if report is not None:
+                report.setdefault("aot_missing", {})[module] = [f"{h}x{w}" for h, w in missing]
         start = time.perf_counter()
         try:
             runners = _load_runners(pipe, module, folder, chosen, device)
@@ -208,16 +216,11 @@ def _load_runners(pipe, module: str, folder: Path, chosen: dict, device: torch.d
     """{latent size: loaded package} for `module`, each file loaded once and checked at its size; None (with a log
     line) when one differs from the plain module."""
     wrapper = _wrapper(pipe, module)
-    live = {**dict(wrapper.named_parameters()), **dict(wrapper.named_buffers())}
     by_file, runners = {}, {}
     for size, name in sorted(chosen.items()):
         if name not in by_file:
             start = time.perf_counter()
-            runner = _load_package(folder / name)
-            # user_managed: the package reads these very tensors (no copy), so in-place writes (LoRA fusion) reach
-            # it; a parameter replaced by another tensor after this would not.
-            runner.load_constants({fqn: live[fqn] for fqn in runner.get_constant_fqns()}, check_full_update=True,
-                                  user_managed=True)
+            runner = _bind(_load_package(folder / name), wrapper)
             loaded_s = time.perf_counter() - start
             error = _check(runner, wrapper, pipe, module, device, size)
             logger.info("AOT: %s loaded in %.1f s, checked in %.1f s", name, loaded_s,
@@ -243,16 +246,61 @@ def _load_package(path: Path):
 
 
 @torch.no_grad()
-def _check(runner, wrapper, pipe, module: str, device: torch.device, latent_size, tolerance: float = 0.02):
-    """One call at batch 1 and `latent_size` through the package and through the plain module: None when they agree
-    (largest difference within `tolerance` of the largest value), else that relative difference. Batch 1 is the end
-    of the exported range, the edge a compiler's assumptions meet first."""
-    args, _ = _examples(pipe, module, device, latent_size, 2)  # (its shapes for export unused here)
-    args = tuple(a[:1] if a.dim() else a for a in args)
+def _check(runner, wrapper, pipe, module: str, device: torch.device, latent_size, batch: int = 1,
+           in_graph: bool = False, tolerance: float = 0.02):
+    """One call at `batch` and `latent_size` through the package (`in_graph`: replayed from a CUDA graph captured on a
+    side stream, as graphs.py runs it) and through the plain module: None when they agree (largest difference within
+    `tolerance` of the largest value), else that relative difference. Batch 1, the worker's check, is the end of the
+    exported range, the edge a compiler's assumptions meet first."""
+    args, _ = _examples(pipe, module, device, latent_size, batch, n=batch)  # (its shapes for export unused here)
     want = wrapper(*args).float()
-    got = _on_device(runner, list(args)).float()
+    if in_graph:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            _on_device(runner, list(args))
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = _on_device(runner, list(args))
+        graph.replay()
+        got = out.float()
+    else:
+        got = _on_device(runner, list(args)).float()
     error = float((got - want).abs().max() / want.abs().max().clamp(min=1e-6))
     return None if error <= tolerance and torch.isfinite(got).all() else error
+
+
+def validate_packages(pipe, folder: Path, device: torch.device, entries: dict[str, dict], max_batch: int) -> None:
+    """Each package just built (`entries`, as build_packages returns them), loaded as a worker loads it and run against
+    the plain module at batch 1, 2 and its largest, and on a GPU also replayed from a CUDA graph: RuntimeError naming
+    the package, size and batch that differs. Run where the packages are built, before they are indexed: a package
+    whose code faults on the GPU (SDXL's 1152x896 UNet did at batch 2 in a worker's warm-up on an H100, after passing
+    the worker's batch-1 check) takes that process down with it, so its size is never indexed and no worker meets it."""
+    for name, info in entries.items():
+        module, size = info["module"], tuple(info["latent_sizes"][0])
+        wrapper = _wrapper(pipe, module)
+        runner = _bind(_load_package(folder / AOT_DIR / name), wrapper)
+        largest = 2 * max_batch if module == "unet" else max_batch
+        runs = [(batch, False) for batch in sorted({1, min(2, largest), largest})]
+        runs += [(min(2, largest), True)] if device.type == "cuda" else []
+        for batch, in_graph in runs:
+            error = _check(runner, wrapper, pipe, module, device, size, batch, in_graph)
+            if error is not None:
+                raise RuntimeError(f"the {module} package for latents {size[0]}x{size[1]} differs from the plain "
+                                   f"module by {error:.3g} (relative) at batch {batch}" + (" in a CUDA graph"
+                                                                                          if in_graph else ""))
+        logger.info("AOT: %s checked at batch %s", name, ", ".join(f"{b}{' (CUDA graph)' if g else ''}"
+                                                                  for b, g in runs))
+
+
+def _bind(runner, wrapper):
+    """The package `runner` reading `wrapper`'s live parameters and buffers. user_managed: these very tensors, no
+    copy, so in-place writes (LoRA fusion) reach it; a parameter replaced by another tensor after this would not."""
+    live = {**dict(wrapper.named_parameters()), **dict(wrapper.named_buffers())}
+    runner.load_constants({fqn: live[fqn] for fqn in runner.get_constant_fqns()}, check_full_update=True,
+                          user_managed=True)
+    return runner
 
 
 def _fits(info: dict, mine: dict, size) -> bool:

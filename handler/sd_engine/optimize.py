@@ -97,7 +97,7 @@ def optimize(pipe, config, device: torch.device, backend: str, max_batch_size: i
         if artifacts is not None and backend == "eager" and not (config.fuse_qkv or config.fp8):
             from .aot import load_packages
 
-            aot = load_packages(pipe, artifacts, device, latents, max_batch_size)
+            aot = load_packages(pipe, artifacts, device, latents, max_batch_size, report)
         if report is not None:
             report["aot"] = sorted(aot)
         # AOT packages are made per size (static height and width, the batch dynamic): no shapes to mark for them.
