@@ -131,6 +131,8 @@ def make_artifacts(args, config, batch_size: int) -> int:
                 print(f"error: building the AOT packages failed for {', '.join(record['aot_failed'])} (the logs are "
                       "above); the sizes built are kept: run again to retry the others", file=sys.stderr)
                 if not entries and not record["aot_reused"]:
+                    print(json.dumps(record, indent=1))
+                    json_saver(args.json, record)()
                     return 1
             record["build_s"] = round(time.perf_counter() - start, 1)  # what making them took, loads included
             if not record["aot_reused"] and not record.get("aot_failed"):  # a whole build from nothing
@@ -169,6 +171,10 @@ def make_artifacts(args, config, batch_size: int) -> int:
                 print(f"error: the --check start did not use both AOT packages (it used {record['warm'].get('aot')}; "
                       "its log above says why)", file=sys.stderr)
                 return 1
+            if args.aot and record["warm"].get("aot_missing") and not record.get("aot_failed"):
+                print(f"error: the --check start found no package for {record['warm']['aot_missing']} (its log above "
+                      "says why)", file=sys.stderr)
+                return 1
     print(json.dumps(record, indent=1))
     return 1 if record.get("aot_failed") else 0
 
@@ -183,8 +189,8 @@ def build_packages_in_parallel(args, config, batch_size: int):
 
     import torch
 
-    from sd_engine.aot import missing_sizes, write_index
-    from sd_engine.artifacts import ARTIFACTS_DIR
+    from sd_engine.aot import AOT_DIR, missing_sizes, write_index
+    from sd_engine.artifacts import ARTIFACTS_DIR, read_index
 
     engine, record, _ = load_for_export(args, config, batch_size)
     scale = engine.pipe.vae_scale_factor
@@ -227,6 +233,12 @@ def build_packages_in_parallel(args, config, batch_size: int):
             entries.update(built["entries"])
             seconds[size] = built["seconds"]
             print(f"AOT packages for {pixels[size]} built in {built['seconds']} s", file=sys.stderr)
+    # A failed size's files (written before its check failed or faulted) must not ship with the index's.
+    folder = args.weights / ARTIFACTS_DIR / AOT_DIR
+    indexed = read_index(folder)
+    for path in folder.glob("*.pt2"):
+        if path.name not in indexed:
+            path.unlink()
     record["aot_jobs"] = jobs
     record["aot_build_s"] = {pixels[size]: seconds[size] for size in todo if size in seconds}
     if failed:

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """The real server on this host's GPU(s), recorded: what a user of TorchServe would see, as JSON (+ a PNG plot).
 
-Builds an SD-model-shaped pipeline with random weights (same speed as real weights), packages it in the no-archive
-layout, then runs these phases, each with the real TorchServe (Java frontend, `--ncs --ts-config`, tokens on):
+Builds an SD-model-shaped pipeline with random weights (same speed as real weights), or takes --weights (a diffusers
+folder, with the AOT packages compile_artifacts.py made in it), packages it in the no-archive layout with --config's
+model config (default: the shipped GPU one), then runs these phases, each with the real TorchServe (Java frontend,
+`--ncs --ts-config`, tokens on):
 
 1. `1gpu-cold`: one worker, empty JIT cache. Time from `torchserve --start` to READY; one curl and one query.py
    request (their JPEGs are kept); scripts/loadtest.py at each --concurrency; the Prometheus /metrics text.
@@ -99,8 +101,8 @@ def main(argv=None) -> int:
         store = build_and_package(args)
         summary["build_and_package_s"] = round(time.perf_counter() - start, 1)
         # What the worker may load instead of compiling: AOT packages shipped with --weights (compile_artifacts.py).
-        summary["aot_packages"] = sorted(path.name for path in
-                                         (store / MODEL / "model" / "compile-artifacts" / "aot").glob("*.pt2"))
+        index = store / MODEL / "model" / "compile-artifacts" / "aot" / "index.json"
+        summary["aot_packages"] = sorted(json.loads(index.read_text())) if index.is_file() else []
         save()
         bar.update()
         if "kserve" in args.phases:

@@ -108,7 +108,7 @@ def test_a_size_without_a_package_runs_uncompiled_beside_the_packaged_ones(aot_m
         loaded = load_packages(tiny_engine.pipe, aot_model / ARTIFACTS_DIR, CPU, made_for | {(40, 40)}, 2, report)
     assert sorted(loaded) == ["unet", "vae_decode"]
     assert report["aot_missing"] == {"unet": ["40x40"], "vae_decode": ["40x40"]}
-    assert "no vae_decode package for latents 40x40" in caplog.text and "run uncompiled" in caplog.text
+    assert "no vae_decode package fits latents 40x40" in caplog.text and "run uncompiled" in caplog.text
     vae = tiny_engine.pipe.vae
     for size in ((40, 40), sorted(made_for)[0]):
         latents = torch.randn(1, vae.config.latent_channels, *size, generator=torch.Generator().manual_seed(0))

@@ -191,12 +191,6 @@ def load_packages(pipe, folder: Path, device: torch.device, latent_sizes, max_ba
                         f"the listed ones differ in {differ} (an empty list: made for other sizes)" if differ
                         else "there is none")
             continue
-        if missing:
-            logger.warning("AOT: no %s package for latents %s (their build failed or has not run: "
-                           "scripts/compile_artifacts.py --aot builds what is missing); those sizes run uncompiled",
-                           module, ", ".join(f"{h}x{w}" for h, w in missing))
-            if report is not None:
-                report.setdefault("aot_missing", {})[module] = [f"{h}x{w}" for h, w in missing]
         start = time.perf_counter()
         try:
             runners = _load_runners(pipe, module, folder, chosen, device)
@@ -207,6 +201,12 @@ def load_packages(pipe, folder: Path, device: torch.device, latent_sizes, max_ba
         if runners is None:
             continue
         loaded[module] = (_unet_call if module == "unet" else _decode_call)(runners, pipe, max_batch)
+        if missing:
+            logger.warning("AOT: no %s package fits latents %s (their build failed or has not run: "
+                           "scripts/compile_artifacts.py --aot builds what is missing); those sizes run uncompiled",
+                           module, ", ".join(f"{h}x{w}" for h, w in missing))
+            if report is not None:
+                report.setdefault("aot_missing", {})[module] = [f"{h}x{w}" for h, w in missing]
         logger.info("AOT: %s from %d package(s) for latents %s in %.1f s (each run once at batch 1)", module,
                     len(set(chosen.values())), ", ".join(f"{h}x{w}" for h, w in sorted(chosen)),
                     time.perf_counter() - start)
@@ -253,11 +253,11 @@ def _load_package(path: Path):
 @torch.no_grad()
 def _check(runner, wrapper, pipe, module: str, device: torch.device, latent_size, batch: int = 1,
            in_graph: bool = False, compare: bool = True, tolerance: float = 0.02):
-    """One call at `batch` and `latent_size` through the package (`in_graph`: replayed from a CUDA graph captured on a
-    side stream, as graphs.py runs it) and, with `compare`, through the plain module: None when the output is finite
-    and agrees (largest difference within `tolerance` of the largest value), else that relative difference (inf: not
-    finite). Batch 1, the worker's check, is the end of the exported range, the edge a compiler's assumptions meet
-    first."""
+    """One call at `batch` and `latent_size` through the package (`in_graph`: captured in a CUDA graph after a warm-up
+    call on a side stream, as graphs.py does, and replayed once) and, with `compare`, through the plain module: None
+    when the output is finite and agrees (largest difference within `tolerance` of the largest value), else that
+    relative difference (inf: not finite). Batch 1, the worker's check, is the end of the exported range, the edge a
+    compiler's assumptions meet first."""
     args, _ = _examples(pipe, module, device, latent_size, batch, n=batch)  # (its shapes for export unused here)
     if in_graph:
         side = torch.cuda.Stream(device)
@@ -285,8 +285,9 @@ def validate_packages(pipe, folder: Path, device: torch.device, entries: dict[st
     """Each package just built (`entries`, as build_packages returns them), loaded as a worker loads it and run against
     the plain module at batch 1, 2 and its largest, and on a GPU also replayed from a CUDA graph: RuntimeError naming
     the package, size and batch that differs. Run where the packages are built, before they are indexed: a package
-    whose code faults on the GPU (SDXL's 1152x896 UNet did at batch 2 in a worker's warm-up on an H100, after passing
-    the worker's batch-1 check) takes that process down with it, so its size is never indexed and no worker meets it."""
+    whose code faults on the GPU (SDXL's 1152x896 UNet or VAE decoder did in a worker's warm-up on an H100, after
+    passing the worker's batch-1 checks) takes that process down with it, so its size is never indexed. A run that
+    finds the GPU out of memory (--jobs builds share it) is logged as not checked, not as a failure."""
     for name, info in entries.items():
         module, size = info["module"], tuple(info["latent_sizes"][0])
         wrapper = _wrapper(pipe, module)
@@ -294,8 +295,14 @@ def validate_packages(pipe, folder: Path, device: torch.device, entries: dict[st
         largest = 2 * max_batch if module == "unet" else max_batch
         runs = [(batch, False) for batch in sorted({1, min(2, largest), largest})]
         runs += [(min(2, largest), True)] if device.type == "cuda" else []
+        logger.info("AOT: checking %s (a fault ends this process: the last such line names the package)", name)
         for batch, in_graph in runs:
-            error = _check(runner, wrapper, pipe, module, device, size, batch, in_graph)
+            try:
+                error = _check(runner, wrapper, pipe, module, device, size, batch, in_graph)
+            except torch.OutOfMemoryError:
+                logger.warning("AOT: %s not checked at batch %d: the GPU is out of memory", name, batch)
+                torch.cuda.empty_cache()
+                continue
             if error is not None:
                 raise RuntimeError(f"the {module} package for latents {size[0]}x{size[1]} differs from the plain "
                                    f"module by {error:.3g} (relative) at batch {batch}" + (" in a CUDA graph"
