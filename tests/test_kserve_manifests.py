@@ -194,6 +194,9 @@ def test_the_kserve_front_predictor():
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"]["port"] == args.http_port
         assert container[probe]["httpGet"]["path"] in OPEN_PATHS
+    # Allows a start that compiles as long as TorchServe's own startupTimeout does.
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= MODEL_CONFIG["startupTimeout"]
     assert predictor["terminationGracePeriodSeconds"] > args.grace_seconds
     assert predictor["timeout"] == MODEL_CONFIG["responseTimeout"]
     assert predictor["scaleTarget"] == MODEL_CONFIG["batchSize"]
