@@ -190,7 +190,7 @@ def build_packages_in_parallel(args, config, batch_size: int):
     import torch
 
     from sd_engine.aot import AOT_DIR, missing_sizes, write_index
-    from sd_engine.artifacts import ARTIFACTS_DIR, read_index
+    from sd_engine.artifacts import ARTIFACTS_DIR
 
     engine, record, _ = load_for_export(args, config, batch_size)
     scale = engine.pipe.vae_scale_factor
@@ -219,6 +219,8 @@ def build_packages_in_parallel(args, config, batch_size: int):
             pass
         raise RuntimeError(f"exit code {child.returncode}")
 
+    folder = args.weights / ARTIFACTS_DIR / AOT_DIR
+    there = {path.name for path in folder.glob("*.pt2")}  # before this build: others' (other GPUs'), never removed
     entries, seconds, failed = {}, {}, []
     with ThreadPoolExecutor(jobs) as pool:
         futures = {pool.submit(build, size): size for size in todo}
@@ -234,10 +236,8 @@ def build_packages_in_parallel(args, config, batch_size: int):
             seconds[size] = built["seconds"]
             print(f"AOT packages for {pixels[size]} built in {built['seconds']} s", file=sys.stderr)
     # A failed size's files (written before its check failed or faulted) must not ship with the index's.
-    folder = args.weights / ARTIFACTS_DIR / AOT_DIR
-    indexed = read_index(folder)
     for path in folder.glob("*.pt2"):
-        if path.name not in indexed:
+        if path.name not in there and path.name not in entries:
             path.unlink()
     record["aot_jobs"] = jobs
     record["aot_build_s"] = {pixels[size]: seconds[size] for size in todo if size in seconds}
@@ -311,7 +311,8 @@ def best_of_two(engine, requests) -> float:
 
 
 def add_to_manifest(weights: Path, artifact: Path) -> None:
-    """A packaged folder's manifest gains the artifact files (and only them), so the integrity check still holds."""
+    """A packaged folder's manifest lists the artifact folder's files as they now are (new ones added, removed ones
+    dropped: a rebuild or a failed size's cleanup), and nothing else changes, so the integrity check still holds."""
     from package_model import manifest_text
     from sd_engine.loading import MANIFEST, file_digests
 
@@ -321,6 +322,7 @@ def add_to_manifest(weights: Path, artifact: Path) -> None:
     digests = json.loads(manifest.read_text())["sha256"]
     folder = artifact.parent
     prefix = folder.relative_to(weights).as_posix()
+    digests = {name: digest for name, digest in digests.items() if not name.startswith(f"{prefix}/")}
     digests.update({f"{prefix}/{name}": digest for name, digest in file_digests(folder).items()})
     manifest.write_text(manifest_text(digests))
 

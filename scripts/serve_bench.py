@@ -102,7 +102,10 @@ def main(argv=None) -> int:
         summary["build_and_package_s"] = round(time.perf_counter() - start, 1)
         # What the worker may load instead of compiling: AOT packages shipped with --weights (compile_artifacts.py).
         index = store / MODEL / "model" / "compile-artifacts" / "aot" / "index.json"
-        summary["aot_packages"] = sorted(json.loads(index.read_text())) if index.is_file() else []
+        try:
+            summary["aot_packages"] = sorted(json.loads(index.read_text()))
+        except (OSError, ValueError):
+            summary["aot_packages"] = []
         save()
         bar.update()
         if "kserve" in args.phases:

@@ -74,3 +74,27 @@ def test_no_artifacts_is_said_once(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="sd_engine.artifacts"):
         assert load_compile_artifacts(tmp_path / "compile-artifacts", CPU) is None
     assert "none in" in caplog.records[-1].getMessage()
+
+
+def test_a_rebuild_leaves_the_manifest_listing_the_artifact_files_as_they_are(tmp_path):
+    """compile_artifacts.py on a packaged folder: files removed since (a rebuild, a failed size's cleanup) leave its
+    manifest, new ones enter it, the weights' entries stay, and the folder passes the load's integrity check."""
+    from compile_artifacts import add_to_manifest
+    from package_model import manifest_text
+
+    from sd_engine.loading import MANIFEST, file_digests, verify_manifest
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "weights.safetensors").write_bytes(b"weights")
+    aot = tmp_path / "compile-artifacts" / "aot"
+    aot.mkdir(parents=True)
+    (aot / "old.pt2").write_bytes(b"old")
+    (tmp_path / MANIFEST).write_text(manifest_text(file_digests(tmp_path)))
+    (aot / "old.pt2").unlink()
+    (aot / "new.pt2").write_bytes(b"new")
+    (aot / "index.json").write_text("{}")
+    add_to_manifest(tmp_path, aot / "index.json")
+    listed = json.loads((tmp_path / MANIFEST).read_text())["sha256"]
+    assert sorted(listed) == ["compile-artifacts/aot/index.json", "compile-artifacts/aot/new.pt2",
+                              "unet/weights.safetensors"]
+    verify_manifest(tmp_path)  # raises on a listed file that is missing, or a file not listed

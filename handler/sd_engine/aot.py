@@ -1,6 +1,6 @@
 """Ahead-of-time compiled UNet and VAE decoder (torch.export + AOTInductor), made once per GPU type and software stack,
-shipped with the weights and loaded by a worker in well under a second each (SD 1.5's 8 packages, each also compared
-with the plain module once, in 5.4 s on an H100: bench/results/h100-sd15-2026-12-06-aot-4sizes.log).
+shipped with the weights and loaded by a worker in well under a second each (SD 1.5's 8 packages in 5.4 s on an
+H100, when the worker still compared each with the plain module: bench/results/h100-sd15-2026-12-06-aot-4sizes.log).
 
 Why: torch.compile's cache artifacts (artifacts.py) spare a new worker Inductor's and Triton's work but not the
 tracing: a warm start still spent 45 s (SD 1.5, 3 sizes) and 62 s (SDXL, 7 sizes) of its warm-up re-tracing the
@@ -296,10 +296,14 @@ def validate_packages(pipe, folder: Path, device: torch.device, entries: dict[st
         runs = [(batch, False) for batch in sorted({1, min(2, largest), largest})]
         runs += [(min(2, largest), True)] if device.type == "cuda" else []
         logger.info("AOT: checking %s (a fault ends this process: the last such line names the package)", name)
+        checked = []
         for batch, in_graph in runs:
+            out_of_memory, error = False, None
             try:
                 error = _check(runner, wrapper, pipe, module, device, size, batch, in_graph)
             except torch.OutOfMemoryError:
+                out_of_memory = True
+            if out_of_memory:  # (outside the except, whose traceback would keep _check's tensors alive)
                 logger.warning("AOT: %s not checked at batch %d: the GPU is out of memory", name, batch)
                 torch.cuda.empty_cache()
                 continue
@@ -307,8 +311,8 @@ def validate_packages(pipe, folder: Path, device: torch.device, entries: dict[st
                 raise RuntimeError(f"the {module} package for latents {size[0]}x{size[1]} differs from the plain "
                                    f"module by {error:.3g} (relative) at batch {batch}" + (" in a CUDA graph"
                                                                                           if in_graph else ""))
-        logger.info("AOT: %s checked at batch %s", name, ", ".join(f"{b}{' (CUDA graph)' if g else ''}"
-                                                                  for b, g in runs))
+            checked.append(f"{batch}{' (CUDA graph)' if in_graph else ''}")
+        logger.info("AOT: %s checked at batch %s", name, ", ".join(checked) or "none (out of memory)")
 
 
 def _bind(runner, wrapper):

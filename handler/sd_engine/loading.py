@@ -99,7 +99,7 @@ def prepare_weights(model_dir: str | Path, weights: str) -> Path:
     path = Path(weights) if Path(weights).is_absolute() else model_dir / weights
     if path.is_dir():
         # Hashing the weights (about 1 s per 1.3 GB) overlaps with importing diffusers (5-10 s), which load_pipeline
-        # would do next anyway: hashlib releases the GIL. Through TorchServe on an H100 (SD 1.5, 2.19 GB) the check
+        # would do next anyway: hashlib releases the GIL. Through TorchServe on an H100 (SD 1.5) the check
         # ended 3.5 s before the import (bench/results/h100-sd15-2026-12-06-serving-aot.log).
         importing = threading.Thread(target=_import_diffusers, name="import-diffusers", daemon=True)
         importing.start()
