@@ -135,8 +135,8 @@ def test_a_package_that_differs_from_the_plain_module_fails_its_size(aot_model, 
         def __call__(self, *args):
             return self.runner(*args) + 1
 
-    real = aot._load_package
-    monkeypatch.setattr(aot, "_load_package", lambda path: Off(real(path)))
+    real = aot.load_package
+    monkeypatch.setattr(aot, "load_package", lambda path: Off(real(path)))
     size = "x".join(map(str, info["latent_sizes"][0]))
     with pytest.raises(RuntimeError, match=f"the vae_decode package for latents {size} differs .* at batch 1$"):
         aot.validate_packages(tiny_engine.pipe, aot_model / ARTIFACTS_DIR, CPU, {name: info}, 2)

@@ -33,6 +33,7 @@ from platform import machine
 
 import torch
 
+from .aot_runtime import bind, decode_call, load_package, on_device, unet_call
 from .artifacts import file_name, platform, read_index
 
 logger = logging.getLogger(__name__)
@@ -200,7 +201,7 @@ def load_packages(pipe, folder: Path, device: torch.device, latent_sizes, max_ba
             continue
         if runners is None:
             continue
-        loaded[module] = (_unet_call if module == "unet" else _decode_call)(runners, pipe, max_batch)
+        loaded[module] = (unet_call if module == "unet" else decode_call)(runners, pipe, max_batch)
         if missing:
             logger.warning("AOT: no %s package fits latents %s (their build failed or has not run: "
                            "scripts/compile_artifacts.py --aot builds what is missing); those sizes run uncompiled",
@@ -221,7 +222,7 @@ def _load_runners(pipe, module: str, folder: Path, chosen: dict, device: torch.d
     for size, name in sorted(chosen.items()):
         if name not in by_file:
             start = time.perf_counter()
-            runner = _bind(_load_package(folder / name), wrapper)
+            runner = bind(load_package(folder / name), wrapper)
             loaded_s = time.perf_counter() - start
             # Where the packages were built, each was compared with the plain module at batch 1, 2 and its largest,
             # and from a CUDA graph (validate_packages); the index matched platform, CPU level, model, dtype and
@@ -239,17 +240,6 @@ def _load_runners(pipe, module: str, folder: Path, chosen: dict, device: torch.d
     return runners
 
 
-def _load_package(path: Path):
-    """torch._inductor.aoti_load_package's runner (single-threaded: CUDA graphs capture its calls) without its
-    platform comparison, which only warns, after probing the host CPU's vector ISA by compiling and loading a C++
-    program per ISA into the Inductor cache: the first package's load took 48.9 s of a 74.7 s start on an H200 with a
-    fresh cache (bench/results/h200-sd15-2026-12-06-aot-4sizes.log; a profile showed the probe's compiles, not yet
-    re-measured without them). The index entry (_fits) has already matched the platform and the CPU's level."""
-    from torch._inductor.package.package import AOTICompiledModel
-
-    return AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1, -1))
-
-
 @torch.no_grad()
 def _check(runner, wrapper, pipe, module: str, device: torch.device, latent_size, batch: int = 1,
            in_graph: bool = False, compare: bool = True, tolerance: float = 0.02):
@@ -263,15 +253,15 @@ def _check(runner, wrapper, pipe, module: str, device: torch.device, latent_size
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            _on_device(runner, list(args))
+            on_device(runner, list(args))
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = _on_device(runner, list(args))
+            out = on_device(runner, list(args))
         graph.replay()
         got = out.float()
     else:
-        got = _on_device(runner, list(args)).float()
+        got = on_device(runner, list(args)).float()
     if not torch.isfinite(got).all():
         return float("inf")
     if not compare:
@@ -291,7 +281,7 @@ def validate_packages(pipe, folder: Path, device: torch.device, entries: dict[st
     for name, info in entries.items():
         module, size = info["module"], tuple(info["latent_sizes"][0])
         wrapper = _wrapper(pipe, module)
-        runner = _bind(_load_package(folder / AOT_DIR / name), wrapper)
+        runner = bind(load_package(folder / AOT_DIR / name), wrapper)
         largest = 2 * max_batch if module == "unet" else max_batch
         runs = [(batch, False) for batch in sorted({1, min(2, largest), largest})]
         runs += [(min(2, largest), True)] if device.type == "cuda" else []
@@ -315,69 +305,8 @@ def validate_packages(pipe, folder: Path, device: torch.device, entries: dict[st
         logger.info("AOT: %s checked at batch %s", name, ", ".join(checked) or "none (out of memory)")
 
 
-def _bind(runner, wrapper):
-    """The package `runner` reading `wrapper`'s live parameters and buffers. user_managed: these very tensors, no
-    copy, so in-place writes (LoRA fusion) reach it; a parameter replaced by another tensor after this would not."""
-    live = {**dict(wrapper.named_parameters()), **dict(wrapper.named_buffers())}
-    runner.load_constants({fqn: live[fqn] for fqn in runner.get_constant_fqns()}, check_full_update=True,
-                          user_managed=True)
-    return runner
-
-
 def _fits(info: dict, mine: dict, size) -> bool:
     """Same platform and model; made for `size` (among others, perhaps) and at least this worker's largest batch."""
     same = all(info.get(key) == value for key, value in mine.items() if key not in ("latent_sizes", "max_batch"))
     sizes = {tuple(s) for s in info.get("latent_sizes", [])}
     return same and tuple(size) in sizes and info.get("max_batch", 0) >= mine["max_batch"]
-
-
-def _on_device(runner, args):
-    """The runner's call on the inputs' device (its stream is the calling thread's current one), on contiguous
-    inputs (the compiled code assumes the examples' layout and, unless asked to, does not check)."""
-    args = [a.contiguous() for a in args]
-    if args[0].is_cuda:
-        with torch.cuda.device(args[0].device):
-            return runner(*args)
-    return runner(*args)
-
-
-def _unet_call(runners: dict, pipe, max_batch: int):
-    plain = pipe.unet.forward
-    dtype = pipe.unet.dtype
-
-    def call(sample, timestep, encoder_hidden_states=None, timestep_cond=None, cross_attention_kwargs=None,
-             added_cond_kwargs=None, return_dict=True, **rest):
-        runner = runners.get(tuple(sample.shape[-2:]))
-        if runner is None or timestep_cond is not None or cross_attention_kwargs or rest or \
-                not torch.is_tensor(timestep) or timestep.dim() != 0 or \
-                set(added_cond_kwargs or {}) - {"text_embeds", "time_ids"} or \
-                sample.shape[0] > 2 * max_batch:  # what the packages were not made for: the plain UNet
-            return plain(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond, return_dict=return_dict,
-                         cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=added_cond_kwargs, **rest)
-        # The UNet embeds the timestep as float32 whatever its type (an integer step is exact in float32).
-        args = [sample.to(dtype), timestep.to(sample.device, torch.float32), encoder_hidden_states.to(dtype)]
-        if added_cond_kwargs:
-            args += [added_cond_kwargs["text_embeds"].to(dtype), added_cond_kwargs["time_ids"].to(dtype)]
-        out = _on_device(runner, args)
-        if return_dict:
-            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-            return UNet2DConditionOutput(sample=out)
-        return (out,)
-    return call
-
-
-def _decode_call(runners: dict, pipe, max_batch: int):
-    dtype, plain = pipe.unet.dtype, pipe.vae.decode  # the latents' dtype the packages were made for (_examples)
-
-    def call(z, return_dict=True, generator=None):
-        runner = runners.get(tuple(z.shape[-2:]))
-        if runner is None or z.shape[0] > max_batch:
-            return plain(z, return_dict=return_dict)
-        out = _on_device(runner, [z.to(dtype)])
-        if return_dict:
-            from diffusers.models.autoencoders.vae import DecoderOutput
-
-            return DecoderOutput(sample=out)
-        return (out,)
-    return call
