@@ -189,13 +189,16 @@ def build_packages_in_parallel(args, config, batch_size: int):
 
     import torch
 
-    from sd_engine.aot import AOT_DIR, missing_sizes, write_index
+    from sd_engine.aot import AOT_DIR, MODULES, description, missing_sizes, package_name, write_index
     from sd_engine.artifacts import ARTIFACTS_DIR
 
     engine, record, _ = load_for_export(args, config, batch_size)
     scale = engine.pipe.vae_scale_factor
     sizes = sorted({(h // scale, w // scale) for h, w in engine.rules.sizes})
     todo = missing_sizes(engine.pipe, args.weights / ARTIFACTS_DIR, engine.device, sizes, batch_size)
+    # The files each size's child writes (named by what they are made for), to remove a failed size's.
+    files = {size: [package_name(description(engine.pipe, module, engine.device, [size], batch_size))
+                    for module in MODULES] for size in todo}
     del engine
     gc.collect()  # the pipeline's weights off the GPU before the children load theirs
     torch.cuda.empty_cache()
@@ -219,8 +222,6 @@ def build_packages_in_parallel(args, config, batch_size: int):
             pass
         raise RuntimeError(f"exit code {child.returncode}")
 
-    folder = args.weights / ARTIFACTS_DIR / AOT_DIR
-    there = {path.name for path in folder.glob("*.pt2")}  # before this build: others' (other GPUs'), never removed
     entries, seconds, failed = {}, {}, []
     with ThreadPoolExecutor(jobs) as pool:
         futures = {pool.submit(build, size): size for size in todo}
@@ -235,10 +236,11 @@ def build_packages_in_parallel(args, config, batch_size: int):
             entries.update(built["entries"])
             seconds[size] = built["seconds"]
             print(f"AOT packages for {pixels[size]} built in {built['seconds']} s", file=sys.stderr)
-    # A failed size's files (written before its check failed or faulted) must not ship with the index's.
-    for path in folder.glob("*.pt2"):
-        if path.name not in there and path.name not in entries:
-            path.unlink()
+    # A failed size's files (written before its check failed or faulted) must not ship with the index's; nothing
+    # else is touched (another build, e.g. for another GPU, may be writing beside this one).
+    for size in set(todo) - set(seconds):
+        for name in files[size]:
+            (args.weights / ARTIFACTS_DIR / AOT_DIR / name).unlink(missing_ok=True)
     record["aot_jobs"] = jobs
     record["aot_build_s"] = {pixels[size]: seconds[size] for size in todo if size in seconds}
     if failed:

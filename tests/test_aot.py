@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from sd_engine.aot import AOT_DIR, INDEX, load_packages
+from sd_engine.aot import AOT_DIR, INDEX, description, load_packages, package_name
 from sd_engine.artifacts import ARTIFACTS_DIR
 from sd_engine.engine import GenerationResult, load_engine
 from sd_engine.requests import parse_request
@@ -91,6 +91,9 @@ def test_packages_made_for_other_sizes_are_skipped_with_the_reason(aot_model, ti
     assert {info["module"] for info in index.values()} == {"unet", "vae_decode"}
     made_for = {tuple(info["latent_sizes"][0]) for info in index.values()}
     assert len(made_for) == 3
+    # A package's file name follows from what it is made for: the build's parent finds a failed size's files by it.
+    for name, info in index.items():
+        assert package_name(description(tiny_engine.pipe, info["module"], CPU, info["latent_sizes"], 2)) == name
     with caplog.at_level(logging.INFO, logger="sd_engine.aot"):
         assert load_packages(tiny_engine.pipe, aot_model / ARTIFACTS_DIR, CPU, {(40, 40)}, 2) == {}
         assert load_packages(tiny_engine.pipe, aot_model / ARTIFACTS_DIR, CPU, made_for, 64) == {}

@@ -109,6 +109,11 @@ def _examples(pipe, module: str, device: torch.device, latent_size, max_batch: i
                                   shapes)),)
 
 
+def package_name(info: dict) -> str:
+    """The file name of the package `info` (a description) describes: the same on every build of it."""
+    return f"{info['module']}-{file_name(info).removesuffix('.bin')}.pt2"
+
+
 def build_packages(pipe, folder: Path, device: torch.device, latent_size, max_batch: int) -> dict[str, dict]:
     """Export and AOT-compile the UNet and the VAE decoder of an optimized pipeline (dtype, channels-last and the VAE
     precision already as the worker will have them) for one latent size; write the packages into `folder`/aot and
@@ -123,7 +128,7 @@ def build_packages(pipe, folder: Path, device: torch.device, latent_size, max_ba
         with torch.no_grad():
             exported = torch.export.export(wrapper, args, dynamic_shapes=shapes, strict=False)
             info = description(pipe, module, device, [latent_size], max_batch)
-            path = folder / f"{module}-{file_name(info).removesuffix('.bin')}.pt2"
+            path = folder / package_name(info)
             torch._inductor.aoti_compile_and_package(
                 exported, package_path=str(path), inductor_configs={"aot_inductor.package_constants_in_so": False})
         entries[path.name] = info
