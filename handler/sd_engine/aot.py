@@ -231,8 +231,9 @@ def _load_runners(pipe, module: str, folder: Path, chosen: dict, device: torch.d
             loaded_s = time.perf_counter() - start
             # Where the packages were built, each was compared with the plain module at batch 1, 2 and its largest,
             # and from a CUDA graph (validate_packages); the index matched platform, CPU level, model, dtype and
-            # layout. Here one call says the package runs on these weights: comparing it again would cost the start
-            # the plain module's first run too (3.3-3.8 s of 4.5-5.0 s of package checks for SD 1.5 on an H100).
+            # layout. Here one call says the package runs on these weights; comparing it again would add the plain
+            # module's first run to the start (with it, the first package's check took 3.3-3.8 s of 4.5-5.0 s for
+            # SD 1.5 on an H100; how much of that this saves is not yet measured).
             error = _check(runner, wrapper, pipe, module, device, size, compare=False)
             logger.info("AOT: %s loaded in %.1f s, first run in %.1f s", name, loaded_s,
                         time.perf_counter() - start - loaded_s)
