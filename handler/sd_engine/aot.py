@@ -35,6 +35,7 @@ import torch
 
 from .aot_runtime import bind, decode_call, load_package, on_device, unet_call
 from .artifacts import file_name, platform, read_index
+from .graphs import GraphCache
 
 logger = logging.getLogger(__name__)
 
@@ -249,25 +250,16 @@ def _load_runners(pipe, module: str, folder: Path, chosen: dict, device: torch.d
 @torch.no_grad()
 def _check(runner, wrapper, pipe, module: str, device: torch.device, latent_size, batch: int = 1,
            in_graph: bool = False, compare: bool = True, tolerance: float = 0.02):
-    """One call at `batch` and `latent_size` through the package (`in_graph`: captured in a CUDA graph after a warm-up
-    call on a side stream, as graphs.py does, and replayed once) and, with `compare`, through the plain module: None
-    when the output is finite and agrees (largest difference within `tolerance` of the largest value), else that
-    relative difference (inf: not finite). Batch 1, the worker's check, is the end of the exported range, the edge a
-    compiler's assumptions meet first."""
+    """One call at `batch` and `latent_size` through the package (`in_graph`: through graphs.py's GraphCache, as a
+    worker's graphs run it: warm-up calls on a side stream, capture, replay) and, with `compare`, through the plain
+    module: None when the output is finite and agrees (largest difference within `tolerance` of the largest value),
+    else that relative difference (inf: not finite). Batch 1, the worker's check, is the end of the exported range,
+    the edge a compiler's assumptions meet first."""
     args, _ = _examples(pipe, module, device, latent_size, batch, n=batch)  # (its shapes for export unused here)
-    if in_graph:
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            on_device(runner, list(args))
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = on_device(runner, list(args))
-        graph.replay()
-        got = out.float()
-    else:
-        got = on_device(runner, list(args)).float()
+    def call(*inputs):
+        return on_device(runner, list(inputs))
+
+    got = (GraphCache(call, f"check {module}", device) if in_graph else call)(*args).float()
     if not torch.isfinite(got).all():
         return float("inf")
     if not compare:
