@@ -55,6 +55,9 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, help="with --aot: sizes built at once, each by a process of its own "
                         "that holds the whole pipeline on the GPU (default: one per 4 usable CPU cores, at most one "
                         "per size)")
+    parser.add_argument("--build-timeout", type=float, default=1200, help="with --aot: seconds a size's process may "
+                        "take before it is stopped and its size counted as failed (a package whose code hangs on the "
+                        "GPU; default: 1200, SDXL's sizes took 228-237 s each on an H100)")
     parser.add_argument("--check", action="store_true", help="then time a fresh start that loads the artifacts")
     parser.add_argument("--time-sizes", action="store_true", help="with --check: batch-1 latency at each size")
     parser.add_argument("--json", type=Path, help="write the record here too")
@@ -65,6 +68,8 @@ def main(argv=None) -> int:
     setup_logging()
     if args.jobs is not None and args.jobs < 1:
         parser.error(f"--jobs must be at least 1, not {args.jobs}")
+    if args.build_timeout <= 0:
+        parser.error(f"--build-timeout must be positive, not {args.build_timeout:g}")
     if not (args.weights / "model_index.json").is_file():
         parser.error(f"{args.weights} is not a diffusers folder (no model_index.json)")
     model_config = yaml.safe_load(args.config.read_text()) or {}
@@ -212,9 +217,12 @@ def build_packages_in_parallel(args, config, batch_size: int):
               f"building {', '.join(pixels[s] for s in todo) or 'nothing'}", file=sys.stderr)
 
     def build(size):
-        child = subprocess.run([sys.executable, __file__, str(args.weights), "--config", str(args.config),
-                                "--batch-size", str(batch_size), "--aot", "--build-size", f"{size[0]}x{size[1]}"],
-                               stdout=subprocess.PIPE, text=True, env=env)
+        try:
+            child = subprocess.run([sys.executable, __file__, str(args.weights), "--config", str(args.config),
+                                    "--batch-size", str(batch_size), "--aot", "--build-size", f"{size[0]}x{size[1]}"],
+                                   stdout=subprocess.PIPE, text=True, env=env, timeout=args.build_timeout)
+        except subprocess.TimeoutExpired:  # (run() has killed it)
+            raise RuntimeError(f"stopped after {args.build_timeout:g} s") from None
         try:
             if child.returncode == 0:
                 return json.loads(child.stdout.strip().splitlines()[-1])

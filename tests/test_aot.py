@@ -145,6 +145,26 @@ def test_a_package_that_differs_from_the_plain_module_fails_its_size(aot_model, 
         aot.validate_packages(tiny_engine.pipe, aot_model / ARTIFACTS_DIR, CPU, {name: info}, 2)
 
 
+def test_a_size_whose_build_outlasts_build_timeout_is_stopped_and_failed(aot_model, tmp_path):
+    """A size's process past --build-timeout (a package hanging on the GPU: one SDXL size had not finished in 530 s
+    on an H100) is stopped, its size named in the record and its files removed; the index keeps the sizes built, and
+    the exit code is 1. One second is too short for a child even to import torch: the real processes are stopped."""
+    folder = shutil.copytree(aot_model, tmp_path / "weights")
+    index_path = folder / ARTIFACTS_DIR / AOT_DIR / INDEX
+    index = json.loads(index_path.read_text())
+    wide = [name for name, info in index.items() if info["latent_sizes"][0][0] < info["latent_sizes"][0][1]]
+    index_path.write_text(json.dumps({name: info for name, info in index.items() if name not in wide}))
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "compile_artifacts.py"), str(folder), "--config",
+                          str(ROOT / "config" / "model-config-cpu.yaml"), "--aot", "--batch-size", "2",
+                          "--build-timeout", "1"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1, run.stderr[-3000:]
+    record = json.loads(run.stdout)
+    assert record["aot_failed"] == ["96x64 (stopped after 1 s)"] and len(record["aot_reused"]) == 2
+    assert "building the AOT packages failed for 96x64" in run.stderr
+    assert json.loads(index_path.read_text()).keys() == index.keys() - set(wide)
+    assert not any((folder / ARTIFACTS_DIR / AOT_DIR / name).exists() for name in wide)  # stale files of that size
+
+
 @pytest.mark.e2e
 def test_torchserve_serves_with_the_packages_from_its_own_unpacked_model(aot_model, cpu_config, tmp_path):
     """Packaged into the MAR (covered by its sha256 manifest) and unpacked by TorchServe in a folder of its own: the
