@@ -51,7 +51,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, help="largest batch warmed up (default: the config's batchSize)")
     parser.add_argument("--aot", action="store_true",
                         help="make AOTInductor packages of the UNet and VAE decoder (sd_engine/aot.py: a worker "
-                             "loads them instead of compiling or tracing) instead of torch.compile's cache artifacts")
+                             "loads them instead of compiling or tracing; a float32 decoder under a float16 UNet, "
+                             "SDXL's, gets none) instead of torch.compile's cache artifacts")
     parser.add_argument("--jobs", type=int, help="with --aot: sizes built at once, each by a process of its own "
                         "that holds the whole pipeline on the GPU (default: one per 4 usable CPU cores, at most one "
                         "per size)")
@@ -172,9 +173,9 @@ def make_artifacts(args, config, batch_size: int) -> int:
                 return 1
             record["warm"] = json.loads(child.stdout.strip().splitlines()[-1])
             save()
-            if args.aot and sorted(record["warm"].get("aot", [])) != ["unet", "vae_decode"]:
-                print(f"error: the --check start did not use both AOT packages (it used {record['warm'].get('aot')}; "
-                      "its log above says why)", file=sys.stderr)
+            if args.aot and sorted(record["warm"].get("aot", [])) != sorted(record["aot_modules"]):
+                print(f"error: the --check start did not use the AOT packages of {record['aot_modules']} (it used "
+                      f"{record['warm'].get('aot')}; its log above says why)", file=sys.stderr)
                 return 1
             if args.aot and record["warm"].get("aot_missing") and not record.get("aot_failed"):
                 print(f"error: the --check start found no package for {record['warm']['aot_missing']} (its log above "
@@ -194,7 +195,7 @@ def build_packages_in_parallel(args, config, batch_size: int):
 
     import torch
 
-    from sd_engine.aot import AOT_DIR, MODULES, description, missing_sizes, package_name, write_index
+    from sd_engine.aot import AOT_DIR, description, missing_sizes, modules, package_name, write_index
     from sd_engine.artifacts import ARTIFACTS_DIR
 
     engine, record, _ = load_for_export(args, config, batch_size)
@@ -202,8 +203,9 @@ def build_packages_in_parallel(args, config, batch_size: int):
     sizes = sorted({(h // scale, w // scale) for h, w in engine.rules.sizes})
     todo = missing_sizes(engine.pipe, args.weights / ARTIFACTS_DIR, engine.device, sizes, batch_size)
     # The files each size's child writes (named by what they are made for), to remove a failed size's.
+    packaged = modules(engine.pipe)  # (an upcast VAE decoder gets no package: aot.modules)
     files = {size: [package_name(description(engine.pipe, module, engine.device, [size], batch_size))
-                    for module in MODULES] for size in todo}
+                    for module in packaged] for size in todo}
     del engine
     gc.collect()  # the pipeline's weights off the GPU before the children load theirs
     torch.cuda.empty_cache()
@@ -249,6 +251,7 @@ def build_packages_in_parallel(args, config, batch_size: int):
     for size in set(todo) - set(seconds):
         for name in files[size]:
             (args.weights / ARTIFACTS_DIR / AOT_DIR / name).unlink(missing_ok=True)
+    record["aot_modules"] = list(packaged)
     record["aot_jobs"] = jobs
     record["aot_build_s"] = {pixels[size]: seconds[size] for size in todo if size in seconds}
     if failed:

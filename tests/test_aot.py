@@ -69,7 +69,7 @@ def test_a_worker_loads_the_packages_and_gives_the_eager_image_at_every_listed_s
     elsewhere = shutil.copytree(aot_model, tmp_path / "unpacked")  # a worker's folder is never where they were made
     with caplog.at_level(logging.INFO, logger="sd_engine"):
         fast = load_engine(replace(cpu_config, compile=True, warmup=False), elsewhere, CPU, max_batch_size=2)
-    assert "compiled ahead of time (AOTInductor packages)" in caplog.text and fast.startup["aot"] == ["unet",
+    assert "UNet ahead of time (AOTInductor packages" in caplog.text and fast.startup["aot"] == ["unet",
                                                                                                        "vae_decode"]
     rules = fast.rules
     assert {(64, 64), (64, 96), (96, 64)} <= set(rules.sizes)
@@ -118,6 +118,29 @@ def test_a_size_without_a_package_runs_uncompiled_beside_the_packaged_ones(aot_m
         with torch.no_grad():
             got, want = loaded["vae_decode"](latents).sample, vae.decode(latents).sample
         assert got.shape == want.shape and torch.allclose(got, want, atol=1e-3)
+
+
+def test_an_upcast_vae_decoder_gets_no_package_and_runs_uncompiled(tiny_model_dir, cpu_config, monkeypatch, caplog,
+                                                                    tmp_path):
+    """A float32 VAE decoder under a float16 UNet (SDXL's, whose packages faulted on an H100: aot.modules) is neither
+    packaged nor looked for, and beside a packaged UNet it runs uncompiled: torch.compile would cost every start
+    minutes. The UNet is put in float16 on the CPU for the rule alone; since no float16 package can be built here,
+    load_packages is a fake that hands back a UNet package (the real loading is covered above)."""
+    from sd_engine import aot
+    from sd_engine.optimize import optimize
+
+    pipe = load_engine(replace(cpu_config, warmup=False), tiny_model_dir, CPU).pipe
+    assert aot.modules(pipe) == ("unet", "vae_decode")  # float32 throughout, as on any CPU: both packaged
+    pipe.unet.to(torch.float16)
+    assert aot.modules(pipe) == ("unet",)
+    assert aot.missing_sizes(pipe, tmp_path, CPU, [(8, 8)], 1) == [(8, 8)]  # asked of the UNet alone
+    packaged_unet = object()
+    monkeypatch.setattr(aot, "load_packages", lambda pipe, *args: {"unet": packaged_unet})
+    decode = pipe.vae.decode
+    with caplog.at_level(logging.INFO, logger="sd_engine.optimize"):
+        optimize(pipe, replace(cpu_config, compile=True, cuda_graph=False), CPU, "eager", 1, ((64, 64),), tmp_path)
+    assert pipe.vae.decode == decode  # not wrapped: neither a package nor torch.compile
+    assert "UNet ahead of time (AOTInductor packages" in caplog.text and "VAE decoder uncompiled" in caplog.text
 
 
 def test_a_package_that_differs_from_the_plain_module_fails_its_size(aot_model, tiny_engine, monkeypatch):

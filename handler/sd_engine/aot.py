@@ -15,13 +15,12 @@ height and width static (one package dynamic over several sizes measured 30% slo
 the largest batch size for the UNet, which sees both halves of classifier-free guidance).
 
 Files: WEIGHTS/compile-artifacts/aot/<module>-<platform>-<hash>.pt2, described in aot/index.json (the platform as in
-artifacts.py, the host CPU's architecture and instruction-set level, since the package's host code is compiled for
-the CPU it was built on, plus what the code was made for: module, dtype, channels_last, size, largest batch). A worker
-uses the packages that fit its own config, runs a listed size without one uncompiled, and falls back to torch.compile,
-with one log line saying why, when none fits. scripts/compile_artifacts.py --aot makes them (the sizes in parallel
-processes) and compares each with the plain module before indexing it (validate_packages); the package's sha256
-manifest covers them (they are code).
-"""
+artifacts.py, the host CPU's architecture and instruction-set level, since the package's host code is compiled for the
+CPU it was built on, plus what the code was made for: module, dtype, channels_last, size, largest batch). A worker uses
+the packages that fit its own config, runs a listed size without one uncompiled, and falls back to torch.compile, with
+one log line saying why, when none fits. An upcast (float32) VAE decoder gets no package (`modules` says why).
+scripts/compile_artifacts.py --aot makes them (the sizes in parallel processes) and compares each with the plain module
+before indexing it (validate_packages); the package's sha256 manifest covers them (they are code)."""
 
 from __future__ import annotations
 
@@ -42,6 +41,17 @@ logger = logging.getLogger(__name__)
 AOT_DIR = "aot"
 INDEX = "index.json"
 MODULES = ("unet", "vae_decode")
+
+
+def modules(pipe) -> tuple[str, ...]:
+    """The modules packaged for `pipe`: the UNet, and the VAE decoder unless it is upcast (float32 under a float16
+    UNet: SDXL's, optimize.py). Packages of SDXL's float32 decoder hit CUDA illegal memory accesses on an H100: two
+    of four faulted in their build-time checks, and one that had passed them faulted at a fresh start's first call
+    of it (bench/results/h100-sdxl-2026-12-06-aot-4sizes-checked.log; a worker's warm-up faulted at the same size
+    the session before). A fault ends the worker, so such a decoder runs uncompiled, with CUDA graphs. No UNet
+    package and no float16 decoder (SD 1.5's) has faulted."""
+    upcast = pipe.vae.dtype == torch.float32 and pipe.unet.dtype != torch.float32
+    return MODULES[:1] if upcast else MODULES
 
 
 class _UNet(torch.nn.Module):
@@ -122,7 +132,7 @@ def build_packages(pipe, folder: Path, device: torch.device, latent_size, max_ba
     folder = folder / AOT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     entries = {}
-    for module in MODULES:
+    for module in modules(pipe):
         wrapper = _wrapper(pipe, module)
         args, (shapes,) = _examples(pipe, module, device, latent_size, max_batch)
         start = time.perf_counter()
@@ -156,7 +166,7 @@ def missing_sizes(pipe, folder: Path, device: torch.device, latent_sizes, max_ba
     folder = folder / AOT_DIR
     index = {name: info for name, info in read_index(folder).items()
              if isinstance(info, dict) and len(info.get("latent_sizes", [])) == 1 and (folder / name).is_file()}
-    return sorted({size for module in MODULES
+    return sorted({size for module in modules(pipe)
                    for size in _choose(index, description(pipe, module, device, sorted(latent_sizes), max_batch),
                                        latent_sizes)[1]})
 
@@ -181,13 +191,14 @@ def load_packages(pipe, folder: Path, device: torch.device, latent_sizes, max_ba
     module's arguments as the pipeline passes them and runs the package made for the latents' size. A module with no
     fitting package is left to torch.compile; one with packages for some of `latent_sizes` only runs the others
     uncompiled, as sizes not listed are (compiling them would take minutes at start: what the packages are for), and
-    `report["aot_missing"]` names them by module. One log line per module says what was loaded, or why not."""
+    `report["aot_missing"]` names them by module. A module that `modules` leaves out (an upcast VAE decoder) is not
+    looked for. One log line per module says what was loaded, or why not."""
     folder = folder / AOT_DIR
     index = read_index(folder)
     if not index:
         return {}
     loaded = {}
-    for module in MODULES:
+    for module in modules(pipe):
         mine = description(pipe, module, device, sorted(latent_sizes), max_batch)
         chosen, missing = _choose(index, mine, latent_sizes)
         if not chosen:

@@ -15,7 +15,8 @@ A straight run of steps, each an option of EngineConfig:
 5. compile: torch.compile (inductor, default mode) of the UNet and VAE decoder, for the compiled sizes (the listed
    sizes, warmed up at load); a request at any other legal size runs them uncompiled (with CUDA graphs when on),
    because a new size would recompile inside the request (268 s measured for 768x768 on an H200). AOT-compiled
-   packages in the model's compile-artifacts folder that fit this worker (aot.py) stand in for torch.compile.
+   packages in the model's compile-artifacts folder that fit this worker (aot.py) stand in for torch.compile; an
+   upcast VAE decoder (SDXL's float32 one), which gets no package (aot.modules says why), then runs uncompiled.
 6. cuda_graph: our shape-keyed CUDA graphs (graphs.py) around UNet, text encoder(s) and VAE decoder, for any backend.
 """
 
@@ -93,25 +94,29 @@ def optimize(pipe, config, device: torch.device, backend: str, max_batch_size: i
         # took 0.274 s against 0.225 s static. With one size, shapes stay static (a second batch size recompiles
         # once, with batch dynamic: torch's automatic dynamic shapes).
         dims = (0, 2, 3) if len(latents) > 1 else ()
-        aot = {}
+        aot, plain = {}, ()
         if artifacts is not None and backend == "eager" and not (config.fuse_qkv or config.fp8):
-            from .aot import load_packages
+            from .aot import MODULES, load_packages, modules
 
             aot = load_packages(pipe, artifacts, device, latents, max_batch_size, report)
+            # A module the packages leave out (an upcast VAE decoder: aot.modules says why) is not compiled at all
+            # when the others are packaged: torch.compile would cost a worker minutes at every start.
+            plain = tuple(module for module in MODULES if module not in modules(pipe)) if aot else ()
         if report is not None:
             report["aot"] = sorted(aot)
         # AOT packages are made per size (static height and width, the batch dynamic): no shapes to mark for them.
-        pipe.unet.forward = by_latent_size(aot.get("unet") or torch.compile(pipe.unet.forward), pipe.unet.forward,
-                                           latents, () if "unet" in aot else dims)
-        pipe.vae.decode = by_latent_size(aot.get("vae_decode") or torch.compile(pipe.vae.decode), pipe.vae.decode,
-                                         latents, () if "vae_decode" in aot else dims)
-        shapes = ["the packages static per size, batch dynamic"] if aot else []
-        if len(aot) < 2:
-            shapes.append(f"torch.compile's {'dynamic in batch, height and width' if dims else 'static'}")
-        logger.info("compile: UNet and VAE decoder %s for %s, shapes: %s; other sizes run uncompiled",
-                    {0: "compiled with torch.compile (inductor)", 1: f"ahead of time: {', '.join(aot)}; the other "
-                     "with torch.compile", 2: "compiled ahead of time (AOTInductor packages)"}[len(aot)],
-                    ", ".join(f"{w}x{h}" for h, w in sorted(compiled_sizes)), "; ".join(shapes))
+        how = {}
+        for module, owner, attr in (("unet", pipe.unet, "forward"), ("vae_decode", pipe.vae, "decode")):
+            if module in plain:
+                how[module] = "uncompiled"
+                continue
+            call = getattr(owner, attr)
+            setattr(owner, attr, by_latent_size(aot.get(module) or torch.compile(call), call, latents,
+                                                () if module in aot else dims))
+            how[module] = ("ahead of time (AOTInductor packages, static per size, batch dynamic)" if module in aot
+                           else f"with torch.compile ({'dynamic in batch, height and width' if dims else 'static'})")
+        logger.info("compile: UNet %s, VAE decoder %s, for %s; other sizes run uncompiled", how["unet"],
+                    how["vae_decode"], ", ".join(f"{w}x{h}" for h, w in sorted(compiled_sizes)))
     if config.cuda_graph:
         from .graphs import GraphBudget, graph_pipeline
 
