@@ -38,6 +38,7 @@ def aot_model(tiny_model_dir, tmp_path_factory):
     # One package per module and listed size (the CPU config's three), two sizes built at a time.
     assert sorted(name.split("-")[0] for name in record["aot"]) == ["unet"] * 3 + ["vae_decode"] * 3
     assert record["aot_jobs"] == 2 and len(record["aot_build_s"]) == 3 and record["aot_reused"] == []
+    assert record["aot_modules"] == ["unet", "vae_decode"]  # on a CPU, float32 throughout: both packaged
     assert record["warm"]["aot"] == ["unet", "vae_decode"]  # --check: a fresh process used both
     # A run cut short before one size entered the index: running again builds that size alone and keeps the others.
     index_path = folder / ARTIFACTS_DIR / AOT_DIR / INDEX
@@ -125,22 +126,31 @@ def test_an_upcast_vae_decoder_gets_no_package_and_runs_uncompiled(tiny_model_di
     """A float32 VAE decoder under a float16 UNet (SDXL's, whose packages faulted on an H100: aot.modules) is neither
     packaged nor looked for, and beside a packaged UNet it runs uncompiled: torch.compile would cost every start
     minutes. The UNet is put in float16 on the CPU for the rule alone; since no float16 package can be built here,
-    load_packages is a fake that hands back a UNet package (the real loading is covered above)."""
+    load_packages is a fake that hands back a UNet package (the real loading is covered above). A float32 pipeline on a
+    GPU (`dtype: float32`, never tried) is treated alike: a stand-in pipeline reaches that branch here."""
+    from types import SimpleNamespace
+
     from sd_engine import aot
     from sd_engine.optimize import optimize
 
-    pipe = load_engine(replace(cpu_config, warmup=False), tiny_model_dir, CPU).pipe
-    assert aot.modules(pipe) == ("unet", "vae_decode")  # float32 throughout, as on any CPU: both packaged
-    pipe.unet.to(torch.float16)
-    assert aot.modules(pipe) == ("unet",)
-    assert aot.missing_sizes(pipe, tmp_path, CPU, [(8, 8)], 1) == [(8, 8)]  # asked of the UNet alone
-    packaged_unet = object()
-    monkeypatch.setattr(aot, "load_packages", lambda pipe, *args: {"unet": packaged_unet})
-    decode = pipe.vae.decode
-    with caplog.at_level(logging.INFO, logger="sd_engine.optimize"):
-        optimize(pipe, replace(cpu_config, compile=True, cuda_graph=False), CPU, "eager", 1, ((64, 64),), tmp_path)
-    assert pipe.vae.decode == decode  # not wrapped: neither a package nor torch.compile
-    assert "UNet ahead of time (AOTInductor packages" in caplog.text and "VAE decoder uncompiled" in caplog.text
+    on_gpu = SimpleNamespace(dtype=torch.float32, device=torch.device("cuda", 0))
+    assert aot.modules(SimpleNamespace(unet=on_gpu, vae=on_gpu)) == ("unet",)
+    config = replace(cpu_config, compile=True, cuda_graph=False)
+    for packaged, vae_compiled in (({}, True), ({"unet": object()}, False)):
+        pipe = load_engine(replace(cpu_config, warmup=False), tiny_model_dir, CPU).pipe
+        assert aot.modules(pipe) == ("unet", "vae_decode")  # float32 throughout, as on any CPU: both packaged
+        pipe.unet.to(torch.float16)
+        assert aot.modules(pipe) == ("unet",)
+        assert aot.missing_sizes(pipe, tmp_path, CPU, [(8, 8)], 1) == [(8, 8)]  # asked of the UNet alone
+        monkeypatch.setattr(aot, "load_packages", lambda pipe, *args: packaged)
+        decode = pipe.vae.decode
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="sd_engine.optimize"):
+            optimize(pipe, config, CPU, "eager", 1, ((64, 64),), tmp_path)
+        # No UNet package either: the decoder is compiled as before (wrapped); beside a packaged UNet it is not.
+        assert (pipe.vae.decode != decode) == vae_compiled
+        assert ("VAE decoder uncompiled (no package for a float32 decoder" in caplog.text) == (not vae_compiled)
+    assert "UNet ahead of time (AOTInductor packages" in caplog.text
 
 
 def test_a_package_that_differs_from_the_plain_module_fails_its_size(aot_model, tiny_engine, monkeypatch):

@@ -45,13 +45,17 @@ MODULES = ("unet", "vae_decode")
 
 def modules(pipe) -> tuple[str, ...]:
     """The modules packaged for `pipe`: the UNet, and the VAE decoder unless it is upcast (float32 under a float16
-    UNet: SDXL's, optimize.py). Packages of SDXL's float32 decoder hit CUDA illegal memory accesses on an H100: two
-    of four faulted in their build-time checks, and one that had passed them faulted at a fresh start's first call
-    of it (bench/results/h100-sdxl-2026-12-06-aot-4sizes-checked.log; a worker's warm-up faulted at the same size
-    the session before). A fault ends the worker, so such a decoder runs uncompiled, with CUDA graphs. No UNet
-    package and no float16 decoder (SD 1.5's) has faulted."""
-    upcast = pipe.vae.dtype == torch.float32 and pipe.unet.dtype != torch.float32
-    return MODULES[:1] if upcast else MODULES
+    UNet: SDXL's, optimize.py), or float32 on a GPU (`dtype: float32`: never tried, so treated alike). Packages of
+    SDXL's float32 decoder hit CUDA illegal memory accesses on an H100: two of four faulted in their build-time
+    checks, and one that had passed them faulted at a fresh start's first call of it
+    (bench/results/h100-sdxl-2026-12-06-aot-4sizes-checked.log; a worker's warm-up faulted at the same size the
+    session before). A fault ends the worker, so such a decoder gets no package (optimize.py then runs it uncompiled,
+    with CUDA graphs). No UNet package and no float16 decoder (SD 1.5's) has faulted; on a CPU, where everything is
+    float32, both modules are packaged."""
+    float32 = pipe.vae.dtype == torch.float32
+    if float32 and (pipe.unet.dtype != torch.float32 or pipe.vae.device.type != "cpu"):
+        return MODULES[:1]
+    return MODULES
 
 
 class _UNet(torch.nn.Module):
@@ -246,6 +250,7 @@ def _load_runners(pipe, module: str, folder: Path, chosen: dict, device: torch.d
             # layout. Here one call says the package runs on these weights; comparing it again would add the plain
             # module's first run to the start (with it, the first package's check took 3.3-3.8 s of 4.5-5.0 s for
             # SD 1.5 on an H100; how much of that this saves is not yet measured).
+            logger.info("AOT: first run of %s (a fault ends this process: this line names the package)", name)
             error = _check(runner, wrapper, pipe, module, device, size, compare=False)
             logger.info("AOT: %s loaded in %.1f s, first run in %.1f s", name, loaded_s,
                         time.perf_counter() - start - loaded_s)
@@ -284,8 +289,8 @@ def validate_packages(pipe, folder: Path, device: torch.device, entries: dict[st
     """Each package just built (`entries`, as build_packages returns them), loaded as a worker loads it and run against
     the plain module at batch 1, 2 and its largest, and on a GPU also replayed from a CUDA graph: RuntimeError naming
     the package, size and batch that differs. Run where the packages are built, before they are indexed: a package
-    whose code faults on the GPU (SDXL's 1152x896 UNet or VAE decoder did in a worker's warm-up on an H100, after
-    passing the worker's batch-1 checks) takes that process down with it, so its size is never indexed. A run that
+    whose code faults on the GPU (SDXL's float32 VAE decoder packages did on an H100: `modules`) takes that process
+    down with it, so its size is never indexed. A run that
     finds the GPU out of memory (--jobs builds share it) is logged as not checked, not as a failure."""
     for name, info in entries.items():
         module, size = info["module"], tuple(info["latent_sizes"][0])

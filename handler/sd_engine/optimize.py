@@ -108,7 +108,7 @@ def optimize(pipe, config, device: torch.device, backend: str, max_batch_size: i
         how = {}
         for module, owner, attr in (("unet", pipe.unet, "forward"), ("vae_decode", pipe.vae, "decode")):
             if module in plain:
-                how[module] = "uncompiled"
+                how[module] = "uncompiled (no package for a float32 decoder: aot.modules)"
                 continue
             call = getattr(owner, attr)
             setattr(owner, attr, by_latent_size(aot.get(module) or torch.compile(call), call, latents,
