@@ -11,9 +11,10 @@ added to it; otherwise package the folder afterwards (scripts/package_model.py),
 built by --jobs processes side by side: a worker loads them instead of tracing, where torch.compile's artifacts still
 leave it the tracing (45-62 s measured on an H200). Sizes whose packages are already there and fit are not built
 again, so a run cut short (a time limit, a lost machine) is finished by running it again; to rebuild, delete
-WEIGHTS/compile-artifacts/aot. Each size's packages are run against the plain modules (batch 1, 2 and the largest,
-and from a CUDA graph) before they are indexed: a size that fails is named, left out and the exit code is 1, while
-the sizes built are kept (a worker runs the one left out uncompiled).
+WEIGHTS/compile-artifacts/aot. Each size's packages are then loaded in a fresh process, as a worker loads them, and
+run against the plain modules (batch 1, 2 and the largest, and from a CUDA graph) before they are indexed: a size
+that fails is named, left out and the exit code is 1, while the sizes built are kept (a worker runs the one left out
+uncompiled). A float32 VAE decoder (SDXL's) gets no package (aot.modules says why).
 
 --check then starts a fresh process with empty caches that loads the engine with the artifacts, and records both
 start-up times, and with --time-sizes the batch-1 latency at each listed size (and one unlisted), as JSON.
@@ -56,15 +57,17 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, help="with --aot: sizes built at once, each by a process of its own "
                         "that holds the whole pipeline on the GPU (default: one per 4 usable CPU cores, at most one "
                         "per size)")
-    parser.add_argument("--build-timeout", type=float, default=1200, help="with --aot: seconds a size's process may "
-                        "take before it is stopped and its size counted as failed (a package whose code hangs on the "
-                        "GPU; default: 1200, SDXL's sizes took 288-293 s each, 4 side by side on an H100)")
+    parser.add_argument("--build-timeout", type=float, default=1200,
+                        help="with --aot: seconds each of a size's two processes (build, check) may take before it is "
+                        "stopped and its size counted as failed (a package whose code hangs on the GPU; default: "
+                        "1200, SDXL's sizes took 288-293 s each, 4 side by side on an H100)")
     parser.add_argument("--check", action="store_true", help="then time a fresh start that loads the artifacts")
     parser.add_argument("--time-sizes", action="store_true", help="with --check: batch-1 latency at each size")
     parser.add_argument("--json", type=Path, help="write the record here too")
     parser.add_argument("--preset", help="the model's name in the record (e.g. sd15, sdxl; default: the folder's)")
     parser.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)  # the --check child
     parser.add_argument("--build-size", help=argparse.SUPPRESS)  # an --aot child: the latent size HxW it builds
+    parser.add_argument("--check-size", help=argparse.SUPPRESS)  # an --aot child: the size HxW whose packages it checks
     args = parser.parse_args(argv)
     setup_logging()
     if args.jobs is not None and args.jobs < 1:
@@ -95,6 +98,8 @@ def main(argv=None) -> int:
         return 2
     if args.build_size:
         return build_one_size(args, config, batch_size)
+    if args.check_size:
+        return check_one_size(args, config, batch_size)
     if not args.load_only:
         return make_artifacts(args, config, batch_size)
     # The --check child: a fresh process whose compiled graphs can only come from the artifacts.
@@ -188,9 +193,10 @@ def make_artifacts(args, config, batch_size: int) -> int:
 def build_packages_in_parallel(args, config, batch_size: int):
     """The record of the model's load, and the index entries of the AOT packages built for the listed sizes that have
     none yet (a run cut short, e.g. by a time limit, is resumed by running it again), each size built by a child
-    process (--build-size), --jobs at a time; the index gains each size's packages as soon as they are built and
-    checked. A size whose child fails (its packages differ from the plain modules, or fault) is named in the record's
-    `aot_failed` and stays out of the index."""
+    process (--build-size) and checked by another (--check-size), --jobs sizes at a time; the index gains each size's
+    packages as soon as they are built and checked. A size whose child fails (its packages differ from the plain
+    modules, or fault, or a child outlasts --build-timeout) is named in the record's `aot_failed` and stays out of the
+    index."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     import torch
@@ -218,21 +224,33 @@ def build_packages_in_parallel(args, config, batch_size: int):
         print(f"AOT packages for {', '.join(pixels[s] for s in sizes if s not in todo)} are already built and fit; "
               f"building {', '.join(pixels[s] for s in todo) or 'nothing'}", file=sys.stderr)
 
-    def build(size):
+    def child(size, role: str):
+        """The last line a child process printed; RuntimeError when it failed or outlasted --build-timeout."""
         try:
-            child = subprocess.run([sys.executable, __file__, str(args.weights), "--config", str(args.config),
-                                    "--batch-size", str(batch_size), "--aot", "--build-size", f"{size[0]}x{size[1]}"],
-                                   stdout=subprocess.PIPE, text=True, env=env, timeout=args.build_timeout)
+            run = subprocess.run([sys.executable, __file__, str(args.weights), "--config", str(args.config),
+                                  "--batch-size", str(batch_size), "--aot", f"--{role}-size", f"{size[0]}x{size[1]}"],
+                                 stdout=subprocess.PIPE, text=True, env=env, timeout=args.build_timeout)
         except subprocess.TimeoutExpired:  # (run() has killed it)
-            raise RuntimeError(f"stopped after {args.build_timeout:g} s") from None
-        try:
-            if child.returncode == 0:
-                return json.loads(child.stdout.strip().splitlines()[-1])
-        except (IndexError, ValueError):
-            pass
-        raise RuntimeError(f"exit code {child.returncode}")
+            raise RuntimeError(f"{role} stopped after {args.build_timeout:g} s") from None
+        lines = run.stdout.strip().splitlines()
+        if run.returncode != 0 or not lines:
+            raise RuntimeError(f"{role} exit code {run.returncode}")
+        return lines[-1]
 
-    entries, seconds, failed = {}, {}, []
+    def build(size):
+        """Built in one process, then checked in a fresh one, as a worker meets them: SDXL's 1152x896 VAE decoder
+        package passed every check in the process that built it, then faulted in three fresh ones
+        (bench/results/h100-sdxl-2026-12-06-aot-4sizes-checked.log)."""
+        try:
+            built = json.loads(child(size, "build"))
+        except ValueError:
+            raise RuntimeError("build printed no entries") from None
+        start = time.perf_counter()
+        child(size, "check")
+        built["check_seconds"] = round(time.perf_counter() - start, 1)
+        return built
+
+    entries, seconds, check_seconds, failed = {}, {}, {}, []
     with ThreadPoolExecutor(jobs) as pool:
         futures = {pool.submit(build, size): size for size in todo}
         for future in as_completed(futures):
@@ -244,8 +262,9 @@ def build_packages_in_parallel(args, config, batch_size: int):
                 continue
             write_index(args.weights / ARTIFACTS_DIR, built["entries"])  # kept whatever the other sizes do
             entries.update(built["entries"])
-            seconds[size] = built["seconds"]
-            print(f"AOT packages for {pixels[size]} built in {built['seconds']} s", file=sys.stderr)
+            seconds[size], check_seconds[size] = built["seconds"], built["check_seconds"]
+            print(f"AOT packages for {pixels[size]} built in {built['seconds']} s, checked in a fresh process in "
+                  f"{built['check_seconds']} s", file=sys.stderr)
     # A failed size's files (written before its check failed or faulted) must not ship with the index's; nothing
     # else is touched (another build, e.g. for another GPU, may be writing beside this one).
     for size in set(todo) - set(seconds):
@@ -254,6 +273,7 @@ def build_packages_in_parallel(args, config, batch_size: int):
     record["aot_modules"] = list(packaged)
     record["aot_jobs"] = jobs
     record["aot_build_s"] = {pixels[size]: seconds[size] for size in todo if size in seconds}
+    record["aot_check_s"] = {pixels[size]: check_seconds[size] for size in todo if size in seconds}
     if failed:
         record["aot_failed"] = sorted(failed)
     record["aot_reused"] = [pixels[size] for size in sizes if size not in todo]
@@ -263,17 +283,34 @@ def build_packages_in_parallel(args, config, batch_size: int):
 def build_one_size(args, config, batch_size: int) -> int:
     """An --aot child: the pipeline of load_for_export, exported and AOT-compiled for one latent size; prints its index
     entries."""
-    from sd_engine.aot import build_packages, validate_packages
+    from sd_engine.aot import build_packages
     from sd_engine.artifacts import ARTIFACTS_DIR
 
     size = tuple(int(side) for side in args.build_size.split("x"))
     engine, _, _ = load_for_export(args, config, batch_size)
     start = time.perf_counter()
     entries = build_packages(engine.pipe, args.weights / ARTIFACTS_DIR, engine.device, size, batch_size)
-    # Checked before the parent indexes them: a package that differs fails this size here, one that faults kills
-    # this process (and so fails the size too).
-    validate_packages(engine.pipe, args.weights / ARTIFACTS_DIR, engine.device, entries, batch_size)
     print(json.dumps({"entries": entries, "seconds": round(time.perf_counter() - start, 1)}))
+    return 0
+
+
+def check_one_size(args, config, batch_size: int) -> int:
+    """An --aot child, a fresh process: the packages just built for one latent size (named by what they are made for,
+    as the building child named them) loaded as a worker loads them and checked against the plain modules
+    (aot.validate_packages), before the parent indexes them. One that differs fails this size; one that faults kills
+    this process, which fails the size too."""
+    from sd_engine.aot import description, modules, package_name, validate_packages
+    from sd_engine.artifacts import ARTIFACTS_DIR
+
+    size = tuple(int(side) for side in args.check_size.split("x"))
+    engine, _, _ = load_for_export(args, config, batch_size)
+    pipe, device = engine.pipe, engine.device
+    entries = {}
+    for module in modules(pipe):
+        info = description(pipe, module, device, [size], batch_size)
+        entries[package_name(info)] = info
+    validate_packages(pipe, args.weights / ARTIFACTS_DIR, device, entries, batch_size)
+    print("checked")
     return 0
 
 

@@ -39,6 +39,9 @@ def aot_model(tiny_model_dir, tmp_path_factory):
     assert sorted(name.split("-")[0] for name in record["aot"]) == ["unet"] * 3 + ["vae_decode"] * 3
     assert record["aot_jobs"] == 2 and len(record["aot_build_s"]) == 3 and record["aot_reused"] == []
     assert record["aot_modules"] == ["unet", "vae_decode"]  # on a CPU, float32 throughout: both packaged
+    # Each size's packages checked in a fresh process of its own, after the one that built them.
+    assert len(record["aot_check_s"]) == 3 and made.stderr.count("checked in a fresh process") == 3
+    assert made.stderr.count("AOT: checking ") == 6 and made.stderr.count("checked at batch 1, 2") == 6
     assert record["warm"]["aot"] == ["unet", "vae_decode"]  # --check: a fresh process used both
     # A run cut short before one size entered the index: running again builds that size alone and keeps the others.
     index_path = folder / ARTIFACTS_DIR / AOT_DIR / INDEX
@@ -192,7 +195,7 @@ def test_a_size_whose_build_outlasts_build_timeout_is_stopped_and_failed(aot_mod
                           "--build-timeout", "1"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 1, run.stderr[-3000:]
     record = json.loads(run.stdout)
-    assert record["aot_failed"] == ["96x64 (stopped after 1 s)"] and len(record["aot_reused"]) == 2
+    assert record["aot_failed"] == ["96x64 (build stopped after 1 s)"] and len(record["aot_reused"]) == 2
     assert "building the AOT packages failed for 96x64" in run.stderr
     assert json.loads(index_path.read_text()).keys() == index.keys() - set(wide)
     assert not any((folder / ARTIFACTS_DIR / AOT_DIR / name).exists() for name in wide)  # stale files of that size

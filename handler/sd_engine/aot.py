@@ -20,7 +20,7 @@ CPU it was built on, plus what the code was made for: module, dtype, channels_la
 the packages that fit its own config, runs a listed size without one uncompiled, and falls back to torch.compile, with
 one log line saying why, when none fits. An upcast (float32) VAE decoder gets no package (`modules` says why).
 scripts/compile_artifacts.py --aot makes them (the sizes in parallel processes) and compares each with the plain module
-before indexing it (validate_packages); the package's sha256 manifest covers them (they are code)."""
+in a fresh process before indexing it (validate_packages); the package's sha256 manifest covers them (they are code)."""
 
 from __future__ import annotations
 
@@ -245,8 +245,8 @@ def _load_runners(pipe, module: str, folder: Path, chosen: dict, device: torch.d
             start = time.perf_counter()
             runner = bind(load_package(folder / name), wrapper)
             loaded_s = time.perf_counter() - start
-            # Where the packages were built, each was compared with the plain module at batch 1, 2 and its largest,
-            # and from a CUDA graph (validate_packages); the index matched platform, CPU level, model, dtype and
+            # After the build, each was compared with the plain module at batch 1, 2 and its largest, and from a CUDA
+            # graph, in a fresh process (validate_packages); the index matched platform, CPU level, model, dtype and
             # layout. Here one call says the package runs on these weights; comparing it again would add the plain
             # module's first run to the start (with it, the first package's check took 3.3-3.8 s of 4.5-5.0 s for
             # SD 1.5 on an H100; how much of that this saves is not yet measured).
@@ -288,9 +288,9 @@ def _check(runner, wrapper, pipe, module: str, device: torch.device, latent_size
 def validate_packages(pipe, folder: Path, device: torch.device, entries: dict[str, dict], max_batch: int) -> None:
     """Each package just built (`entries`, as build_packages returns them), loaded as a worker loads it and run against
     the plain module at batch 1, 2 and its largest, and on a GPU also replayed from a CUDA graph: RuntimeError naming
-    the package, size and batch that differs. Run where the packages are built, before they are indexed: a package
-    whose code faults on the GPU (SDXL's float32 VAE decoder packages did on an H100: `modules`) takes that process
-    down with it, so its size is never indexed. A run that
+    the package, size and batch that differs. Run by compile_artifacts.py in a fresh process after the build, before
+    they are indexed: a package whose code faults on the GPU (SDXL's float32 VAE decoder packages did on an H100:
+    `modules`) takes that process down with it, so its size is never indexed. A run that
     finds the GPU out of memory (--jobs builds share it) is logged as not checked, not as a failure."""
     for name, info in entries.items():
         module, size = info["module"], tuple(info["latent_sizes"][0])
