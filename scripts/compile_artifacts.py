@@ -243,8 +243,11 @@ def build_packages_in_parallel(args, config, batch_size: int):
         (bench/results/h100-sdxl-2026-12-06-aot-4sizes-checked.log)."""
         try:
             built = json.loads(child(size, "build"))
-        except ValueError:
+            made = set(built["entries"])
+        except (ValueError, TypeError, KeyError):
             raise RuntimeError("build printed no entries") from None
+        if made != set(files[size]):  # the check child looks for the names the parent expects, and checks those
+            raise RuntimeError(f"build made {sorted(made)}, not {sorted(files[size])}")
         start = time.perf_counter()
         child(size, "check")
         built["check_seconds"] = round(time.perf_counter() - start, 1)

@@ -124,6 +124,23 @@ def test_a_size_without_a_package_runs_uncompiled_beside_the_packaged_ones(aot_m
         assert got.shape == want.shape and torch.allclose(got, want, atol=1e-3)
 
 
+def test_the_fresh_check_fails_when_a_package_of_its_size_is_not_there(aot_model, tmp_path):
+    """The check child (--check-size, run by the build after each size's build child) loads the packages the build
+    should have made, by the names the parent expects: one missing fails the check, with a nonzero exit."""
+    folder = shutil.copytree(aot_model, tmp_path / "weights")
+    aot_dir = folder / ARTIFACTS_DIR / AOT_DIR
+    name, info = next((name, info) for name, info in json.loads((aot_dir / INDEX).read_text()).items()
+                      if info["module"] == "unet")
+    size = "x".join(map(str, info["latent_sizes"][0]))
+    command = [sys.executable, str(ROOT / "scripts" / "compile_artifacts.py"), str(folder), "--config",
+               str(ROOT / "config" / "model-config-cpu.yaml"), "--aot", "--batch-size", "2", "--check-size", size]
+    passed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert passed.returncode == 0 and passed.stdout.strip() == "checked", passed.stderr[-2000:]
+    (aot_dir / name).unlink()
+    failed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert failed.returncode != 0 and "checked" not in failed.stdout and name in failed.stderr
+
+
 def test_an_upcast_vae_decoder_gets_no_package_and_runs_uncompiled(tiny_model_dir, cpu_config, monkeypatch, caplog,
                                                                     tmp_path):
     """A float32 VAE decoder under a float16 UNet (SDXL's, whose packages faulted on an H100: aot.modules) is neither

@@ -290,16 +290,16 @@ def validate_packages(pipe, folder: Path, device: torch.device, entries: dict[st
     the plain module at batch 1, 2 and its largest, and on a GPU also replayed from a CUDA graph: RuntimeError naming
     the package, size and batch that differs. Run by compile_artifacts.py in a fresh process after the build, before
     they are indexed: a package whose code faults on the GPU (SDXL's float32 VAE decoder packages did on an H100:
-    `modules`) takes that process down with it, so its size is never indexed. A run that
-    finds the GPU out of memory (--jobs builds share it) is logged as not checked, not as a failure."""
+    `modules`) takes that process down with it, so its size is never indexed. A run that finds the GPU out of memory
+    (--jobs builds share it) is logged as not checked, not as a failure, unless no run of a package was checked."""
     for name, info in entries.items():
         module, size = info["module"], tuple(info["latent_sizes"][0])
+        logger.info("AOT: checking %s (a fault ends this process: the last such line names the package)", name)
         wrapper = _wrapper(pipe, module)
         runner = bind(load_package(folder / AOT_DIR / name), wrapper)
         largest = 2 * max_batch if module == "unet" else max_batch
         runs = [(batch, False) for batch in sorted({1, min(2, largest), largest})]
         runs += [(min(2, largest), True)] if device.type == "cuda" else []
-        logger.info("AOT: checking %s (a fault ends this process: the last such line names the package)", name)
         checked = []
         for batch, in_graph in runs:
             out_of_memory, error = False, None
@@ -316,7 +316,10 @@ def validate_packages(pipe, folder: Path, device: torch.device, entries: dict[st
                                    f"module by {error:.3g} (relative) at batch {batch}" + (" in a CUDA graph"
                                                                                           if in_graph else ""))
             checked.append(f"{batch}{' (CUDA graph)' if in_graph else ''}")
-        logger.info("AOT: %s checked at batch %s", name, ", ".join(checked) or "none (out of memory)")
+        if not checked:  # (then this fresh process is the only check there is: a size unchecked is not indexed)
+            raise RuntimeError(f"the {module} package for latents {size[0]}x{size[1]} could not be checked: the GPU "
+                               "was out of memory at every batch (fewer --jobs leave it more)")
+        logger.info("AOT: %s checked at batch %s", name, ", ".join(checked))
 
 
 def _fits(info: dict, mine: dict, size) -> bool:
