@@ -165,8 +165,10 @@ def test_an_upcast_vae_decoder_gets_no_package_and_runs_uncompiled(tiny_model_di
         monkeypatch.setattr(aot, "load_packages", lambda pipe, *args: packaged)
         decode = pipe.vae.decode
         caplog.clear()
+        report = {}
         with caplog.at_level(logging.INFO, logger="sd_engine.optimize"):
-            optimize(pipe, config, CPU, "eager", 1, ((64, 64),), tmp_path)
+            optimize(pipe, config, CPU, "eager", 1, ((64, 64),), tmp_path, report)
+        assert report.get("uncompiled") == (None if vae_compiled else ["vae_decode"])  # (no compile artifacts loaded)
         # No UNet package either: the decoder is compiled as before (wrapped); beside a packaged UNet it is not.
         assert (pipe.vae.decode != decode) == vae_compiled
         assert ("VAE decoder uncompiled (no package for a float32 decoder" in caplog.text) == (not vae_compiled)

@@ -238,7 +238,8 @@ def load_engine(config: EngineConfig, source: str | Path, device: torch.device, 
     optimize(pipe, config, device, backend, max_batch_size, compiled_sizes=rules.sizes, artifacts=folder,
              report=optimized)
     # torch.compile's own artifacts, for what still compiles (it compiles lazily: at warm-up, after this).
-    artifacts = load_compile_artifacts(folder, device) if folder and len(optimized.get("aot", [])) < 2 else None
+    compiling = folder and len(optimized.get("aot", [])) + len(optimized.get("uncompiled", [])) < 2
+    artifacts = load_compile_artifacts(folder, device) if compiling else None
     optimize_s = time.perf_counter() - start
 
     # 4. Warm up.

@@ -64,7 +64,8 @@ def optimize(pipe, config, device: torch.device, backend: str, max_batch_size: i
     `max_batch_size`: the most images the engine will generate in one call (DeepSpeed's workspace is sized for it).
     `compiled_sizes`: the (height, width) images that run compiled when config.compile is on.
     `artifacts`: the compile-artifacts folder, where AOT-compiled packages (aot.py) may replace torch.compile.
-    `report`: filled with what the caller's start-up record shows (`aot`: the modules that run AOT-compiled)."""
+    `report`: filled with what the caller's start-up record shows (`aot`: the modules that run AOT-compiled;
+    `uncompiled`: those left uncompiled beside them)."""
     if keep_vae_in_float32(pipe):
         logger.info("VAE: float32 for decoding (the pipeline upcasts this VAE, whose config sets force_upcast)")
     if config.channels_last:
@@ -104,6 +105,7 @@ def optimize(pipe, config, device: torch.device, backend: str, max_batch_size: i
             plain = tuple(module for module in MODULES if module not in modules(pipe)) if aot else ()
         if report is not None:
             report["aot"] = sorted(aot)
+            report.update({"uncompiled": list(plain)} if plain else {})
         # AOT packages are made per size (static height and width, the batch dynamic): no shapes to mark for them.
         how = {}
         for module, owner, attr in (("unet", pipe.unet, "forward"), ("vae_decode", pipe.vae, "decode")):
