@@ -201,7 +201,7 @@ def build_packages_in_parallel(args, config, batch_size: int):
 
     import torch
 
-    from sd_engine.aot import AOT_DIR, description, missing_sizes, modules, package_name, write_index
+    from sd_engine.aot import AOT_DIR, missing_sizes, modules, size_entries, write_index
     from sd_engine.artifacts import ARTIFACTS_DIR
 
     engine, record, _ = load_for_export(args, config, batch_size)
@@ -210,8 +210,7 @@ def build_packages_in_parallel(args, config, batch_size: int):
     todo = missing_sizes(engine.pipe, args.weights / ARTIFACTS_DIR, engine.device, sizes, batch_size)
     # The files each size's child writes (named by what they are made for), to remove a failed size's.
     packaged = modules(engine.pipe)  # (an upcast VAE decoder gets no package: aot.modules)
-    files = {size: [package_name(description(engine.pipe, module, engine.device, [size], batch_size))
-                    for module in packaged] for size in todo}
+    files = {size: list(size_entries(engine.pipe, engine.device, size, batch_size)) for size in todo}
     del engine
     gc.collect()  # the pipeline's weights off the GPU before the children load theirs
     torch.cuda.empty_cache()
@@ -302,17 +301,14 @@ def check_one_size(args, config, batch_size: int) -> int:
     as the building child named them) loaded as a worker loads them and checked against the plain modules
     (aot.validate_packages), before the parent indexes them. One that differs fails this size; one that faults kills
     this process, which fails the size too."""
-    from sd_engine.aot import description, modules, package_name, validate_packages
+    from sd_engine.aot import size_entries, validate_packages
     from sd_engine.artifacts import ARTIFACTS_DIR
 
     size = tuple(int(side) for side in args.check_size.split("x"))
     engine, _, _ = load_for_export(args, config, batch_size)
     pipe, device = engine.pipe, engine.device
-    entries = {}
-    for module in modules(pipe):
-        info = description(pipe, module, device, [size], batch_size)
-        entries[package_name(info)] = info
-    validate_packages(pipe, args.weights / ARTIFACTS_DIR, device, entries, batch_size)
+    validate_packages(pipe, args.weights / ARTIFACTS_DIR, device, size_entries(pipe, device, size, batch_size),
+                      batch_size)
     print("checked")
     return 0
 

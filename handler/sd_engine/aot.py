@@ -129,24 +129,30 @@ def package_name(info: dict) -> str:
     return f"{info['module']}-{file_name(info).removesuffix('.bin')}.pt2"
 
 
+def size_entries(pipe, device: torch.device, latent_size, max_batch: int) -> dict[str, dict]:
+    """{package file name: description} of the packages made for one latent size: what build_packages writes and
+    indexes, and what the build's parent (to remove a failed size's files) and its fresh check expect."""
+    infos = [description(pipe, module, device, [latent_size], max_batch) for module in modules(pipe)]
+    return {package_name(info): info for info in infos}
+
+
 def build_packages(pipe, folder: Path, device: torch.device, latent_size, max_batch: int) -> dict[str, dict]:
     """Export and AOT-compile the UNet and the VAE decoder of an optimized pipeline (dtype, channels-last and the VAE
     precision already as the worker will have them) for one latent size; write the packages into `folder`/aot and
     return their index entries (write_index records them: processes building other sizes may run alongside)."""
     folder = folder / AOT_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    entries = {}
-    for module in modules(pipe):
+    entries = size_entries(pipe, device, latent_size, max_batch)
+    for name, info in entries.items():
+        module = info["module"]
         wrapper = _wrapper(pipe, module)
         args, (shapes,) = _examples(pipe, module, device, latent_size, max_batch)
         start = time.perf_counter()
+        path = folder / name
         with torch.no_grad():
             exported = torch.export.export(wrapper, args, dynamic_shapes=shapes, strict=False)
-            info = description(pipe, module, device, [latent_size], max_batch)
-            path = folder / package_name(info)
             torch._inductor.aoti_compile_and_package(
                 exported, package_path=str(path), inductor_configs={"aot_inductor.package_constants_in_so": False})
-        entries[path.name] = info
         logger.info("AOT: %s for latents %dx%d compiled to %s (%.1f MB) in %.0f s", module, *latent_size, path.name,
                     path.stat().st_size / 2**20, time.perf_counter() - start)
     return entries
