@@ -110,6 +110,24 @@ def test_warmup_refuses_a_failed_generation(cpu_config, cpu_rules):
         engine.warmup()
 
 
+def test_warmup_runs_the_largest_batch_and_size_first(tiny_engine, monkeypatch, cpu_config, cpu_rules):
+    # Later, smaller shapes then fit in the memory (and the CUDA graphs' pool) the first ones reserved.
+    calls = []
+    pipeline_class = type(tiny_engine.pipe)
+    real_call = pipeline_class.__call__
+
+    def recording_call(self, **kwargs):  # records the shape, generates with the real pipeline
+        calls.append((len(kwargs["prompt"]), kwargs["height"], kwargs["width"]))
+        return real_call(self, **kwargs)
+
+    monkeypatch.setattr(pipeline_class, "__call__", recording_call)
+    rules = dataclasses.replace(cpu_rules, sizes=((64, 64), (64, 96), (96, 96), (96, 64)))
+    Engine(tiny_engine.pipe, cpu_config.replace(compile=True), tiny_engine.device, max_batch_size=2,
+           rules=rules).warmup(2)
+    assert calls == [(2, 96, 96), (2, 64, 96), (2, 96, 64), (2, 64, 64),
+                     (1, 96, 96), (1, 64, 96), (1, 96, 64), (1, 64, 64)]
+
+
 def test_nan_pixels_are_an_error_not_a_black_image(cpu_config, cpu_rules):
     engine = Engine(_FailingPipe(None), cpu_config, torch.device("cpu"), rules=cpu_rules)  # None: NaN pixels
     [result] = engine.generate([parse_request({"prompt": "x"}, cpu_rules)])

@@ -155,20 +155,23 @@ def signature(leaves: list, spec) -> tuple | None:
     return tuple(parts)
 
 
-def graph_pipeline(pipe, device: torch.device, budget: GraphBudget, reset_on_larger_batch: bool = False) -> dict:
+def graph_pipeline(pipe, device: torch.device, budget: GraphBudget, reset_on_larger_batch: bool = False,
+                   warmup_calls: int = 2) -> dict:
     """Route the pipeline's UNet, text encoder(s) (SDXL has two) and VAE decoder through GraphCaches sharing one
-    memory pool and `budget`, in place."""
+    memory pool and `budget`, in place; each new shape is called `warmup_calls` times before its capture."""
     pool = torch.cuda.graph_pool_handle()
-    caches = {"unet": GraphCache(pipe.unet.forward, "unet", device, pool, budget, reset_on_larger_batch)}
+    caches = {"unet": GraphCache(pipe.unet.forward, "unet", device, pool, budget, reset_on_larger_batch,
+                                 warmup_calls)}
     pipe.unet.forward = caches["unet"]
     for name in ("text_encoder", "text_encoder_2"):
         encoder = getattr(pipe, name, None)
         if encoder is not None:
-            caches[name] = encoder.forward = GraphCache(encoder.forward, name, device, pool, budget)
+            caches[name] = encoder.forward = GraphCache(encoder.forward, name, device, pool, budget,
+                                                        warmup_calls=warmup_calls)
     # AutoencoderKL.decode accepts a `generator` and ignores it; dropping it keeps the call graphable.
     vae_decode = pipe.vae.decode
     vae = GraphCache(lambda z, return_dict=True: vae_decode(z, return_dict=return_dict), "vae_decode", device, pool,
-                     budget)
+                     budget, warmup_calls=warmup_calls)
     pipe.vae.decode = lambda z, return_dict=True, generator=None: vae(z, return_dict=return_dict)
     caches["vae_decode"] = vae
     return caches

@@ -108,11 +108,13 @@ def optimize(pipe, config, device: torch.device, backend: str, max_batch_size: i
             report.update({"uncompiled": list(plain)} if plain else {})
         # AOT packages are made per size (static height and width, the batch dynamic): no shapes to mark for them.
         how = {}
+        dynamo = False
         for module, owner, attr in (("unet", pipe.unet, "forward"), ("vae_decode", pipe.vae, "decode")):
             if module in plain:
                 how[module] = "uncompiled (no package for a float32 decoder: aot.modules)"
                 continue
             call = getattr(owner, attr)
+            dynamo = dynamo or module not in aot
             setattr(owner, attr, by_latent_size(aot.get(module) or torch.compile(call), call, latents,
                                                 () if module in aot else dims))
             how[module] = ("ahead of time (AOTInductor packages, static per size, batch dynamic)" if module in aot
@@ -125,7 +127,11 @@ def optimize(pipe, config, device: torch.device, backend: str, max_batch_size: i
         cap = config.cuda_graph_memory_gib
         budget = GraphBudget(None if cap is None else int(cap * 2**30))
         # Should DeepSpeed's workspace still grow (a batch beyond the pinned size), graphs made before are dropped.
-        graphed = graph_pipeline(pipe, device, budget, reset_on_larger_batch=backend == "deepspeed")
+        # Before a capture, one call of each new shape outside the graph does the lazy work (kernels loaded, cuBLAS
+        # and cuDNN set up); torch.compile, which compiles in that call, and DeepSpeed get a second, as before.
+        warmup_calls = 2 if backend == "deepspeed" or (config.compile and dynamo) else 1
+        graphed = graph_pipeline(pipe, device, budget, reset_on_larger_batch=backend == "deepspeed",
+                                 warmup_calls=warmup_calls)
         logger.info("cuda_graph: %s captured per input shape, %s", ", ".join(graphed),
                     "no memory cap" if cap is None else f"all graphs together capped at {cap:g} GiB")
     return pipe
