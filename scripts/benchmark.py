@@ -255,9 +255,10 @@ def check_loras(args, base: dict, record: dict, save, names=("a", "b", "c", "d")
 
 
 def vae_decode_ms(weights: Path, size: int, runs: int = 5) -> dict | None:
-    """For a pipeline that upcasts its VAE (SDXL): one eager, channels-last decode of a batch-1 latent in float32 (what
-    the engine does, as diffusers does) and in float16 (what a VAE without force_upcast, e.g. the fp16-fix one, costs).
-    Median milliseconds of `runs` after an untimed one."""
+    """For a pipeline that upcasts its VAE (SDXL): one eager decode of a batch-1 latent in float32 (what the engine
+    does, as diffusers does) and in float16 (what a VAE without force_upcast, e.g. the fp16-fix one, costs), each with
+    channels-last weights (as the engine keeps them) and contiguous ones (`_nchw`: the layout for a decoder that runs
+    uncompiled, should it be faster). Median milliseconds of `runs` after an untimed one."""
     import diffusers
     from diffusers import AutoencoderKL
 
@@ -266,13 +267,14 @@ def vae_decode_ms(weights: Path, size: int, runs: int = 5) -> dict | None:
         return None
     timings = {}
     for dtype in (torch.float32, torch.float16):
-        vae = AutoencoderKL.from_pretrained(weights / "vae", dtype=dtype).to("cuda", memory_format=torch.channels_last)
-        latent = torch.randn(1, 4, size // 8, size // 8, device="cuda", dtype=dtype)
-        with torch.no_grad():
-            times = timed_runs(partial(vae.decode, latent), runs, warmup=1)
-        timings[str(dtype).removeprefix("torch.")] = round(statistics.median(times) * 1000, 2)
-        del vae
-        free()
+        for layout, suffix in ((torch.channels_last, ""), (torch.contiguous_format, "_nchw")):
+            vae = AutoencoderKL.from_pretrained(weights / "vae", dtype=dtype).to("cuda", memory_format=layout)
+            latent = torch.randn(1, 4, size // 8, size // 8, device="cuda", dtype=dtype)
+            with torch.no_grad():
+                times = timed_runs(partial(vae.decode, latent), runs, warmup=1)
+            timings[str(dtype).removeprefix("torch.") + suffix] = round(statistics.median(times) * 1000, 2)
+            del vae
+            free()
     log.info("VAE decode at %dx%d, batch 1, eager: %s ms", size, size, timings)
     return timings
 
