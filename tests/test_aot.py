@@ -150,12 +150,17 @@ def test_an_upcast_vae_decoder_gets_no_package_and_runs_uncompiled(tiny_model_di
     GPU (`dtype: float32`, never tried) is treated alike: a stand-in pipeline reaches that branch here."""
     from types import SimpleNamespace
 
-    from sd_engine import aot
+    from sd_engine import aot, graphs
     from sd_engine.optimize import optimize
 
     on_gpu = SimpleNamespace(dtype=torch.float32, device=torch.device("cuda", 0))
     assert aot.modules(SimpleNamespace(unet=on_gpu, vae=on_gpu)) == ("unet",)
-    config = replace(cpu_config, compile=True, cuda_graph=False)
+    # cuda_graph on, with a fake graph_pipeline (no CUDA graph can be captured on a CPU) that records how many calls
+    # precede each capture: two where torch.compile compiles in the first, else one.
+    config = replace(cpu_config, compile=True, cuda_graph=True)
+    warmup_calls = []
+    monkeypatch.setattr(graphs, "graph_pipeline", lambda *args, **kwargs: warmup_calls.append(kwargs["warmup_calls"])
+                        or {})
     for packaged, vae_compiled in (({}, True), ({"unet": object()}, False)):
         pipe = load_engine(replace(cpu_config, warmup=False), tiny_model_dir, CPU).pipe
         assert aot.modules(pipe) == ("unet", "vae_decode")  # float32 throughout, as on any CPU: both packaged
@@ -169,6 +174,8 @@ def test_an_upcast_vae_decoder_gets_no_package_and_runs_uncompiled(tiny_model_di
         with caplog.at_level(logging.INFO, logger="sd_engine.optimize"):
             optimize(pipe, config, CPU, "eager", 1, ((64, 64),), tmp_path, report)
         assert report.get("uncompiled") == (None if vae_compiled else ["vae_decode"])  # (no compile artifacts loaded)
+        assert report["torch_compile"] == (["unet", "vae_decode"] if vae_compiled else [])  # the warm-up's order
+        assert warmup_calls.pop() == (2 if vae_compiled else 1)
         # No UNet package either: the decoder is compiled as before (wrapped); beside a packaged UNet it is not.
         assert (pipe.vae.decode != decode) == vae_compiled
         assert ("VAE decoder uncompiled (no package for a float32 decoder" in caplog.text) == (not vae_compiled)

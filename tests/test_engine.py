@@ -126,6 +126,38 @@ def test_warmup_runs_the_largest_batch_and_size_first(tiny_engine, monkeypatch, 
            rules=rules).warmup(2)
     assert calls == [(2, 96, 96), (2, 64, 96), (2, 96, 64), (2, 64, 64),
                      (1, 96, 96), (1, 64, 96), (1, 96, 64), (1, 64, 64)]
+    calls.clear()  # torch.compile compiling at warm-up: batch 1 first, the sizes as listed (see the next test)
+    Engine(tiny_engine.pipe, cpu_config.replace(compile=True), tiny_engine.device, max_batch_size=2,
+           rules=rules).warmup(2, torch_compile=True)
+    assert calls == [(1, 64, 64), (1, 64, 96), (1, 96, 96), (1, 96, 64),
+                     (2, 64, 64), (2, 64, 96), (2, 96, 96), (2, 96, 64)]
+
+
+def test_after_a_compiled_warm_up_no_batch_size_up_to_the_largest_compiles_again(tiny_model_dir, cpu_config,
+                                                                                 monkeypatch):
+    """Dynamo traces for real, with a counting backend standing in for inductor (whose C++ build on the CPU takes
+    minutes). Warmed up at batch 1 and 4, a batch of 2 or 3 must find compiled code: the VAE decoder's batch is the
+    images' (the UNet's is doubled by guidance), and compiled for batch 4 before batch 1 it would recompile here."""
+    from sd_engine import optimize
+
+    compiled = []
+    real_compile = torch.compile
+
+    def counting(graph_module, example_inputs):
+        compiled.append(len(example_inputs))
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(optimize.torch, "compile", lambda fn: real_compile(fn, backend=counting))
+    engine = load_engine(cpu_config.replace(compile=True, sizes=()), tiny_model_dir, torch.device("cpu"),
+                         max_batch_size=4)
+    warmed = len(compiled)
+    assert warmed
+    for batch in (2, 3):
+        results = engine.generate([parse_request({"prompt": "p", "seed": i}, engine.rules) for i in range(batch)])
+        assert all(isinstance(r, GenerationResult) for r in results)
+    assert len(compiled) == warmed, "a batch within the warmed-up range compiled again"
+    torch._dynamo.reset()
 
 
 def test_nan_pixels_are_an_error_not_a_black_image(cpu_config, cpu_rules):

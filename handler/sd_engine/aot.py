@@ -275,7 +275,7 @@ def _load_runners(pipe, module: str, folder: Path, chosen: dict, device: torch.d
 def _check(runner, wrapper, pipe, module: str, device: torch.device, latent_size, batch: int = 1,
            in_graph: bool = False, compare: bool = True, tolerance: float = 0.02):
     """One call at `batch` and `latent_size` through the package (`in_graph`: through graphs.py's GraphCache, as a
-    worker's graphs run it: warm-up calls on a side stream, capture, replay) and, with `compare`, through the plain
+    worker's graphs run it: a warm-up call on a side stream, capture, replay) and, with `compare`, through the plain
     module: None when the output is finite and agrees (largest difference within `tolerance` of the largest value),
     else that relative difference (inf: not finite). Batch 1, the worker's check, is the end of the exported range,
     the edge a compiler's assumptions meet first."""
@@ -283,7 +283,7 @@ def _check(runner, wrapper, pipe, module: str, device: torch.device, latent_size
     def call(*inputs):
         return on_device(runner, list(inputs))
 
-    got = (GraphCache(call, f"check {module}", device) if in_graph else call)(*args).float()
+    got = (GraphCache(call, f"check {module}", device, warmup_calls=1) if in_graph else call)(*args).float()
     if not torch.isfinite(got).all():
         return float("inf")
     if not compare:

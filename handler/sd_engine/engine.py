@@ -164,18 +164,23 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def warmup(self, max_batch_size: int = 1) -> float:
+    def warmup(self, max_batch_size: int = 1, torch_compile: bool = False) -> float:
         """Generate with batch 1 and `max_batch_size` at every listed size (compiled or graphed; else the default size
         alone), so JIT builds, compilation and graph capture happen now rather than in a request; fail loudly unless
-        every image is finite and of the right size."""
+        every image is finite and of the right size. `torch_compile`: torch.compile compiles at this warm-up."""
         start = time.perf_counter()
         rules = self.rules
         sizes = rules.sizes if (self.config.compile or self.config.cuda_graph) else rules.sizes[:1]
         # Largest batch and size first: later, smaller shapes then fit in the memory the first ones reserved (a new
         # high-water mark costs a capture 0.3 s more on an H100), and over DeepSpeed a larger batch would drop the
-        # graphs captured before it (see graphs.py).
-        for batch in sorted({1, max_batch_size}, reverse=True):
-            for height, width in sorted(sizes, key=lambda size: size[0] * size[1], reverse=True):
+        # graphs captured before it (see graphs.py). But torch.compile goes batch 1 first, sizes as listed: its
+        # second compile, at the larger batch, is then dynamic in the batch and serves every batch between them
+        # (compiled for the larger batch first, the batch-1 compile would stay static, torch's 0/1 rule, and a
+        # VAE decode of 2..batchSize-1 images would recompile inside a request).
+        largest_first = self.backend == "deepspeed" or not torch_compile
+        for batch in sorted({1, max_batch_size}, reverse=largest_first):
+            for height, width in (sorted(sizes, key=lambda size: size[0] * size[1], reverse=True) if largest_first
+                                  else sizes):
                 size_start = time.perf_counter()
                 requests = [GenerationRequest(prompt="warm-up", negative_prompt=None,
                                               num_inference_steps=self.config.warmup_steps,
@@ -240,13 +245,13 @@ def load_engine(config: EngineConfig, source: str | Path, device: torch.device, 
     optimize(pipe, config, device, backend, max_batch_size, compiled_sizes=rules.sizes, artifacts=folder,
              report=optimized)
     # torch.compile's own artifacts, for what still compiles (it compiles lazily: at warm-up, after this).
-    compiling = folder and len(optimized.get("aot", [])) + len(optimized.get("uncompiled", [])) < 2
-    artifacts = load_compile_artifacts(folder, device) if compiling else None
+    compiling = bool(optimized["torch_compile"])
+    artifacts = load_compile_artifacts(folder, device) if folder and compiling else None
     optimize_s = time.perf_counter() - start
 
     # 4. Warm up.
     engine = Engine(pipe, config, device, backend, max_batch_size, rules, adapters)
-    warmup_s = engine.warmup(max_batch_size) if config.warmup else 0.0
+    warmup_s = engine.warmup(max_batch_size, torch_compile=compiling) if config.warmup else 0.0
     budget = getattr(pipe.unet.forward, "budget", None)  # the CUDA graphs' memory (graphs.GraphBudget), when on
     graph_gib = budget.total_bytes / 2**30 if budget is not None else 0.0
     logger.info("engine ready: %s, torch %s, diffusers %s, device %s, dtype %s, backend %s, cuda_graph %s; "

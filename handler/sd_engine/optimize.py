@@ -65,7 +65,7 @@ def optimize(pipe, config, device: torch.device, backend: str, max_batch_size: i
     `compiled_sizes`: the (height, width) images that run compiled when config.compile is on.
     `artifacts`: the compile-artifacts folder, where AOT-compiled packages (aot.py) may replace torch.compile.
     `report`: filled with what the caller's start-up record shows (`aot`: the modules that run AOT-compiled;
-    `uncompiled`: those left uncompiled beside them)."""
+    `uncompiled`: those left uncompiled beside them; `torch_compile`: those torch.compile compiles at warm-up)."""
     if keep_vae_in_float32(pipe):
         logger.info("VAE: float32 for decoding (the pipeline upcasts this VAE, whose config sets force_upcast)")
     if config.channels_last:
@@ -87,6 +87,7 @@ def optimize(pipe, config, device: torch.device, backend: str, max_batch_size: i
         from .fp8 import fp8_linears
 
         fp8_linears(pipe.unet)
+    dynamo: list[str] = []  # the modules torch.compile compiles (lazily: at warm-up)
     if config.compile:
         scale = pipe.vae_scale_factor
         latents = {(height // scale, width // scale) for height, width in compiled_sizes}
@@ -108,19 +109,20 @@ def optimize(pipe, config, device: torch.device, backend: str, max_batch_size: i
             report.update({"uncompiled": list(plain)} if plain else {})
         # AOT packages are made per size (static height and width, the batch dynamic): no shapes to mark for them.
         how = {}
-        dynamo = False
         for module, owner, attr in (("unet", pipe.unet, "forward"), ("vae_decode", pipe.vae, "decode")):
             if module in plain:
                 how[module] = "uncompiled (no package for a float32 decoder: aot.modules)"
                 continue
             call = getattr(owner, attr)
-            dynamo = dynamo or module not in aot
+            dynamo += [] if module in aot else [module]
             setattr(owner, attr, by_latent_size(aot.get(module) or torch.compile(call), call, latents,
                                                 () if module in aot else dims))
             how[module] = ("ahead of time (AOTInductor packages, static per size, batch dynamic)" if module in aot
                            else f"with torch.compile ({'dynamic in batch, height and width' if dims else 'static'})")
         logger.info("compile: UNet %s, VAE decoder %s, for %s; other sizes run uncompiled", how["unet"],
                     how["vae_decode"], ", ".join(f"{w}x{h}" for h, w in sorted(compiled_sizes)))
+    if report is not None:
+        report["torch_compile"] = dynamo
     if config.cuda_graph:
         from .graphs import GraphBudget, graph_pipeline
 
@@ -129,7 +131,7 @@ def optimize(pipe, config, device: torch.device, backend: str, max_batch_size: i
         # Should DeepSpeed's workspace still grow (a batch beyond the pinned size), graphs made before are dropped.
         # Before a capture, one call of each new shape outside the graph does the lazy work (kernels loaded, cuBLAS
         # and cuDNN set up); torch.compile, which compiles in that call, and DeepSpeed get a second, as before.
-        warmup_calls = 2 if backend == "deepspeed" or (config.compile and dynamo) else 1
+        warmup_calls = 2 if backend == "deepspeed" or dynamo else 1
         graphed = graph_pipeline(pipe, device, budget, reset_on_larger_batch=backend == "deepspeed",
                                  warmup_calls=warmup_calls)
         logger.info("cuda_graph: %s captured per input shape, %s", ", ".join(graphed),
