@@ -47,3 +47,22 @@ def tiny_engine(tiny_model_dir, cpu_config):
 def cpu_rules(tiny_engine):
     """The request defaults and limits the CPU config gives the tiny model (64x64, 4 steps, sides up to 256)."""
     return tiny_engine.rules
+
+
+@pytest.fixture
+def dynamo_compiles(monkeypatch):
+    """The engine's torch.compile, tracing for real with Dynamo but compiling through a counting backend instead of
+    inductor (whose C++ build on the CPU takes minutes): the list gets one entry per graph compiled."""
+    from sd_engine import optimize
+
+    compiled = []
+    real_compile = torch.compile
+
+    def counting(graph_module, example_inputs):
+        compiled.append(len(example_inputs))
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(optimize.torch, "compile", lambda fn: real_compile(fn, backend=counting))
+    yield compiled
+    torch._dynamo.reset()

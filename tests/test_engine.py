@@ -134,21 +134,11 @@ def test_warmup_runs_the_largest_batch_and_size_first(tiny_engine, monkeypatch, 
 
 
 def test_after_a_compiled_warm_up_no_batch_size_up_to_the_largest_compiles_again(tiny_model_dir, cpu_config,
-                                                                                 monkeypatch):
-    """Dynamo traces for real, with a counting backend standing in for inductor (whose C++ build on the CPU takes
-    minutes). Warmed up at batch 1 and 4, a batch of 2 or 3 must find compiled code: the VAE decoder's batch is the
-    images' (the UNet's is doubled by guidance), and compiled for batch 4 before batch 1 it would recompile here."""
-    from sd_engine import optimize
-
-    compiled = []
-    real_compile = torch.compile
-
-    def counting(graph_module, example_inputs):
-        compiled.append(len(example_inputs))
-        return graph_module.forward
-
-    torch._dynamo.reset()
-    monkeypatch.setattr(optimize.torch, "compile", lambda fn: real_compile(fn, backend=counting))
+                                                                                 dynamo_compiles):
+    """Dynamo traces for real (a counting backend stands in for inductor: conftest). Warmed up at batch 1 and 4, a
+    batch of 2 or 3 must find compiled code: the VAE decoder's batch is the images' (the UNet's is doubled by
+    guidance), and compiled for batch 4 before batch 1 it would recompile here."""
+    compiled = dynamo_compiles
     engine = load_engine(cpu_config.replace(compile=True, sizes=()), tiny_model_dir, torch.device("cpu"),
                          max_batch_size=4)
     warmed = len(compiled)
@@ -157,7 +147,6 @@ def test_after_a_compiled_warm_up_no_batch_size_up_to_the_largest_compiles_again
         results = engine.generate([parse_request({"prompt": "p", "seed": i}, engine.rules) for i in range(batch)])
         assert all(isinstance(r, GenerationResult) for r in results)
     assert len(compiled) == warmed, "a batch within the warmed-up range compiled again"
-    torch._dynamo.reset()
 
 
 def test_nan_pixels_are_an_error_not_a_black_image(cpu_config, cpu_rules):

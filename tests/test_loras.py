@@ -111,21 +111,11 @@ def test_unusable_files_are_reported_by_name_and_the_model_serves_without_them(l
         error.value)
 
 
-def test_a_switch_never_recompiles(lora_model, monkeypatch):
+def test_a_switch_never_recompiles(lora_model, dynamo_compiles):
     """The adapters change the weights in place, so compiled code stays valid: Dynamo traces for real here, with a
-    counting backend standing in for inductor (whose C++ build on the CPU takes minutes). CUDA graphs, which read
-    the same tensors, cannot run on a CPU: the GPU benchmark checks them."""
-    from sd_engine import optimize
-
-    compiled = []
-    real_compile = torch.compile
-
-    def counting(graph_module, example_inputs):
-        compiled.append(len(example_inputs))
-        return graph_module.forward
-
-    torch._dynamo.reset()
-    monkeypatch.setattr(optimize.torch, "compile", lambda fn: real_compile(fn, backend=counting))
+    counting backend standing in for inductor (conftest). CUDA graphs, which read the same tensors, cannot run on a
+    CPU: the GPU benchmark checks them."""
+    compiled = dynamo_compiles
     engine = load_engine(config(compile=True, sizes=()), lora_model, CPU)
     plain = image(engine)
     first = len(compiled)
@@ -133,7 +123,6 @@ def test_a_switch_never_recompiles(lora_model, monkeypatch):
     image(engine, loras={"style": 0.5, "detail": 0.5})
     assert np.array_equal(image(engine), plain) and not np.array_equal(styled, plain)
     assert len(compiled) == first, "a switch recompiled"
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("loras, reason", [
