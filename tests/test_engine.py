@@ -75,8 +75,9 @@ class _FailingPipe:
     def __call__(self, **kwargs):
         if kwargs["height"] == 128:
             raise self.error
-        pixels = np.full((kwargs["height"], kwargs["width"], 3), 0.5 if self.error else np.nan)
-        return types.SimpleNamespace(images=[pixels] * len(kwargs["prompt"]))
+        images = torch.full((len(kwargs["prompt"]), 3, kwargs["height"], kwargs["width"]),
+                            0.5 if self.error else float("nan"))
+        return types.SimpleNamespace(images=images)
 
 
 @pytest.mark.parametrize("error, expected, status", [
