@@ -150,6 +150,30 @@ def test_after_a_compiled_warm_up_no_batch_size_up_to_the_largest_compiles_again
     assert len(compiled) == warmed, "a batch within the warmed-up range compiled again"
 
 
+def test_pixels_are_the_bytes_diffusers_pil_output_gives(cpu_rules):
+    """to_pixels converts where the images are; its bytes must be those of diffusers' own "pil" output (numpy, float32,
+    x255, round half to even), at every half-way value, for float16 and float32 images, with out-of-range values
+    clipped and non-finite images flagged."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from sd_engine.engine import to_pixels
+
+    halves = (torch.arange(0, 255) + 0.5) / 255  # half-way between two grey levels, where rounding rules differ
+    values = torch.cat([torch.rand(5000, generator=torch.Generator().manual_seed(0)), halves,
+                        torch.tensor([0.0, 1.0, -0.2, 1.5])])
+    side = 64
+    values = torch.cat([values, torch.zeros(3 * side * side - len(values) % (3 * side * side))])
+    for dtype in (torch.float16, torch.float32):
+        images = values.to(dtype).reshape(-1, 3, side, side)
+        pixels, finite = to_pixels(images)
+        expected = VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images.clamp(0, 1)))
+        assert finite == [True] * len(images)
+        assert all(np.array_equal(got, np.asarray(want)) for got, want in zip(pixels, expected))
+    broken = torch.full((2, 3, 8, 8), 0.5)
+    broken[1, 0, 0, 0] = float("nan")
+    assert to_pixels(broken)[1] == [True, False]
+
+
 def test_nan_pixels_are_an_error_not_a_black_image(cpu_config, cpu_rules):
     engine = Engine(_FailingPipe(None), cpu_config, torch.device("cpu"), rules=cpu_rules)  # None: NaN pixels
     [result] = engine.generate([parse_request({"prompt": "x"}, cpu_rules)])

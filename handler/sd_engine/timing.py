@@ -1,7 +1,7 @@
 """Per-stage timing of one pipeline call: text encoder(s), denoising (every UNet call) and VAE decode.
 
 Hooks record a timestamp around each call: CUDA events on a GPU (read after the call, with one synchronize that the
-pipeline's own copy of the image to the host has already made cheap), the wall clock on the CPU. Used by the engine
+engine's copy of the pixels to the host has already made cheap), the wall clock on the CPU. Used by the engine
 for its metrics and by the benchmark.
 """
 
