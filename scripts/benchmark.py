@@ -12,7 +12,8 @@ Backends form a ladder: eager fp32 -> eager fp16 -> + our CUDA graphs -> DeepSpe
 graph (stock) -> DeepSpeed + our graphs -> ours (eager + compile + channels_last + our graphs), and ours with the
 further levers (fused QKV, FP8 matmuls). It also records a shape-safety check (batch 1 -> 3 -> 1 and 512 -> 768 -> 512
 through one graphed engine, compared with eager) and the cold start (fresh process -> engine ready). For a pipeline
-that upcasts its VAE (SDXL) it times one VAE decode in float32 and in float16 (`vae_decode_ms`).
+that upcasts its VAE (SDXL) it times one VAE decode in float32 and in float16, with channels-last and contiguous
+weights (`vae_decode_ms`).
 
 Writes <out-dir>/<gpu>-<preset>-<date>.json (a list of rows under "rows") and a .png plot next to it, after every row,
 so a run cut short keeps what it measured. Progress bars and logs on stderr. The random-weight folder, timing, parity

@@ -256,8 +256,8 @@ def _load_runners(pipe, module: str, folder: Path, chosen: dict, device: torch.d
             # After the build, each was compared with the plain module at batch 1, 2 and its largest, and from a CUDA
             # graph, in a fresh process (validate_packages); the index matched platform, CPU level, model, dtype and
             # layout. Here one call says the package runs on these weights; comparing it again would add the plain
-            # module's first run to the start (with it, the first package's check took 3.3-3.8 s of 4.5-5.0 s for
-            # SD 1.5 on an H100; how much of that this saves is not yet measured).
+            # module's first run to the start (SD 1.5, 4 sizes, H100: the packages' step took 5.4 s with it, 2.2 s
+            # without: bench/results/h100-sd15-2026-12-06-aot-4sizes-largest-first.log).
             logger.info("AOT: first run of %s (a fault ends this process: this line names the package)", name)
             error = _check(runner, wrapper, pipe, module, device, size, compare=False)
             logger.info("AOT: %s loaded in %.1f s, first run in %.1f s", name, loaded_s,

@@ -161,7 +161,7 @@ def graph_pipeline(pipe, device: torch.device, budget: GraphBudget, reset_on_lar
     memory pool and `budget`, in place; each new shape is called `warmup_calls` times before its capture."""
     pool = torch.cuda.graph_pool_handle()
     caches = {"unet": GraphCache(pipe.unet.forward, "unet", device, pool, budget, reset_on_larger_batch,
-                                 warmup_calls)}
+                                 warmup_calls=warmup_calls)}
     pipe.unet.forward = caches["unet"]
     for name in ("text_encoder", "text_encoder_2"):
         encoder = getattr(pipe, name, None)

@@ -114,7 +114,8 @@ def optimize(pipe, config, device: torch.device, backend: str, max_batch_size: i
                 how[module] = "uncompiled (no package for a float32 decoder: aot.modules)"
                 continue
             call = getattr(owner, attr)
-            dynamo += [] if module in aot else [module]
+            if module not in aot:
+                dynamo.append(module)
             setattr(owner, attr, by_latent_size(aot.get(module) or torch.compile(call), call, latents,
                                                 () if module in aot else dims))
             how[module] = ("ahead of time (AOTInductor packages, static per size, batch dynamic)" if module in aot
