@@ -114,12 +114,14 @@ def optimize(pipe, config, device: torch.device, backend: str, max_batch_size: i
                 how[module] = "uncompiled (no package for a float32 decoder: aot.modules)"
                 continue
             call = getattr(owner, attr)
-            if module not in aot:
+            if module in aot:
+                compiled, marked = aot[module], ()
+                how[module] = "ahead of time (AOTInductor packages, static per size, batch dynamic)"
+            else:
+                compiled, marked = torch.compile(call), dims
                 dynamo.append(module)
-            setattr(owner, attr, by_latent_size(aot.get(module) or torch.compile(call), call, latents,
-                                                () if module in aot else dims))
-            how[module] = ("ahead of time (AOTInductor packages, static per size, batch dynamic)" if module in aot
-                           else f"with torch.compile ({'dynamic in batch, height and width' if dims else 'static'})")
+                how[module] = f"with torch.compile ({'dynamic in batch, height and width' if dims else 'static'})"
+            setattr(owner, attr, by_latent_size(compiled, call, latents, marked))
         logger.info("compile: UNet %s, VAE decoder %s, for %s; other sizes run uncompiled", how["unet"],
                     how["vae_decode"], ", ".join(f"{w}x{h}" for h, w in sorted(compiled_sizes)))
     if report is not None:
