@@ -136,19 +136,44 @@ def predict_with_key_file(base_url: str, model: str, payload: dict | str, token:
     return status, headers, body
 
 
+def worker_load_error(model_log: str | Path) -> str | None:
+    """What killed a TorchServe worker, from the server's model_log.log, once one has died: the exception line its
+    traceback ends with (e.g. `sd_engine.errors.ConfigError: handler.compile: ...`). None while no worker has died.
+    TorchServe retries a worker that fails to load forever, with back-off, and lists the model as loading meanwhile."""
+    try:
+        text = Path(model_log).read_text(errors="replace")
+    except OSError:
+        return None
+    messages = [line.split(" MODEL_LOG - ", 1)[1] for line in text.splitlines() if " MODEL_LOG - " in line]
+    if "Backend worker process died." not in messages:
+        return None
+    after = messages[messages.index("Backend worker process died."):]
+    in_traceback = False
+    for message in after:
+        if message.startswith("Traceback (most recent call last)"):
+            in_traceback = True
+        elif in_traceback and message.strip() and not message[0].isspace():
+            return message.strip()
+    return "a worker died (its traceback is not in model_log.log yet)"
+
+
 def wait_until_ready(management_url: str, model: str, key_file: str | Path | None, timeout: float,
-                     workers: int = 1, alive=None) -> None:
+                     workers: int = 1, alive=None, model_log: str | Path | None = None) -> None:
     """Poll GET /models/<model> until `workers` workers are READY (TorchServe's /ping stays Healthy while loading).
 
     The management key is read from `key_file` on each try: `torchserve --start` returns before it writes the file.
     `alive` (optional, a callable) is asked on each try whether the server still runs: a frontend that died at start
-    fails the wait at once instead of at the deadline.
+    fails the wait at once instead of at the deadline. So does a worker that died while loading, given the server's
+    `model_log` (its LOG_LOCATION's model_log.log): the error is in the message.
     """
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
         if alive is not None and not alive():
             raise ServerUnreachable(f"the server exited before model {model!r} was ready ({last})")
+        error = worker_load_error(model_log) if model_log else None
+        if error:
+            raise ServerUnreachable(f"a worker of model {model!r} died while loading: {error}")
         try:
             token = current_key(key_file, "management", management_url) if key_file else None
         except (OSError, ValueError, KeyError, KeyRenewalFailed):  # not there yet, or created but not yet written

@@ -3,8 +3,8 @@
 
 Builds an SD-model-shaped pipeline with random weights (same speed as real weights), or takes --weights (a diffusers
 folder, with the AOT packages compile_artifacts.py made in it), packages it in the no-archive layout with --config's
-model config (default: the shipped GPU one), then runs these phases, each with the real TorchServe (Java frontend,
-`--ncs --ts-config`, tokens on):
+model config (default: the shipped GPU one; --backend, --compile, --batch-size and --size override its settings), then
+runs these phases, each with the real TorchServe (Java frontend, `--ncs --ts-config`, tokens on):
 
 1. `1gpu-cold`: one worker, empty JIT cache. Time from `torchserve --start` to READY; one curl and one query.py
    request (their JPEGs are kept); scripts/loadtest.py at each --concurrency; the Prometheus /metrics text.
@@ -16,9 +16,11 @@ model config (default: the shipped GPU one), then runs these phases, each with t
    --front kserve), its /metrics; stopped with SIGTERM.
 
 Every phase stops its server, even on failure, and the summary is rewritten after each step, so a run cut short still
-leaves what it measured. A progress bar over the phases goes to stderr, the summary to stdout. The preset folder,
-versions and result writing are gpu_common.py's, shared with the other GPU tools. Needs torchserve (`ts`), Java on
-JAVA_HOME or PATH, and for --phases kserve the kserve package: bench/gpu/README.md says how they reach a GPU host.
+leaves what it measured. A worker that dies while loading (a config the engine refuses, say) ends its phase at once,
+with the error in the summary, instead of TorchServe retrying it until the 900 s wait runs out. A progress bar over
+the phases goes to stderr, the summary to stdout. The preset folder, versions and result writing are gpu_common.py's,
+shared with the other GPU tools. Needs torchserve (`ts`), Java on JAVA_HOME or PATH, and for --phases kserve the
+kserve package: bench/gpu/README.md says how they reach a GPU host.
 
     python scripts/serve_bench.py --out bench/results/serving --backend deepspeed --gpus 2
 """
@@ -55,15 +57,16 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for serving.json, the plot, logs and JPEGs")
     parser.add_argument("--work", type=Path, default=Path("/tmp/sd-serve-bench"), help="scratch (model, store)")
     parser.add_argument("--preset", default="sd15", help="random-weight architecture (default: %(default)s)")
-    parser.add_argument("--backend", default="deepspeed", choices=("deepspeed", "eager"))
-    parser.add_argument("--compile", action="store_true", help="torch.compile (eager backend only)")
+    parser.add_argument("--backend", choices=("deepspeed", "eager"), help="default: --config's")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                        help="torch.compile, or its AOT packages (eager backend only; default: --config's)")
     parser.add_argument("--gpus", type=int, default=1, help="workers for the last phase, one per GPU")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, help="TorchServe's batchSize (default: --config's)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--multi-concurrency", type=int, nargs="+", help="for the N-GPU phase (default: 2x each)")
     parser.add_argument("--requests-per-client", type=int, default=4, help="requests = max(16, this x concurrency)")
     parser.add_argument("--steps", type=int, default=30, help="num_inference_steps (default: %(default)s)")
-    parser.add_argument("--size", type=int, default=512, help="height and width (default: %(default)s)")
+    parser.add_argument("--size", type=int, help="height and width (default: --config's, else the model's own)")
     parser.add_argument("--device-type", default="gpu", help="model-config deviceType (cpu: a dry run here)")
     parser.add_argument("--weights", type=Path, help="serve this diffusers folder (with the compile-artifacts/ that "
                         "compile_artifacts.py made in it) instead of building the preset's random weights")
@@ -73,6 +76,12 @@ def main(argv=None) -> int:
                         choices=("cold", "warm", "multi", "kserve"),
                         help="which phases to run (default: the TorchServe ones)")
     args = parser.parse_args(argv)
+    # Unset, the config's own settings stand (the shipped GPU one: eager with compile, batch size 8).
+    model_config = yaml.safe_load(args.config.read_text()) or {}
+    handler = model_config.get("handler") or {}
+    args.batch_size = args.batch_size or model_config.get("batchSize", 1)
+    args.backend = args.backend or handler.get("backend", "eager")
+    args.compile = handler.get("compile", False) if args.compile is None else args.compile
     # A `timeout` around this script sends SIGTERM: exit through the `finally` blocks, which stop the servers and
     # archive the logs, instead of dying with nothing recorded.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -171,7 +180,7 @@ def run_phase(name, phase, args, workers, concurrencies, clients, save):
                        cwd=args.work, env=env, stdout=out, stderr=subprocess.STDOUT, check=True)
     try:
         wait_until_ready(MANAGEMENT, MODEL, args.work / "key_file.json", timeout=900, workers=workers,
-                         alive=lambda: frontend_alive(args.work))
+                         alive=lambda: frontend_alive(args.work), model_log=logs / "model_log.log")
     except ServerUnreachable:
         phase["log_tail"] = log_tail(logs / "torchserve.out") + log_tail(logs / "model_log.log")
         raise
@@ -269,8 +278,10 @@ def write_model_config(store: Path, args, workers: int) -> None:
         config["deviceIds"] = list(range(workers))
     gpu = args.device_type == "gpu"
     config["handler"].update(weights="model", backend=args.backend, compile=args.compile, cuda_graph=gpu,
-                             channels_last=gpu and args.backend == "eager", cache_dir=str(args.work / "cache"),
-                             num_inference_steps=args.steps, height=args.size, width=args.size)
+                             channels_last=gpu and args.backend != "deepspeed", cache_dir=str(args.work / "cache"),
+                             num_inference_steps=args.steps)
+    if args.size:
+        config["handler"].update(height=args.size, width=args.size)
     manifest = json.loads((store / MODEL / "MAR-INF" / "MANIFEST.json").read_text())
     (store / MODEL / manifest["model"]["configFile"]).write_text(yaml.safe_dump(config, sort_keys=False))
 

@@ -84,3 +84,19 @@ def test_killed_worker_fails_the_in_flight_request_and_is_restarted(small_queue_
     print(f"worker restarted and READY {time.monotonic() - killed:.1f} s after the kill "
           f"(in-flight request answered {status} after {seconds:.1f} s)")
     assert server.predict({"prompt": "after the restart", "seed": 2}, token)[0] == 200
+
+
+def test_a_worker_that_dies_loading_ends_the_wait_with_its_error(tmp_path, tiny_model_dir):
+    """TorchServe retries a worker that fails to load forever and lists the model as loading meanwhile; the wait for
+    READY (query.wait_until_ready, which the tests and serve_bench.py use) must fail at once with the worker's error,
+    not at its deadline with none. Here the config is one the engine refuses when the worker starts."""
+    from query import ServerUnreachable
+
+    config = yaml.safe_load(CPU_MODEL_CONFIG.read_text())
+    config["handler"].update(backend="deepspeed", compile=True)
+    (tmp_path / "model-config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ServerUnreachable) as failed:
+        with start_server(tmp_path, tiny_model_dir, tmp_path / "model-config.yaml"):
+            pytest.fail("a worker came up with a config the engine refuses")
+    assert "died while loading" in str(failed.value)
+    assert "ConfigError: handler.compile: true works with backend eager" in str(failed.value)

@@ -92,7 +92,8 @@ def start_server(work: Path, weights: Path, model_config: Path = ROOT / "config"
         start += ["--ncs", "--models", f"{MODEL}={MODEL}.mar"]
     run_or_explain(start, work / "torchserve.out", cwd=work, env=env)
     try:
-        wait_until_ready(management, MODEL, work / "key_file.json", timeout=240)
+        wait_until_ready(management, MODEL, work / "key_file.json", timeout=240,
+                         model_log=work / "logs" / "model_log.log")
         yield Server(work, inference, management, metrics)
     finally:
         subprocess.run([str(BIN / "torchserve"), "--stop", "--foreground"], cwd=work, env=env, timeout=90,
