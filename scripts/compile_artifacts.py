@@ -68,6 +68,7 @@ def main(argv=None) -> int:
     parser.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)  # the --check child
     parser.add_argument("--build-size", help=argparse.SUPPRESS)  # an --aot child: the latent size HxW it builds
     parser.add_argument("--check-size", help=argparse.SUPPRESS)  # an --aot child: the size HxW whose packages it checks
+    parser.add_argument("--await-role", action="store_true", help=argparse.SUPPRESS)  # a pre-started --aot child
     args = parser.parse_args(argv)
     setup_logging()
     if args.jobs is not None and args.jobs < 1:
@@ -96,6 +97,15 @@ def main(argv=None) -> int:
         print("error: --aot packages are used by the eager backend without fuse_qkv and fp8 only; the config has "
               f"handler.backend {config.backend}, fuse_qkv {config.fuse_qkv}, fp8 {config.fp8}", file=sys.stderr)
         return 2
+    if args.await_role:  # imports first, while the parent loads or a size builds; then its role from the parent
+        from diffusers import DiffusionPipeline  # noqa: F401
+        import torch._inductor.package  # noqa: F401 - building and loading packages
+        import torch.export  # noqa: F401
+
+        role = sys.stdin.readline().split()
+        if len(role) != 2 or role[0] not in ("build", "check"):
+            return 0  # not needed: the parent closed stdin
+        setattr(args, f"{role[0]}_size", role[1])
     if args.build_size:
         return build_one_size(args, config, batch_size)
     if args.check_size:
@@ -190,13 +200,89 @@ def make_artifacts(args, config, batch_size: int) -> int:
     return 1 if record.get("aot_failed") else 0
 
 
+class Children:
+    """The --aot child processes (this script, one role each: build or check one size), started before they are
+    needed: each first imports diffusers and torch's compiler (12-17 s a process on the H100 hosts, where the parent's
+    load took 13-14 s and each size's fresh-process check 22-28 s, 20 s of it that import), then waits for its role
+    and size on stdin. So the imports run beside the parent's load and the builds instead of after them. A child asked
+    for when none waits is started then. TORCHINDUCTOR_COMPILE_THREADS is read at import: a build needs a child
+    started with its own share of the cores."""
+
+    def __init__(self, command: list[str], env: dict):
+        import threading
+
+        self.command, self.env, self.lock = command, env, threading.Lock()
+        self.waiting: dict[str, list] = {"build": [], "check": []}
+
+    def start(self, role: str, count: int) -> None:
+        for _ in range(count):
+            self.waiting[role].append(self._spawn())
+
+    def _spawn(self) -> subprocess.Popen:
+        return subprocess.Popen(self.command + ["--await-role"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True, env=self.env)
+
+    def rebase(self, env: dict) -> None:
+        """Builds from now on get `env` (another share of the cores): the waiting build children go."""
+        self.env = env
+        self.stop("build")
+
+    def run(self, role: str, size, timeout: float) -> str:
+        """The last line the child printed for `role` at latent `size`; RuntimeError when it failed or outlasted
+        `timeout` seconds."""
+        with self.lock:
+            process = self.waiting[role].pop() if self.waiting[role] else self._spawn()
+        try:
+            out, _ = process.communicate(f"{role} {size[0]}x{size[1]}\n", timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            raise RuntimeError(f"{role} stopped after {timeout:g} s") from None
+        lines = out.strip().splitlines()
+        if process.returncode != 0 or not lines:
+            raise RuntimeError(f"{role} exit code {process.returncode}")
+        return lines[-1]
+
+    def stop(self, *roles: str) -> None:
+        """The waiting children of `roles` (default: all) told they are not needed (stdin closed): they exit."""
+        with self.lock:
+            processes = [p for role in roles or tuple(self.waiting) for p in self.waiting[role]]
+            for role in roles or tuple(self.waiting):
+                self.waiting[role] = []
+        for process in processes:
+            try:
+                process.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate()
+
+
 def build_packages_in_parallel(args, config, batch_size: int):
     """The record of the model's load, and the index entries of the AOT packages built for the listed sizes that have
     none yet (a run cut short, e.g. by a time limit, is resumed by running it again), each size built by a child
-    process (--build-size) and checked by another (--check-size), --jobs sizes at a time; the index gains each size's
-    packages as soon as they are built and checked. A size whose child fails (its packages differ from the plain
-    modules, or fault, or a child outlasts --build-timeout) is named in the record's `aot_failed` and stays out of the
-    index."""
+    process and checked by another (Children), --jobs sizes at a time; the index gains each size's packages as soon
+    as they are built and checked. A size whose child fails (its packages differ from the plain modules, or fault, or
+    a child outlasts --build-timeout) is named in the record's `aot_failed` and stays out of the index."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+    def child_env(jobs: int) -> dict:  # Inductor's compile workers shared out, so the builds do not oversubscribe
+        return dict(os.environ, PYTHONUNBUFFERED="1", TORCHINDUCTOR_COMPILE_THREADS=str(max(1, cpus // jobs)))
+
+    # The children start before this process loads the model, so their number is a guess from the config: right
+    # for a build of every size the config lists (a size missing from a run cut short gets a child started later).
+    listed = cpus if config.sizes is None else len({tuple(size) for size in config.sizes}) or 1  # []: the default
+    guess = max(1, min(listed, args.jobs or cpus // 4))
+    children = Children([sys.executable, __file__, str(args.weights), "--config", str(args.config), "--batch-size",
+                         str(batch_size), "--aot"], child_env(guess))
+    children.start("build", guess)
+    children.start("check", guess)
+    try:
+        return _build_with(children, args, config, batch_size, cpus, guess, child_env)
+    finally:
+        children.stop()
+
+
+def _build_with(children: Children, args, config, batch_size: int, cpus: int, guess: int, child_env):
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     import torch
@@ -214,41 +300,27 @@ def build_packages_in_parallel(args, config, batch_size: int):
     del engine
     gc.collect()  # the pipeline's weights off the GPU before the children load theirs
     torch.cuda.empty_cache()
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     jobs = max(1, min(len(todo) or 1, args.jobs or cpus // 4))
-    # Inductor's compile workers shared out, so that the processes do not oversubscribe the cores.
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TORCHINDUCTOR_COMPILE_THREADS=str(max(1, cpus // jobs)))
+    if jobs != guess:
+        children.rebase(child_env(jobs))
     pixels = {size: f"{size[1] * scale}x{size[0] * scale}" for size in sizes}
     if len(todo) < len(sizes):
         print(f"AOT packages for {', '.join(pixels[s] for s in sizes if s not in todo)} are already built and fit; "
               f"building {', '.join(pixels[s] for s in todo) or 'nothing'}", file=sys.stderr)
-
-    def child(size, role: str):
-        """The last line a child process printed; RuntimeError when it failed or outlasted --build-timeout."""
-        try:
-            run = subprocess.run([sys.executable, __file__, str(args.weights), "--config", str(args.config),
-                                  "--batch-size", str(batch_size), "--aot", f"--{role}-size", f"{size[0]}x{size[1]}"],
-                                 stdout=subprocess.PIPE, text=True, env=env, timeout=args.build_timeout)
-        except subprocess.TimeoutExpired:  # (run() has killed it)
-            raise RuntimeError(f"{role} stopped after {args.build_timeout:g} s") from None
-        lines = run.stdout.strip().splitlines()
-        if run.returncode != 0 or not lines:
-            raise RuntimeError(f"{role} exit code {run.returncode}")
-        return lines[-1]
 
     def build(size):
         """Built in one process, then checked in a fresh one, as a worker meets them: SDXL's 1152x896 VAE decoder
         package passed every check in the process that built it, then faulted in three fresh ones
         (bench/results/h100-sdxl-2026-12-06-aot-4sizes-checked.log)."""
         try:
-            built = json.loads(child(size, "build"))
+            built = json.loads(children.run("build", size, args.build_timeout))
             made = set(built["entries"])
         except (ValueError, TypeError, KeyError):
             raise RuntimeError("build printed no entries") from None
         if made != set(files[size]):  # the check child looks for the names the parent expects, and checks those
             raise RuntimeError(f"build made {sorted(made)}, not {sorted(files[size])}")
         start = time.perf_counter()
-        child(size, "check")
+        children.run("check", size, args.build_timeout)
         built["check_seconds"] = round(time.perf_counter() - start, 1)
         return built
 
