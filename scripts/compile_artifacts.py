@@ -31,9 +31,11 @@ import argparse
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -202,59 +204,80 @@ def make_artifacts(args, config, batch_size: int) -> int:
 
 class Children:
     """The --aot child processes (this script, one role each: build or check one size), started before they are
-    needed: each first imports diffusers and torch's compiler (12-17 s a process on the H100 hosts, where the parent's
+    needed: each first imports diffusers and torch's compiler (11-17 s a process on the H100 hosts, where the parent's
     load took 13-14 s and each size's fresh-process check 22-28 s, 20 s of it that import), then waits for its role
-    and size on stdin. So the imports run beside the parent's load and the builds instead of after them. A child asked
-    for when none waits is started then. TORCHINDUCTOR_COMPILE_THREADS is read at import: a build needs a child
-    started with its own share of the cores."""
+    and size on stdin. So the imports run beside the parent's load and the builds instead of after them: `jobs` of
+    each role at first, and one more whenever a child takes its role while more sizes are due than children wait.
+    TORCHINDUCTOR_COMPILE_THREADS (a build's share of the cores) is read at import, so the build children are started
+    again if the number of jobs turns out otherwise."""
 
-    def __init__(self, command: list[str], env: dict):
-        import threading
-
-        self.command, self.env, self.lock = command, env, threading.Lock()
+    def __init__(self, command: list[str], cpus: int, jobs: int):
+        self.command, self.cpus, self.jobs, self.lock = command, cpus, jobs, threading.Lock()
+        self.env = self._env(jobs)
         self.waiting: dict[str, list] = {"build": [], "check": []}
+        self.due = {"build": jobs, "check": jobs}
+        self.running: set[subprocess.Popen] = set()
+        for role in self.waiting:
+            self.waiting[role] = [self._spawn() for _ in range(jobs)]
 
-    def start(self, role: str, count: int) -> None:
-        for _ in range(count):
-            self.waiting[role].append(self._spawn())
+    def _env(self, jobs: int) -> dict:
+        return dict(os.environ, PYTHONUNBUFFERED="1", TORCHINDUCTOR_COMPILE_THREADS=str(max(1, self.cpus // jobs)))
 
     def _spawn(self) -> subprocess.Popen:
         return subprocess.Popen(self.command + ["--await-role"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 text=True, env=self.env)
 
-    def rebase(self, env: dict) -> None:
-        """Builds from now on get `env` (another share of the cores): the waiting build children go."""
-        self.env = env
-        self.stop("build")
+    def plan(self, jobs: int, sizes: int) -> None:
+        """Once the parent knows them: `jobs` sizes at a time, `sizes` of each role to run."""
+        with self.lock:
+            self.due = {"build": sizes, "check": sizes}
+            if jobs != self.jobs:
+                self.jobs, self.env = jobs, self._env(jobs)
+                _kill(self.waiting["build"])
+                self.waiting["build"] = []
 
     def run(self, role: str, size, timeout: float) -> str:
         """The last line the child printed for `role` at latent `size`; RuntimeError when it failed or outlasted
         `timeout` seconds."""
         with self.lock:
-            process = self.waiting[role].pop() if self.waiting[role] else self._spawn()
+            waiting = self.waiting[role]
+            process = waiting.pop() if waiting else self._spawn()
+            self.due[role] -= 1
+            if self.due[role] > len(waiting):  # a later size's child imports while this one works
+                waiting.append(self._spawn())
+            self.running.add(process)
         try:
             out, _ = process.communicate(f"{role} {size[0]}x{size[1]}\n", timeout=timeout)
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
+            _kill([process])
             raise RuntimeError(f"{role} stopped after {timeout:g} s") from None
+        finally:
+            with self.lock:
+                self.running.discard(process)
         lines = out.strip().splitlines()
         if process.returncode != 0 or not lines:
             raise RuntimeError(f"{role} exit code {process.returncode}")
         return lines[-1]
 
-    def stop(self, *roles: str) -> None:
-        """The waiting children of `roles` (default: all) told they are not needed (stdin closed): they exit."""
+    def stop_running(self) -> None:
+        """The children at work killed (their threads reap them): this process is being stopped, and they would hold
+        their GPU memory and write packages that a rerun builds again. No lock: a signal handler calls this."""
+        for process in list(self.running):
+            process.kill()
+
+    def stop(self) -> None:
+        """The waiting children killed and reaped (they have done nothing yet), and any still at work killed."""
         with self.lock:
-            processes = [p for role in roles or tuple(self.waiting) for p in self.waiting[role]]
-            for role in roles or tuple(self.waiting):
-                self.waiting[role] = []
-        for process in processes:
-            try:
-                process.communicate(timeout=120)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.communicate()
+            waiting = [process for processes in self.waiting.values() for process in processes]
+            self.waiting = {role: [] for role in self.waiting}
+        self.stop_running()
+        _kill(waiting)
+
+
+def _kill(processes) -> None:
+    for process in processes:
+        process.kill()
+        process.communicate()
 
 
 def build_packages_in_parallel(args, config, batch_size: int):
@@ -264,25 +287,21 @@ def build_packages_in_parallel(args, config, batch_size: int):
     as they are built and checked. A size whose child fails (its packages differ from the plain modules, or fault, or
     a child outlasts --build-timeout) is named in the record's `aot_failed` and stays out of the index."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-    def child_env(jobs: int) -> dict:  # Inductor's compile workers shared out, so the builds do not oversubscribe
-        return dict(os.environ, PYTHONUNBUFFERED="1", TORCHINDUCTOR_COMPILE_THREADS=str(max(1, cpus // jobs)))
-
     # The children start before this process loads the model, so their number is a guess from the config: right
-    # for a build of every size the config lists (a size missing from a run cut short gets a child started later).
+    # for a build of every size the config lists.
     listed = cpus if config.sizes is None else len({tuple(size) for size in config.sizes}) or 1  # []: the default
-    guess = max(1, min(listed, args.jobs or cpus // 4))
     children = Children([sys.executable, __file__, str(args.weights), "--config", str(args.config), "--batch-size",
-                         str(batch_size), "--aot"], child_env(guess))
-    children.start("build", guess)
-    children.start("check", guess)
+                         str(batch_size), "--aot"], cpus, max(1, min(listed, args.jobs or cpus // 4)))
+    # A `timeout` around this script sends SIGTERM: the children at work go first (the pool's threads wait for them
+    # as this process leaves), then the others in `finally`.
+    signal.signal(signal.SIGTERM, lambda *_: (children.stop_running(), sys.exit(143)))
     try:
-        return _build_with(children, args, config, batch_size, cpus, guess, child_env)
+        return _build_with(children, args, config, batch_size)
     finally:
         children.stop()
 
 
-def _build_with(children: Children, args, config, batch_size: int, cpus: int, guess: int, child_env):
+def _build_with(children: Children, args, config, batch_size: int):
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     import torch
@@ -300,9 +319,8 @@ def _build_with(children: Children, args, config, batch_size: int, cpus: int, gu
     del engine
     gc.collect()  # the pipeline's weights off the GPU before the children load theirs
     torch.cuda.empty_cache()
-    jobs = max(1, min(len(todo) or 1, args.jobs or cpus // 4))
-    if jobs != guess:
-        children.rebase(child_env(jobs))
+    jobs = max(1, min(len(todo) or 1, args.jobs or children.cpus // 4))
+    children.plan(jobs, len(todo))
     pixels = {size: f"{size[1] * scale}x{size[0] * scale}" for size in sizes}
     if len(todo) < len(sizes):
         print(f"AOT packages for {', '.join(pixels[s] for s in sizes if s not in todo)} are already built and fit; "

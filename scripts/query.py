@@ -136,25 +136,43 @@ def predict_with_key_file(base_url: str, model: str, payload: dict | str, token:
     return status, headers, body
 
 
-def worker_load_error(model_log: str | Path) -> str | None:
-    """What killed a TorchServe worker, from the server's model_log.log, once one has died: the exception line its
-    traceback ends with (e.g. `sd_engine.errors.ConfigError: handler.compile: ...`). None while no worker has died.
-    TorchServe retries a worker that fails to load forever, with back-off, and lists the model as loading meanwhile."""
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(: .*)?$")  # `ValueError: ...`, `pkg.errors.ConfigError: ...`
+
+
+def worker_load_error(model_log: str | Path, offset: int = 0) -> str | None:
+    """What killed a TorchServe worker while it loaded, from the server's model_log.log (from byte `offset` on):
+    None while no worker has died. TorchServe retries such a worker forever, with back-off, and lists the model as
+    loading meanwhile. The error is the last exception line of the traceback TorchServe logged for the load: the one
+    under "Failed to load model ..." (a RuntimeError or MemoryError, which it catches and then dies of as "500 -
+    Unknown exception"), else the one under "Backend worker process died." (any other exception, e.g. the engine's
+    `sd_engine.errors.ConfigError: handler.compile: ...`). None too while that traceback is not all written yet."""
     try:
-        text = Path(model_log).read_text(errors="replace")
+        with open(model_log, "rb") as log:
+            log.seek(offset)
+            text = log.read().decode("utf-8", errors="replace")
     except OSError:
         return None
     messages = [line.split(" MODEL_LOG - ", 1)[1] for line in text.splitlines() if " MODEL_LOG - " in line]
     if "Backend worker process died." not in messages:
         return None
-    after = messages[messages.index("Backend worker process died."):]
-    in_traceback = False
-    for message in after:
-        if message.startswith("Traceback (most recent call last)"):
-            in_traceback = True
-        elif in_traceback and message.strip() and not message[0].isspace():
-            return message.strip()
-    return "a worker died (its traceback is not in model_log.log yet)"
+    died = messages.index("Backend worker process died.")
+    caught = [i for i, message in enumerate(messages[:died]) if message.startswith(("Failed to load model ",
+                                                                                     "Load model "))]
+    return _traceback_end(messages[caught[-1] + 1:died + 1] if caught else messages[died + 1:])
+
+
+def _traceback_end(messages: list[str]) -> str | None:
+    """The last exception line of the (possibly chained) traceback that `messages` start with, once a message after
+    it shows it complete; None before that."""
+    chain = ("Traceback (most recent call last)", "The above exception was", "During handling of the above")
+    last = None
+    for message in messages:
+        if not message.strip() or message[0].isspace() or message.startswith(chain):
+            continue  # frames, source lines, the blank lines and sentences between chained tracebacks
+        if last is not None and not EXCEPTION_LINE.match(message):
+            return last  # the first message after the traceback
+        last = message.strip()
+    return None
 
 
 def wait_until_ready(management_url: str, model: str, key_file: str | Path | None, timeout: float,
@@ -168,10 +186,14 @@ def wait_until_ready(management_url: str, model: str, key_file: str | Path | Non
     """
     deadline = time.monotonic() + timeout
     last = "no answer"
+    try:  # what an earlier server wrote to the same log is not this one's
+        offset = os.path.getsize(model_log) if model_log else 0
+    except OSError:
+        offset = 0
     while time.monotonic() < deadline:
         if alive is not None and not alive():
             raise ServerUnreachable(f"the server exited before model {model!r} was ready ({last})")
-        error = worker_load_error(model_log) if model_log else None
+        error = worker_load_error(model_log, offset) if model_log else None
         if error:
             raise ServerUnreachable(f"a worker of model {model!r} died while loading: {error}")
         try:

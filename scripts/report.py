@@ -82,9 +82,10 @@ def serving_table(records: list[dict]) -> str:
     """One row per load-test run of a real server (TorchServe, or the KServe front on the same model folder and
     config); start-to-ready times under the table."""
     first = records[0]
+    size = f"{first['size']}x{first['size']}" if first["size"] else "its native size"
     lines = [
         f"{first['gpus'][0].split(', ')[1]}, {first['preset']} architecture with random weights, "
-        f"{first['size']}x{first['size']}, {first['steps']} steps, TorchServe {first['versions']['torchserve']} "
+        f"{size}, {first['steps']} steps, TorchServe {first['versions']['torchserve']} "
         f"or the KServe front, batchSize {first['batch_size']}, maxBatchDelay 10 ms; "
         "scripts/loadtest.py, each request its own seed; latency as the client saw it.",
         "",

@@ -81,7 +81,8 @@ def main(argv=None) -> int:
     handler = model_config.get("handler") or {}
     args.batch_size = args.batch_size or model_config.get("batchSize", 1)
     args.backend = args.backend or handler.get("backend", "eager")
-    args.compile = handler.get("compile", False) if args.compile is None else args.compile
+    if args.compile is None:  # (DeepSpeed's kernels and torch.compile do not go together: the engine refuses both)
+        args.compile = bool(handler.get("compile", False)) and args.backend != "deepspeed"
     # A `timeout` around this script sends SIGTERM: exit through the `finally` blocks, which stop the servers and
     # archive the logs, instead of dying with nothing recorded.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
     args.work.mkdir(parents=True)
     summary = {"kind": "torchserve-serving", "date": time.strftime("%Y-%m-%d"), "gpus": gpu_inventory(),
                "versions": server_versions(), "preset": args.preset, "backend": args.backend, "compile": args.compile,
-               "batch_size": args.batch_size, "steps": args.steps, "size": args.size,
+               "batch_size": args.batch_size, "steps": args.steps, "size": args.size or handler.get("height"),
                "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "phases": {}}
     save = json_saver(args.out / "serving.json", summary)
     save()

@@ -1,6 +1,8 @@
-"""Faults against the real TorchServe: overload with a tiny job queue, and the Python worker killed mid-request.
+"""Faults against the real TorchServe: overload with a tiny job queue, the Python worker killed mid-request, and a
+worker that dies while loading.
 
-A server of its own (batchSize 1, jobQueueSize 2), so these faults never disturb the main end-to-end server.
+A server of its own (batchSize 1, jobQueueSize 2), so these faults never disturb the main end-to-end server; the
+worker that cannot load gets a server of its own too.
 """
 
 import json

@@ -86,3 +86,33 @@ def test_one_command_reaches_every_gpu_tool(capsys):
     assert gpu.main([]) == 2 and "serve-bench" in capsys.readouterr().out
     if not torch.cuda.is_available():
         assert gpu.main(["bench", "--preset", "sdxl"]) == 2 and "no CUDA GPU" in capsys.readouterr().err
+
+
+# A stand-in for compile_artifacts.py's --aot child: what it needs of one is the protocol (wait for "role HxW" on
+# stdin, or exit on EOF; print a last line), which this reaches in milliseconds instead of a diffusers import.
+FAKE_CHILD = ("import os, sys, time\n"
+              "role = sys.stdin.readline().split()\n"
+              "if role and role[1] == '9x9': time.sleep(60)\n"
+              "print(' '.join(role + [os.environ['TORCHINDUCTOR_COMPILE_THREADS']]) if role else '')\n")
+
+
+def test_build_children_wait_for_their_role_and_are_started_again_for_another_share_of_the_cores():
+    import sys
+
+    from compile_artifacts import Children
+
+    children = Children([sys.executable, "-c", FAKE_CHILD], cpus=8, jobs=2)  # (--await-role: ignored by -c)
+    started_builds = list(children.waiting["build"])
+    assert len(started_builds) == 2 and len(children.waiting["check"]) == 2
+    children.plan(jobs=1, sizes=3)  # one size at a time after all: a build then gets all 8 cores
+    assert all(process.wait(timeout=30) is not None for process in started_builds)
+    assert [children.run("build", (8, 16), timeout=30) for _ in range(3)] == ["build 8x16 8"] * 3
+    # The checks use the children started first (4 threads each, irrelevant to a check), and one started while the
+    # first works, since three were due and two waited.
+    assert sorted(children.run("check", (8, 16), timeout=30) for _ in range(3)) == [
+        "check 8x16 4", "check 8x16 4", "check 8x16 8"]
+    with pytest.raises(RuntimeError, match="build stopped after 0.5 s"):
+        children.run("build", (9, 9), timeout=0.5)
+    waiting = [process for processes in children.waiting.values() for process in processes]
+    children.stop()
+    assert all(process.returncode is not None for process in waiting) and not children.running
