@@ -217,6 +217,7 @@ class Children:
         self.waiting: dict[str, list] = {"build": [], "check": []}
         self.due = {"build": jobs, "check": jobs}
         self.running: set[subprocess.Popen] = set()
+        self.stopped = False
         for role in self.waiting:
             self.waiting[role] = [self._spawn() for _ in range(jobs)]
 
@@ -240,12 +241,16 @@ class Children:
         """The last line the child printed for `role` at latent `size`; RuntimeError when it failed or outlasted
         `timeout` seconds."""
         with self.lock:
+            if self.stopped:
+                raise RuntimeError(f"{role} not started: this build is being stopped")
             waiting = self.waiting[role]
-            process = waiting.pop() if waiting else self._spawn()
+            process = waiting.pop(0) if waiting else self._spawn()  # the longest waiting: its import is furthest
             self.due[role] -= 1
             if self.due[role] > len(waiting):  # a later size's child imports while this one works
                 waiting.append(self._spawn())
             self.running.add(process)
+        if self.stopped:  # (stop_running, a signal handler, takes no lock: it may have missed this one)
+            process.kill()
         try:
             out, _ = process.communicate(f"{role} {size[0]}x{size[1]}\n", timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -260,8 +265,10 @@ class Children:
         return lines[-1]
 
     def stop_running(self) -> None:
-        """The children at work killed (their threads reap them): this process is being stopped, and they would hold
-        their GPU memory and write packages that a rerun builds again. No lock: a signal handler calls this."""
+        """The children at work killed (their threads reap them), and no more started: this process is being stopped,
+        and they would hold their GPU memory and write packages that a rerun builds again. No lock: a signal handler
+        calls this."""
+        self.stopped = True
         for process in list(self.running):
             process.kill()
 
@@ -277,7 +284,9 @@ class Children:
 def _kill(processes) -> None:
     for process in processes:
         process.kill()
-        process.communicate()
+        process.wait(timeout=60)
+        for pipe in (process.stdin, process.stdout):
+            pipe.close()
 
 
 def build_packages_in_parallel(args, config, batch_size: int):
@@ -292,8 +301,8 @@ def build_packages_in_parallel(args, config, batch_size: int):
     listed = cpus if config.sizes is None else len({tuple(size) for size in config.sizes}) or 1  # []: the default
     children = Children([sys.executable, __file__, str(args.weights), "--config", str(args.config), "--batch-size",
                          str(batch_size), "--aot"], cpus, max(1, min(listed, args.jobs or cpus // 4)))
-    # A `timeout` around this script sends SIGTERM: the children at work go first (the pool's threads wait for them
-    # as this process leaves), then the others in `finally`.
+    # A `timeout` around this script sends SIGTERM: the children at work go, no more start (the sizes not yet begun
+    # fail at once, so the pool's threads end), and the waiting ones go in `finally`.
     signal.signal(signal.SIGTERM, lambda *_: (children.stop_running(), sys.exit(143)))
     try:
         return _build_with(children, args, config, batch_size)

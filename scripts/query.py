@@ -137,41 +137,56 @@ def predict_with_key_file(base_url: str, model: str, payload: dict | str, token:
 
 
 EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(: .*)?$")  # `ValueError: ...`, `pkg.errors.ConfigError: ...`
+CHAINED = ("Traceback (most recent call last)", "The above exception was", "During handling of the above")
+NO_TRACEBACK = "a worker died while loading (its error is in model_log.log)"
 
 
 def worker_load_error(model_log: str | Path, offset: int = 0) -> str | None:
     """What killed a TorchServe worker while it loaded, from the server's model_log.log (from byte `offset` on):
     None while no worker has died. TorchServe retries such a worker forever, with back-off, and lists the model as
-    loading meanwhile. The error is the last exception line of the traceback TorchServe logged for the load: the one
-    under "Failed to load model ..." (a RuntimeError or MemoryError, which it catches and then dies of as "500 -
-    Unknown exception"), else the one under "Backend worker process died." (any other exception, e.g. the engine's
-    `sd_engine.errors.ConfigError: handler.compile: ...`). None too while that traceback is not all written yet."""
+    loading meanwhile. The error is the exception line of the last traceback TorchServe logged for the load, in that
+    worker's own log lines: the one under "Failed to load model ..." (a RuntimeError or MemoryError, which it
+    catches and then dies of as "500 - Unknown exception"), else the one under "Backend worker process died." (any
+    other exception, e.g. the engine's `sd_engine.errors.ConfigError: handler.compile: ...`). None too while that
+    traceback may still go on."""
     try:
         with open(model_log, "rb") as log:
+            if log.seek(0, os.SEEK_END) < offset:  # rolled over since (log4j: daily, and at 100 MB)
+                offset = 0
             log.seek(offset)
             text = log.read().decode("utf-8", errors="replace")
     except OSError:
         return None
-    messages = [line.split(" MODEL_LOG - ", 1)[1] for line in text.splitlines() if " MODEL_LOG - " in line]
-    if "Backend worker process died." not in messages:
+    lines = [line.split(" MODEL_LOG - ", 1) for line in text[:text.rfind("\n") + 1].splitlines()
+             if " MODEL_LOG - " in line]
+    died = next((i for i, (_, message) in enumerate(lines) if message == "Backend worker process died."), None)
+    if died is None:
         return None
-    died = messages.index("Backend worker process died.")
+    thread = lines[died][0].rsplit("] ", 1)[-1]  # e.g. W-9000-stable-diffusion_1.0-stdout: its worker, its stream
+    messages = [message for head, message in lines if head.rsplit("] ", 1)[-1] == thread]
+    died = [i for i, message in enumerate(messages) if message == "Backend worker process died."][0]
     caught = [i for i, message in enumerate(messages[:died]) if message.startswith(("Failed to load model ",
                                                                                      "Load model "))]
-    return _traceback_end(messages[caught[-1] + 1:died + 1] if caught else messages[died + 1:])
+    if caught:
+        return _exception_line(messages[caught[-1] + 1:died], complete=True) or NO_TRACEBACK
+    return _exception_line(messages[died + 1:], complete=False)
 
 
-def _traceback_end(messages: list[str]) -> str | None:
-    """The last exception line of the (possibly chained) traceback that `messages` start with, once a message after
-    it shows it complete; None before that."""
-    chain = ("Traceback (most recent call last)", "The above exception was", "During handling of the above")
-    last = None
-    for message in messages:
-        if not message.strip() or message[0].isspace() or message.startswith(chain):
-            continue  # frames, source lines, the blank lines and sentences between chained tracebacks
-        if last is not None and not EXCEPTION_LINE.match(message):
-            return last  # the first message after the traceback
-        last = message.strip()
+def _exception_line(messages: list[str], complete: bool) -> str | None:
+    """The exception line of the last traceback in `messages` (a chain's last exception), once a message after it
+    shows that no chained traceback follows (or `complete`); None before that."""
+    headers = [i for i, message in enumerate(messages) if message.startswith(CHAINED[0])]
+    if not headers:  # not written yet, or none to read (an exception group's is indented throughout)
+        moved_on = complete or any(message.strip() and not message[0].isspace() for message in messages)
+        return NO_TRACEBACK if moved_on else None
+    after = messages[headers[-1] + 1:]
+    for i, message in enumerate(after):
+        if not message.strip() or message[0].isspace():
+            continue  # the frames and their source lines
+        if not EXCEPTION_LINE.match(message):
+            return NO_TRACEBACK  # e.g. an exception group, whose lines are all indented
+        rest = [line for line in after[i + 1:] if line.strip()]
+        return message.strip() if complete or (rest and not rest[0].startswith(CHAINED)) else None
     return None
 
 

@@ -113,6 +113,9 @@ def test_build_children_wait_for_their_role_and_are_started_again_for_another_sh
         "check 8x16 4", "check 8x16 4", "check 8x16 8"]
     with pytest.raises(RuntimeError, match="build stopped after 0.5 s"):
         children.run("build", (9, 9), timeout=0.5)
+    children.stop_running()  # (SIGTERM): nothing more starts
+    with pytest.raises(RuntimeError, match="not started"):
+        children.run("build", (8, 16), timeout=30)
     waiting = [process for processes in children.waiting.values() for process in processes]
     children.stop()
     assert all(process.returncode is not None for process in waiting) and not children.running

@@ -30,10 +30,15 @@ CONFIG = ["Backend worker process died.", *FRAMES, "sd_engine.errors.ConfigError
 CHAINED = ["Backend worker process died.", *FRAMES, "FileNotFoundError: [Errno 2] No such file: 'unet'", "",
            "The above exception was the direct cause of the following exception:", "", *FRAMES,
            "sd_engine.errors.ModelLoadError: handler.weights: the pipeline could not be loaded"]
-# A RuntimeError is caught by TorchServe, logged, and the worker then dies of "500 - Unknown exception".
-CAUGHT = ["Load model stable-diffusion cuda OOM, exception CUDA error: out of memory", *FRAMES,
+# A RuntimeError is caught by TorchServe and logged (its message, of several lines, before the traceback too); the
+# worker then dies of "500 - Unknown exception".
+CAUGHT = ["Load model stable-diffusion cuda OOM, exception CUDA error: out of memory",
+          "CUDA kernel errors might be asynchronously reported", *FRAMES,
           "RuntimeError: CUDA error: out of memory", "CUDA kernel errors might be asynchronously reported",
           "Backend worker process died.", *FRAMES, "RuntimeError: 500 - Unknown exception"]
+# An exception group's traceback is indented throughout: no line to name, but the death is reported.
+GROUP = ["Backend worker process died.", "  + Exception Group Traceback (most recent call last):",
+         "  |   File \"a.py\", line 1", "  | ExceptionGroup: two (2 sub-exceptions)"]
 
 
 @pytest.mark.parametrize("lines, error", [
@@ -42,9 +47,21 @@ CAUGHT = ["Load model stable-diffusion cuda OOM, exception CUDA error: out of me
     (STARTED + CONFIG + RESTARTED, CONFIG[-1]),
     (STARTED + CHAINED + RESTARTED, CHAINED[-1]),
     (STARTED + CAUGHT + RESTARTED, "RuntimeError: CUDA error: out of memory"),
+    (STARTED + CHAINED[:4] + ["STDERR: Exception ignored in: <x>"] + CHAINED[4:] + RESTARTED, CHAINED[-1]),
+    (STARTED + CHAINED[:6], None),  # the cause, and maybe more to come
+    (STARTED + CHAINED[:7], None),
 ])
 def test_the_error_a_worker_died_of_is_read_from_its_log(tmp_path, lines, error):
+    """Lines starting with STDERR: come from the worker's stderr, which TorchServe logs from another thread, so they
+    may fall inside a traceback from stdout."""
     log = tmp_path / "model_log.log"
-    log.write_text("".join(f"{PREFIX}{line}\n" for line in lines))
+    log.write_text("".join((PREFIX.replace("-stdout", "-stderr") + line[8:] if line.startswith("STDERR: ") else
+                            PREFIX + line) + "\n" for line in lines))
     assert worker_load_error(log) == error
     assert worker_load_error(log, offset=log.stat().st_size) is None  # an earlier server's lines are not read
+
+
+def test_a_death_with_an_unnamed_traceback_is_still_reported(tmp_path):
+    log = tmp_path / "model_log.log"
+    log.write_text("".join(f"{PREFIX}{line}\n" for line in STARTED + GROUP + RESTARTED))
+    assert "a worker died while loading" in worker_load_error(log)
