@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from sd_engine.config import EngineConfig
+from sd_engine.errors import ConfigError
 from sd_engine.loading import MANIFEST, file_digests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,6 +75,10 @@ def main(argv=None) -> int:
 
     if not (args.weights / "model_index.json").is_file():
         parser.error(f"{args.weights} is not a diffusers folder (no model_index.json)")
+    try:  # a config the engine refuses fails here, not in every worker TorchServe starts and restarts
+        EngineConfig.from_mapping((yaml.safe_load(args.config.read_text()) or {}).get("handler"))
+    except ConfigError as e:
+        parser.error(f"{args.config}: {e}")
     args.model_store.mkdir(parents=True, exist_ok=True)
 
     with tempfile.TemporaryDirectory(prefix="sd-package-") as tmp:

@@ -7,6 +7,7 @@ worker that cannot load gets a server of its own too.
 
 import json
 import os
+import shutil
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -91,14 +92,16 @@ def test_killed_worker_fails_the_in_flight_request_and_is_restarted(small_queue_
 def test_a_worker_that_dies_loading_ends_the_wait_with_its_error(tmp_path, tiny_model_dir):
     """TorchServe retries a worker that fails to load forever and lists the model as loading meanwhile; the wait for
     READY (query.wait_until_ready, which the tests and serve_bench.py use) must fail at once with the worker's error,
-    not at its deadline with none. Here the config is one the engine refuses when the worker starts."""
+    not at its deadline with none. Here the UNet's weights file is cut short before packaging (so the sha256 manifest
+    matches it): only loading it fails."""
     from query import ServerUnreachable
 
-    config = yaml.safe_load(CPU_MODEL_CONFIG.read_text())
-    config["handler"].update(backend="deepspeed", compile=True)
-    (tmp_path / "model-config.yaml").write_text(yaml.safe_dump(config))
+    weights = tmp_path / "weights"
+    shutil.copytree(tiny_model_dir, weights)
+    unet = weights / "unet" / "diffusion_pytorch_model.safetensors"
+    unet.write_bytes(unet.read_bytes()[:1000])
     with pytest.raises(ServerUnreachable) as failed:
-        with start_server(tmp_path, tiny_model_dir, tmp_path / "model-config.yaml"):
-            pytest.fail("a worker came up with a config the engine refuses")
+        with start_server(tmp_path, weights):
+            pytest.fail("a worker came up with a cut-short weights file")
     assert "died while loading" in str(failed.value)
-    assert "ConfigError: handler.compile: true works with backend eager" in str(failed.value)
+    assert "sd_engine.errors.ModelLoadError: " in str(failed.value), str(failed.value)

@@ -1,4 +1,5 @@
-"""scripts/package_model.py: the MAR and --no-archive layouts, and secrets never packaged."""
+"""scripts/package_model.py: the MAR and --no-archive layouts, secrets never packaged, and configs the engine
+refuses refused at packaging."""
 
 import io
 import json
@@ -65,3 +66,15 @@ def test_an_hf_token_in_the_environment_is_never_packaged(tmp_path, tiny_model_d
     folder = package(tiny_model_dir, tmp_path / "store2", "--no-archive", env=env)
     for path in folder.rglob("*"):
         assert not path.is_file() or SECRET.encode() not in path.read_bytes(), path
+
+
+def test_a_config_the_engine_refuses_is_refused_when_packaging(tmp_path, tiny_model_dir):
+    config = yaml.safe_load((ROOT / "config" / "model-config-cpu.yaml").read_text())
+    config["handler"].update(backend="deepspeed", compile=True)
+    (tmp_path / "model-config.yaml").write_text(yaml.safe_dump(config))
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "package_model.py"), str(tiny_model_dir),
+                             str(tmp_path / "store"), "--config", str(tmp_path / "model-config.yaml")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "handler.compile: true works with backend eager" in result.stderr
+    assert not (tmp_path / "store").exists()  # nothing written
