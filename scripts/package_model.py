@@ -75,8 +75,9 @@ def main(argv=None) -> int:
 
     if not (args.weights / "model_index.json").is_file():
         parser.error(f"{args.weights} is not a diffusers folder (no model_index.json)")
+    config = yaml.safe_load(args.config.read_text()) or {}
     try:  # a config the engine refuses fails here, not in every worker TorchServe starts and restarts
-        EngineConfig.from_mapping((yaml.safe_load(args.config.read_text()) or {}).get("handler"))
+        EngineConfig.from_mapping(config.get("handler"))
     except ConfigError as e:
         parser.error(f"{args.config}: {e}")
     args.model_store.mkdir(parents=True, exist_ok=True)
@@ -89,7 +90,6 @@ def main(argv=None) -> int:
         extra = [stage / "code"]
         config_file = args.config
         if args.no_archive:
-            config = yaml.safe_load(args.config.read_text()) or {}
             config.setdefault("handler", {})["weights"] = "model"
             config_file = stage / "model-config.yaml"
             config_file.write_text(yaml.safe_dump(config, sort_keys=False))

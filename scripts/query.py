@@ -164,7 +164,7 @@ def worker_load_error(model_log: str | Path, offset: int = 0) -> str | None:
         return None
     thread = lines[died][0].rsplit("] ", 1)[-1]  # e.g. W-9000-stable-diffusion_1.0-stdout: its worker, its stream
     messages = [message for head, message in lines if head.rsplit("] ", 1)[-1] == thread]
-    died = [i for i, message in enumerate(messages) if message == "Backend worker process died."][0]
+    died = messages.index("Backend worker process died.")
     caught = [i for i, message in enumerate(messages[:died]) if message.startswith(("Failed to load model ",
                                                                                      "Load model "))]
     if caught:
