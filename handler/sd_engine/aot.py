@@ -149,13 +149,30 @@ def build_packages(pipe, folder: Path, device: torch.device, latent_size, max_ba
         args, (shapes,) = _examples(pipe, module, device, latent_size, max_batch)
         start = time.perf_counter()
         path = folder / name
+        before = _phase_seconds()
         with torch.no_grad():
             exported = torch.export.export(wrapper, args, dynamic_shapes=shapes, strict=False)
+            exported_at = time.perf_counter()
             torch._inductor.aoti_compile_and_package(
                 exported, package_path=str(path), inductor_configs={"aot_inductor.package_constants_in_so": False})
-        logger.info("AOT: %s for latents %dx%d compiled to %s (%.1f MB) in %.0f s", module, *latent_size, path.name,
-                    path.stat().st_size / 2**20, time.perf_counter() - start)
+        phases = {k: s - before.get(k, 0.0) for k, s in _phase_seconds().items()}
+        logger.info("AOT: %s for latents %dx%d compiled to %s (%.1f MB) in %.0f s: export %.0f s, %s", module,
+                    *latent_size, path.name, path.stat().st_size / 2**20, time.perf_counter() - start,
+                    exported_at - start, ", ".join(f"{what} {phases[key]:.0f} s" for key, what in PHASES.items()
+                                                    if key in phases))
     return entries
+
+
+# The phases of torch's compiler build_packages logs, as torch times them (torch._dynamo.utils.dynamo_timed).
+PHASES = {"GraphLowering.run": "lowering", "GraphLowering.codegen": "codegen",
+          "async_compile.wait": "waiting for the Triton kernels' compiles", "compile_file": "C++ compiles"}
+
+
+def _phase_seconds() -> dict[str, float]:
+    """Seconds torch has spent so far in each timed phase of its compiler, by its name for it."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return {key: sum(times) for key, times in compilation_time_metrics.items()}
 
 
 def write_index(folder: Path, entries: dict[str, dict]) -> None:
