@@ -12,7 +12,9 @@
 #                                            aot_reused
 #   bash bench/gpu/run.sh ts                 carry [.whl-ts]: install TorchServe (no .whl needed once installed)
 #   bash bench/gpu/run.sh serve sd15 [sdxl]  carry [.whl-jre]: the real TorchServe from the packages, empty JIT
-#                                            caches: start to READY, then the load test (serve_bench --phases cold)
+#                                            caches: start to READY, then the load test (serve_bench --phases cold);
+#                                            SERVE_ARGS are added to serve_bench's (e.g. --no-compile, with
+#                                            SUFFIX=eager to name the log); a later call on the machine needs no carry
 TAG=${TAG:-h200}
 DAY=${DAY:-$(date +%F)}
 step=$1
@@ -58,14 +60,17 @@ case $step in
     ;;
   ts) ;;
   serve)
-    tar -C /tmp -xJf .whl-jre/jre17.tar.xz && export JAVA_HOME=/tmp/jre17 PATH=/tmp/jre17/bin:$PATH
+    [ -d /tmp/jre17 ] || tar -C /tmp -xJf .whl-jre/jre17.tar.xz || exit 1
+    export JAVA_HOME=/tmp/jre17 PATH=/tmp/jre17/bin:$PATH
     for p in "$@"; do
       clients=$([ "$p" = sdxl ] && echo "1 4" || echo "1 8")  # SDXL's config batches 1, SD 1.5's 8
+      log=$OUT/$TAG-$p-$DAY-serving-${SUFFIX:-aot}.log
+      weights "$p"  # already there after `build`; made here for a run without packages (SERVE_ARGS=--no-compile)
       timeout 280 python3 scripts/gpu.py serve-bench --out $OUT/serving-$p --work /tmp/serve-$p --preset $p \
         --phases cold --weights /tmp/bench-weights-$p --config bench/gpu/$p-4sizes.yaml --concurrency $clients \
-        > $OUT/$TAG-$p-$DAY-serving-aot.log 2>&1
+        $SERVE_ARGS > $log 2>&1
       echo "serve-bench rc $?"
-      quiet 30 < $OUT/$TAG-$p-$DAY-serving-aot.log
+      quiet 30 < $log
       pkill -x java  # a frontend left by a cut run would hold the ports
     done
     ;;
