@@ -155,7 +155,8 @@ def build_packages(pipe, folder: Path, device: torch.device, latent_size, max_ba
             exported_at = time.perf_counter()
             torch._inductor.aoti_compile_and_package(
                 exported, package_path=str(path), inductor_configs={"aot_inductor.package_constants_in_so": False})
-        phases = {k: s - before.get(k, 0.0) for k, s in _phase_seconds().items()}
+        # (torch._dynamo.reset() empties torch's timers: a total below the one before counts from that reset.)
+        phases = {k: s - before.get(k, 0.0) if s >= before.get(k, 0.0) else s for k, s in _phase_seconds().items()}
         logger.info("AOT: %s for latents %dx%d compiled to %s (%.1f MB) in %.0f s: export %.0f s, %s", module,
                     *latent_size, path.name, path.stat().st_size / 2**20, time.perf_counter() - start,
                     exported_at - start, ", ".join(f"{what} {phases[key]:.0f} s" for key, what in PHASES.items()
