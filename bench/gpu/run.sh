@@ -1,7 +1,9 @@
 #!/bin/bash
 # The AOT-package runs of bench/gpu/README.md as steps, one step per device-tool call (each fits the 10-minute limit
-# and the 64 MiB a call carries). Records go to $OUT as <tag>-<preset>-<date>-*.{json,log}; copy them into
-# bench/results/. TAG names the GPU in the file names (default h200), DAY the date (default today's).
+# and the 64 MiB a call carries). Records go to $OUT as <tag>-<preset>-<date>-*.{json,log} (serve: the log, and
+# serve_bench's serving.json, plot and logs under $OUT/serving-<preset>/); copy them into bench/results/. TAG names
+# the GPU in the file names (default: from nvidia-smi, e.g. h100, h200), DAY the date (default today's). The exit
+# status is non-zero when any run of the step failed.
 #
 #   bash bench/gpu/run.sh build sd15|sdxl    carry [.whl] (and .whl-ts to install TorchServe on the way): preset
 #                                            weights, packages for the 4 sizes of bench/gpu/<preset>-4sizes.yaml,
@@ -15,8 +17,6 @@
 #                                            caches: start to READY, then the load test (serve_bench --phases cold);
 #                                            SERVE_ARGS are added to serve_bench's (e.g. --no-compile, with
 #                                            SUFFIX=eager to name the log); a later call on the machine needs no carry
-TAG=${TAG:-h200}
-DAY=${DAY:-$(date +%F)}
 step=$1
 shift
 if [ -d .whl ]; then
@@ -26,36 +26,49 @@ else  # a later call on the same machine: the wheels are in /tmp/site already
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi
 set -o pipefail
+TAG=${TAG:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[0-9]*' | head -1 | tr H h)}
+TAG=${TAG:-gpu}
+DAY=${DAY:-$(date +%F)}
+status=0
 if [ -d .whl-ts ]; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site --upgrade .whl-ts/*.whl && echo "TorchServe installed"
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site --upgrade .whl-ts/*.whl && echo "TorchServe installed" \
+    || status=1
 fi
 quiet() { grep -v "it/s\]" | tail -"$1"; }  # the progress bars' lines stay in the logs only
 
-weights() {
-  python3 -c "from gpu_common import preset_weights; preset_weights('$1')" 2>&1 | tail -1
+weights() {  # the preset's random-weight folder, built once per machine
+  python3 -c "from gpu_common import preset_weights; print(preset_weights('$1'))"
 }
 
 case $step in
   build)
     for p in "$@"; do
-      limit=$([ "$p" = sdxl ] && echo 540 || echo 480)  # SDXL's build took 306-365 s on H100s, SD 1.5's 212-259 s
-      weights "$p"
+      weights "$p" || exit 1
+      # What is left of the call's 10 minutes, less 30 s to pack the packages (SDXL's build took 306-365 s on H100s,
+      # SD 1.5's 212-259 s); the build itself stops 110 s before that, to check them and time a fresh start.
+      limit=$((570 - SECONDS))
       timeout $limit python3 scripts/gpu.py precompile /tmp/bench-weights-$p --config bench/gpu/$p-4sizes.yaml --aot \
         --build-timeout $((limit - 110)) --check --time-sizes --preset $p --json $OUT/$TAG-$p-$DAY-aot-4sizes.json \
         2>&1 | tee $OUT/$TAG-$p-$DAY-aot-4sizes.log | quiet 40
-      echo "precompile rc $?"
-      tar -C /tmp/bench-weights-$p/compile-artifacts -cf - aot | xz -1 -T0 | split -b 15M -d - $OUT/aot-$p.tar.xz.
+      rc=${PIPESTATUS[0]}
+      echo "precompile rc $rc"
+      status=$((status | rc))
+      if [ -f /tmp/bench-weights-$p/compile-artifacts/aot/index.json ]; then  # what was built, checked or not
+        tar -C /tmp/bench-weights-$p/compile-artifacts -cf - aot | xz -1 -T0 | split -b 15M -d - $OUT/aot-$p.tar.xz.
+      fi
     done
     ;;
   reuse)
     for p in "$@"; do
-      weights "$p"
+      weights "$p" || exit 1
       mkdir -p /tmp/bench-weights-$p/compile-artifacts
       xz -dc .aot-carry/aot-$p.tar.xz | tar -C /tmp/bench-weights-$p/compile-artifacts -xf - || exit 1
       timeout 240 python3 scripts/gpu.py precompile /tmp/bench-weights-$p --config bench/gpu/$p-4sizes.yaml --aot \
         --check --time-sizes --preset $p --json $OUT/$TAG-$p-$DAY-aot-4sizes-fresh-machine.json \
         2>&1 | tee $OUT/$TAG-$p-$DAY-aot-4sizes-fresh-machine.log | quiet 25
-      echo "precompile rc $?"
+      rc=${PIPESTATUS[0]}
+      echo "precompile rc $rc"
+      status=$((status | rc))
     done
     ;;
   ts) ;;
@@ -65,13 +78,15 @@ case $step in
     for p in "$@"; do
       clients=$([ "$p" = sdxl ] && echo "1 4" || echo "1 8")  # SDXL's config batches 1, SD 1.5's 8
       log=$OUT/$TAG-$p-$DAY-serving-${SUFFIX:-aot}.log
-      weights "$p"  # already there after `build`; made here for a run without packages (SERVE_ARGS=--no-compile)
+      weights "$p" || exit 1  # already there after `build`; made here for a run without packages
       timeout 280 python3 scripts/gpu.py serve-bench --out $OUT/serving-$p --work /tmp/serve-$p --preset $p \
         --phases cold --weights /tmp/bench-weights-$p --config bench/gpu/$p-4sizes.yaml --concurrency $clients \
         $SERVE_ARGS > $log 2>&1
-      echo "serve-bench rc $?"
+      rc=$?
+      echo "serve-bench rc $rc"
+      status=$((status | rc))
       quiet 30 < $log
-      pkill -x java  # a frontend left by a cut run would hold the ports
+      pkill -x java || true  # a frontend left by a cut run would hold the ports
     done
     ;;
   *)
@@ -79,3 +94,4 @@ case $step in
     exit 2
     ;;
 esac
+exit $status

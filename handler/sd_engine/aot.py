@@ -170,10 +170,13 @@ PHASES = {"GraphLowering.run": "lowering", "GraphLowering.codegen": "codegen",
 
 
 def _phase_seconds() -> dict[str, float]:
-    """Seconds torch has spent so far in each timed phase of its compiler, by its name for it."""
-    from torch._dynamo.utils import compilation_time_metrics
-
-    return {key: sum(times) for key, times in compilation_time_metrics.items()}
+    """Seconds torch has spent so far in each timed phase of its compiler, by its name for it (none where this torch
+    keeps no such timers: they are private, and only a log line depends on them)."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:
+        return {}
+    return {key: sum(times) for key, times in list(compilation_time_metrics.items())}
 
 
 def write_index(folder: Path, entries: dict[str, dict]) -> None:
