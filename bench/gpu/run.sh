@@ -13,6 +13,8 @@
 #                                            new preset weights; the same record, which must list every size under
 #                                            aot_reused
 #   bash bench/gpu/run.sh ts                 carry [.whl-ts]: install TorchServe (no .whl needed once installed)
+#   bash bench/gpu/run.sh imports            what a worker's imports take with and without the carried packages'
+#                                            bytecode (setup.sh compiles it), into $OUT/<tag>-<date>-import-time.txt
 #   bash bench/gpu/run.sh serve sd15 [sdxl]  carry [.whl-jre]: the real TorchServe from the packages, empty JIT
 #                                            caches: start to READY, then the load test (serve_bench --phases cold);
 #                                            SERVE_ARGS are added to serve_bench's (e.g. --no-compile, with
@@ -44,9 +46,10 @@ case $step in
   build)
     for p in "$@"; do
       weights "$p" || exit 1
-      # What is left of the call's 10 minutes, less 30 s to pack the packages (SDXL's build took 306-365 s on H100s,
-      # SD 1.5's 212-259 s); the build itself stops 110 s before that, to check them and time a fresh start.
-      limit=$((570 - SECONDS))
+      # What is left of the call's 10 minutes (BUDGET: less where the call ran something before), less 30 s to pack
+      # the packages (SDXL's build took 306-365 s on H100s, SD 1.5's 212-259 s); the build itself stops 110 s before
+      # that, to check them and time a fresh start.
+      limit=$((${BUDGET:-570} - SECONDS))
       timeout $limit python3 scripts/gpu.py precompile /tmp/bench-weights-$p --config bench/gpu/$p-4sizes.yaml --aot \
         --build-timeout $((limit - 110)) --check --time-sizes --preset $p --json $OUT/$TAG-$p-$DAY-aot-4sizes.json \
         2>&1 | tee $OUT/$TAG-$p-$DAY-aot-4sizes.log | quiet 40
@@ -72,6 +75,27 @@ case $step in
     done
     ;;
   ts) ;;
+  imports)
+    out=$OUT/$TAG-$DAY-import-time.txt
+    imports() {  # a fresh process, as a worker starts: torch, then what load_engine and the handler import
+      python3 -c "import time; t = time.time(); import torch; a = time.time() - t; t = time.time()
+from diffusers import DiffusionPipeline; import transformers, sd_engine.engine, sd_engine.aot
+print('import torch %.1f s, then diffusers and the engine %.1f s' % (a, time.time() - t))"
+    }
+    (
+      rc=0
+      python3 -c "import os, sys; print('dont_write_bytecode', sys.flags.dont_write_bytecode,
+                  {k: v for k, v in os.environ.items() if k.startswith('PYTHON')})"
+      find /tmp/site $PWD/handler -name __pycache__ -type d -prune -exec rm -rf {} +
+      echo "without the carried packages' bytecode (nothing written meanwhile):"
+      for i in 1 2; do PYTHONDONTWRITEBYTECODE=1 imports || rc=1; done
+      python3 -m compileall -q -j 0 /tmp/site $PWD/handler > /dev/null
+      echo "with it (python3 -m compileall, as pip install does):"
+      for i in 1 2; do imports || rc=1; done
+      exit $rc
+    ) 2>&1 | tee $out
+    status=$((status | PIPESTATUS[0]))
+    ;;
   serve)
     [ -d /tmp/jre17 ] || tar -C /tmp -xJf .whl-jre/jre17.tar.xz || exit 1
     export JAVA_HOME=/tmp/jre17 PATH=/tmp/jre17/bin:$PATH
@@ -90,7 +114,7 @@ case $step in
     done
     ;;
   *)
-    echo "usage: bash bench/gpu/run.sh build|reuse|ts|serve PRESET..." >&2
+    echo "usage: bash bench/gpu/run.sh build|reuse|ts|imports|serve PRESET..." >&2
     exit 2
     ;;
 esac
