@@ -92,6 +92,10 @@ print('import torch %.1f s, then diffusers and the engine %.1f s' % (a, time.tim
       python3 -m compileall -q -j 0 /tmp/site $PWD/handler > /dev/null
       echo "with it (python3 -m compileall, as pip install does):"
       for i in 1 2; do imports || rc=1; done
+      python3 -c "import time, torch; t = time.time(); x = torch.ones(8, 320, 64, 64, device='cuda', dtype=torch.half)
+a = time.time() - t; t = time.time(); (x.flatten(1)[:, :4096] @ torch.ones(4096, 64, device='cuda', dtype=torch.half)).sum().item()
+b = time.time() - t; t = time.time(); torch.nn.functional.conv2d(x, torch.ones(320, 320, 3, 3, device='cuda', dtype=torch.half), padding=1).sum().item()
+print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (cuDNN) %.1f s' % (a, b, time.time() - t))" || rc=1
       exit $rc
     ) 2>&1 | tee $out
     status=$((status | PIPESTATUS[0]))
