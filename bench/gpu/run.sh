@@ -15,6 +15,8 @@
 #   bash bench/gpu/run.sh ts                 carry [.whl-ts]: install TorchServe (no .whl needed once installed)
 #   bash bench/gpu/run.sh imports            what a worker's imports take with and without the carried packages'
 #                                            bytecode (setup.sh compiles it), into $OUT/<tag>-<date>-import-time.txt
+#   bash bench/gpu/run.sh kernels            SDXL's attention backends and FP8 against float16 matmuls at its
+#                                            transformer layers' shapes, into $OUT/<tag>-sdxl-<date>-kernels.json
 #   bash bench/gpu/run.sh serve sd15 [sdxl]  carry [.whl-jre]: the real TorchServe from the packages, empty JIT
 #                                            caches: start to READY, then the load test (serve_bench --phases cold);
 #                                            SERVE_ARGS are added to serve_bench's (e.g. --no-compile, with
@@ -100,6 +102,13 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
     ) 2>&1 | tee $out
     status=$((status | PIPESTATUS[0]))
     ;;
+  kernels)  # SDXL's transformer-layer attention backends and FP8 matmuls, timed alone (bench/gpu/kernels.py)
+    timeout 120 python3 bench/gpu/kernels.py > $OUT/$TAG-sdxl-$DAY-kernels.json
+    rc=$?
+    echo "kernels rc $rc"
+    python3 -c "import json; print(json.load(open('$OUT/$TAG-sdxl-$DAY-kernels.json'))['totals'])" || status=1
+    status=$((status | rc))
+    ;;
   serve)
     [ -d /tmp/jre17 ] || tar -C /tmp -xJf .whl-jre/jre17.tar.xz || exit 1
     export JAVA_HOME=/tmp/jre17 PATH=/tmp/jre17/bin:$PATH
@@ -118,7 +127,7 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
     done
     ;;
   *)
-    echo "usage: bash bench/gpu/run.sh build|reuse|ts|imports|serve PRESET..." >&2
+    echo "usage: bash bench/gpu/run.sh build|reuse|ts|imports|kernels|serve PRESET..." >&2
     exit 2
     ;;
 esac
