@@ -94,6 +94,10 @@ print('import torch %.1f s, then diffusers and the engine %.1f s' % (a, time.tim
       python3 -m compileall -q -j 0 /tmp/site $PWD/handler > /dev/null
       echo "with it (python3 -m compileall, as pip install does):"
       for i in 1 2; do imports || rc=1; done
+      echo "the 20 modules that took longest themselves under -X importtime (self us | cumulative us | module):"
+      python3 -X importtime -c "import torch; from diffusers import DiffusionPipeline; import transformers, sd_engine.engine
+import sd_engine.aot; from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline" 2>&1 | grep '^import time:' | sort -t'|' -k1.13 -n \
+        | tail -20
       python3 -c "import time, torch; t = time.time(); x = torch.ones(8, 320, 64, 64, device='cuda', dtype=torch.half)
 a = time.time() - t; t = time.time(); (x.flatten(1)[:, :4096] @ torch.ones(4096, 64, device='cuda', dtype=torch.half)).sum().item()
 b = time.time() - t; t = time.time(); torch.nn.functional.conv2d(x, torch.ones(320, 320, 3, 3, device='cuda', dtype=torch.half), padding=1).sum().item()
