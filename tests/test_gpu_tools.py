@@ -60,6 +60,20 @@ def test_record_header_names_the_device_and_the_stack():
     assert {"cuda", "diffusers", "transformers", "deepspeed"} <= set(header)
 
 
+def test_a_cudnn_row_puts_cudnn_attention_first_for_its_row_only():
+    from torch.nn.attention import SDPBackend
+
+    default = torch._C._get_sdp_priority_order()
+    with benchmark.attention_first("ours+cudnn"):
+        order = torch._C._get_sdp_priority_order()
+        assert order[0] == SDPBackend.CUDNN_ATTENTION.value
+        assert sorted(order) == sorted(default)  # every backend still there, for shapes cuDNN does not take
+    assert torch._C._get_sdp_priority_order() == default
+    with benchmark.attention_first("ours"):
+        assert torch._C._get_sdp_priority_order() == default
+    assert set(benchmark.ATTENTION) <= set(benchmark.BACKENDS)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the exit code on a machine without CUDA")
 @pytest.mark.parametrize("tool, argv", [(benchmark, ["--preset", "sdxl", "--check", "loras"]),
                                         (gpu_check, ["--graph-modes", "true", "--oom", "10"])])
