@@ -1,15 +1,18 @@
-"""Weights: model.zip extraction (once, never outside the model dir) and pipeline loading errors."""
+"""Weights: model.zip extraction (once, never outside the model dir) and pipeline loading errors; the collector's
+pause around a server's start."""
 
+import gc
 import os
 import shutil
 import stat
+import weakref
 import zipfile
 
 import pytest
 
 from package_model import zip_weights
 from sd_engine.errors import ModelLoadError
-from sd_engine.loading import extract_zip, load_pipeline, prepare_weights
+from sd_engine.loading import collector_paused, extract_zip, load_pipeline, prepare_weights
 
 
 @pytest.fixture
@@ -125,3 +128,42 @@ def test_damaged_zip_is_refused_at_extraction(tmp_path, tiny_model_dir):
     with pytest.raises(ModelLoadError, match="does not match its sha256"):
         prepare_weights(tmp_path, "model.zip")
     assert not (tmp_path / "model").exists()
+
+
+def test_a_start_runs_without_the_collector_and_collects_its_garbage_once_at_the_end():
+    class Node:
+        pass
+
+    def cycle():  # garbage that only the cyclic collector frees
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        return weakref.ref(a)
+
+    assert gc.isenabled()
+    with collector_paused():
+        assert not gc.isenabled()
+        with collector_paused():  # nested (a front around load_engine): the outer one decides
+            garbage = cycle()
+        assert not gc.isenabled()
+        for _ in range(100_000):  # enough allocations to run the collector, were it on
+            Node()
+        assert garbage() is not None
+    assert gc.isenabled()
+    assert garbage() is None
+
+
+def test_a_collector_found_off_stays_off():
+    gc.disable()
+    try:
+        with collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_the_collector_comes_back_when_a_start_fails():
+    with pytest.raises(ModelLoadError):
+        with collector_paused():
+            raise ModelLoadError("the weights are not there")
+    assert gc.isenabled()

@@ -12,6 +12,7 @@ or a stray extra file fails the load with the file's name.
 from __future__ import annotations
 
 import fcntl
+import gc
 import hashlib
 import json
 import logging
@@ -20,6 +21,7 @@ import shutil
 import stat
 import threading
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 from .errors import ModelLoadError
@@ -29,6 +31,24 @@ logger = logging.getLogger(__name__)
 MAX_UNCOMPRESSED_BYTES = 64 * 2**30  # SDXL fp32 is ~14 GB; anything near this is not a diffusers folder.
 DONE_MARKER = ".extracted"
 MANIFEST = "sd-weights-manifest.json"
+
+
+@contextmanager
+def collector_paused():
+    """Python's cyclic garbage collector off for a server's start (the weights' check, the imports beside it, load,
+    optimize, warm-up), then one collection. Importing diffusers, transformers and torch's compiler makes about
+    700,000 objects, which the collector walked again in each of its 7 full collections during the imports
+    (bench/results/cpu-2026-12-07-gc.txt). The fronts wrap their start in it; a nested use, or one that found the
+    collector off, leaves the collector as it found it."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.collect()  # the start's own garbage, once: later full collections then find little to do
+        gc.enable()
 
 
 def file_digests(folder: Path, progress=None) -> dict[str, str]:
