@@ -17,6 +17,9 @@
 #                                            bytecode (setup.sh compiles it), into $OUT/<tag>-<date>-import-time.txt
 #   bash bench/gpu/run.sh kernels            SDXL's attention backends and FP8 against float16 matmuls at its
 #                                            transformer layers' shapes, into $OUT/<tag>-sdxl-<date>-kernels.json
+#   bash bench/gpu/run.sh profile sd15 [sdxl] carry [.whl] (py-spy's wheel), after build or reuse on the machine: a
+#                                            fresh start from the packages under py-spy, the raw samples and their
+#                                            summary (bench/gpu/profile_summary.py) into $OUT/<tag>-<p>-<date>-start-profile.*
 #   bash bench/gpu/run.sh serve sd15 [sdxl]  carry [.whl-jre]: the real TorchServe from the packages, empty JIT
 #                                            caches: start to READY, then the load test (serve_bench --phases cold);
 #                                            SERVE_ARGS are added to serve_bench's (e.g. --no-compile, with
@@ -80,9 +83,9 @@ case $step in
   imports)
     out=$OUT/$TAG-$DAY-import-time.txt
     imports() {  # a fresh process, as a worker starts: torch, then what load_engine and the handler import
-      python3 -c "import time; t = time.time(); import torch; a = time.time() - t; t = time.time()
-from diffusers import DiffusionPipeline; import transformers, sd_engine.engine, sd_engine.aot
-print('import torch %.1f s, then diffusers and the engine %.1f s' % (a, time.time() - t))"
+      python3 -c "import gc, time; ${1:-pass}; t = time.time(); import torch; a = time.time() - t; t = time.time()
+from diffusers import DiffusionPipeline; import transformers, sd_engine.engine, sd_engine.aot; gc.collect()
+print('import torch %.1f s, then diffusers and the engine %.1f s (and one full collection)' % (a, time.time() - t))"
     }
     (
       rc=0
@@ -94,6 +97,8 @@ print('import torch %.1f s, then diffusers and the engine %.1f s' % (a, time.tim
       python3 -m compileall -q -j 0 /tmp/site $PWD/handler > /dev/null
       echo "with it (python3 -m compileall, as pip install does):"
       for i in 1 2; do imports || rc=1; done
+      echo "and with Python's garbage collector paused, as the fronts' starts now have it (sd_engine.loading):"
+      for i in 1 2; do imports "gc.disable()" || rc=1; done
       echo "the 20 modules that took longest themselves under -X importtime (self us | cumulative us | module):"
       python3 -X importtime -c "import torch; from diffusers import DiffusionPipeline; import transformers, sd_engine.engine
 import sd_engine.aot; from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline" 2>&1 | grep '^import time:' | sort -t'|' -k1.13 -n \
@@ -113,6 +118,25 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
     python3 -c "import json; print(json.load(open('$OUT/$TAG-sdxl-$DAY-kernels.json'))['totals'])" || status=1
     status=$((status | rc))
     ;;
+  profile)  # where a fresh start from the packages (built or reused on this machine) spends its time
+    for p in "$@"; do
+      out=$OUT/$TAG-$p-$DAY-start-profile
+      batch=$(python3 -c "import yaml; print(yaml.safe_load(open('bench/gpu/$p-4sizes.yaml')).get('batchSize', 1))")
+      start=(python3 scripts/compile_artifacts.py /tmp/bench-weights-$p --config bench/gpu/$p-4sizes.yaml --aot
+             --batch-size $batch --preset $p --load-only)
+      # --native shows what C++ and CUDA calls wait for; where py-spy cannot unwind them, Python frames alone
+      timeout 200 /tmp/site/bin/py-spy record --native --idle --rate 50 --format raw -o $out.raw -- "${start[@]}" \
+        > $out.stdout 2> $out.log \
+        || timeout 200 /tmp/site/bin/py-spy record --idle --rate 50 --format raw -o $out.raw -- "${start[@]}" \
+        > $out.stdout 2> $out.log
+      rc=$?
+      grep -v '^py-spy>' $out.stdout | grep . > $out.json; rm -f $out.stdout  # the start's record, py-spy's lines out
+      echo "profiled start rc $rc"
+      status=$((status | rc))
+      python3 bench/gpu/profile_summary.py $out.raw --rate 50 > $out.txt && head -50 $out.txt
+      gzip -f $out.raw
+    done
+    ;;
   serve)
     [ -d /tmp/jre17 ] || tar -C /tmp -xJf .whl-jre/jre17.tar.xz || exit 1
     export JAVA_HOME=/tmp/jre17 PATH=/tmp/jre17/bin:$PATH
@@ -131,7 +155,7 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
     done
     ;;
   *)
-    echo "usage: bash bench/gpu/run.sh build|reuse|ts|imports|kernels|serve PRESET..." >&2
+    echo "usage: bash bench/gpu/run.sh build|reuse|ts|imports|kernels|profile|serve PRESET..." >&2
     exit 2
     ;;
 esac
