@@ -21,7 +21,7 @@ from sd_engine.binary_tensors import decode_body, encode_answer
 from sd_engine.config import EngineConfig
 from sd_engine.engine import load_engine, pick_device
 from sd_engine.errors import AnswerTooLarge, EngineError, GenerationError, InvalidRequest
-from sd_engine.loading import collector_paused, prepare_weights
+from sd_engine.loading import prepare_weights
 from sd_engine.protocols import (ENVELOPE_V2, MAX_ANSWER_BYTES, MAX_IMAGES_PER_BODY, PLAIN, V1, V2, b64, decode,
                                  encode_results, error_body, from_envelope_tensors, is_envelope_tensor, protocol_of,
                                  v1_response, v2_response)
@@ -43,9 +43,8 @@ class StableDiffusionHandler:
         yaml_config = context.model_yaml_config or {}
         config = EngineConfig.from_mapping(yaml_config.get("handler"))
         device = pick_device(properties.get("gpu_id"))
-        with collector_paused():  # the whole start, the weights' check and the imports beside it included
-            weights = prepare_weights(properties["model_dir"], config.weights)
-            self.engine = load_engine(config, weights, device, max_batch_size=int(properties.get("batch_size") or 1))
+        weights = prepare_weights(properties["model_dir"], config.weights)
+        self.engine = load_engine(config, weights, device, max_batch_size=int(properties.get("batch_size") or 1))
         self.initialized = True
 
     def handle(self, data, context):

@@ -25,6 +25,7 @@ def test_zip_is_extracted_next_to_it_and_loads(model_dir):
     weights = prepare_weights(model_dir, "model.zip")
     assert weights == model_dir / "model"
     assert (weights / "model_index.json").is_file()
+    assert gc.isenabled()  # paused while the weights were checked, on again
     assert load_pipeline(weights, None).unet is not None
 
 
@@ -142,7 +143,7 @@ def test_a_start_runs_without_the_collector_and_collects_its_garbage_once_at_the
     assert gc.isenabled()
     with collector_paused():
         assert not gc.isenabled()
-        with collector_paused():  # nested (a front around load_engine): the outer one decides
+        with collector_paused():  # nested: the outer one decides
             garbage = cycle()
         assert not gc.isenabled()
         for _ in range(100_000):  # enough allocations to run the collector, were it on

@@ -35,11 +35,11 @@ MANIFEST = "sd-weights-manifest.json"
 
 @contextmanager
 def collector_paused():
-    """Python's cyclic garbage collector off for a server's start (the weights' check, the imports beside it, load,
-    optimize, warm-up), then one collection. Importing diffusers, transformers and torch's compiler makes about
-    700,000 objects, which the collector walked again in each of its 7 full collections during the imports
-    (bench/results/cpu-2026-12-07-gc.txt). The fronts wrap their start in it; a nested use, or one that found the
-    collector off, leaves the collector as it found it."""
+    """Python's cyclic garbage collector off while the weights are checked and the imports run beside them, then one
+    collection. The imports make about 400,000 objects that the collector tracks, and it walked them again in each of
+    its 7 full collections during them (bench/results/cpu-2026-12-07-gc.txt). Only there: load, optimize and warm-up
+    (which may compile for minutes, making cyclic garbage that could hold GPU memory) run with it on. A use that finds
+    the collector off leaves it off."""
     if not gc.isenabled():
         yield
         return
@@ -47,8 +47,10 @@ def collector_paused():
     try:
         yield
     finally:
-        gc.collect()  # the start's own garbage, once: later full collections then find little to do
-        gc.enable()
+        try:
+            gc.collect()  # what the imports left, once
+        finally:
+            gc.enable()
 
 
 def file_digests(folder: Path, progress=None) -> dict[str, str]:
@@ -118,19 +120,25 @@ def prepare_weights(model_dir: str | Path, weights: str) -> Path:
     model_dir = Path(model_dir).resolve()
     path = Path(weights) if Path(weights).is_absolute() else model_dir / weights
     if path.is_dir():
-        # Hashing the weights (about 1 s per 1.3 GB) overlaps with importing diffusers (5-10 s), which load_pipeline
-        # would do next anyway: hashlib releases the GIL. Through TorchServe on an H100 (SD 1.5) the check
-        # ended 3.5 s before the import (bench/results/h100-sd15-2026-12-06-serving-aot.log).
-        importing = threading.Thread(target=_import_diffusers, name="import-diffusers", daemon=True)
+        folder = path
+    elif path.is_file() and path.suffix == ".zip":
+        folder = path.with_suffix("")
+    else:
+        raise ModelLoadError(f"handler.weights: {weights!r} is neither a folder nor a .zip file in {model_dir}")
+    # Checking the weights (sha256, about 1 s per 1.3 GB; a zip's extraction the first time) overlaps with importing
+    # diffusers and the pipeline's modules (8-13 s on the GPU hosts), which load_pipeline would do next anyway:
+    # hashlib and zlib release the GIL. Through TorchServe on an H100 (SD 1.5) the check ended 3.5 s before the
+    # import (bench/results/h100-sd15-2026-12-06-serving-aot.log).
+    with collector_paused():
+        importing = threading.Thread(target=_import_pipeline, args=(folder,), name="import-diffusers", daemon=True)
         importing.start()
         try:
-            verify_manifest(path)
+            if path.is_dir():
+                verify_manifest(path)
+                return path
+            return extract_zip(path, folder)
         finally:
             importing.join()
-        return path
-    if path.is_file() and path.suffix == ".zip":
-        return extract_zip(path, path.with_suffix(""))
-    raise ModelLoadError(f"handler.weights: {weights!r} is neither a folder nor a .zip file in {model_dir}")
 
 
 def extract_zip(zip_path: Path, target: Path, max_bytes: int = MAX_UNCOMPRESSED_BYTES) -> Path:
@@ -183,11 +191,18 @@ def _checked_members(archive: zipfile.ZipFile, staging: Path, max_bytes: int) ->
     return members
 
 
-def _import_diffusers() -> None:
+def _import_pipeline(folder: Path) -> None:
+    """diffusers, then the module of the pipeline class `folder` names (its text encoders' come with it), where
+    DiffusionPipeline.from_pretrained would import them (a zip extracted for the first time may not name it yet)."""
     try:
-        from diffusers import DiffusionPipeline  # noqa: F401
+        import diffusers
+
+        name = json.loads((folder / "model_index.json").read_text()).get("_class_name") \
+            if (folder / "model_index.json").is_file() else None
+        if isinstance(name, str):
+            getattr(diffusers, name, None)
     except Exception as e:  # noqa: BLE001 - load_pipeline imports it again and reports what is wrong
-        logger.debug("importing diffusers beside the manifest check failed: %s: %s", type(e).__name__, e)
+        logger.debug("importing diffusers beside the weights' check failed: %s: %s", type(e).__name__, e)
 
 
 def load_pipeline(source: str | Path, torch_dtype):
