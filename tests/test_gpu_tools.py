@@ -61,14 +61,19 @@ def test_record_header_names_the_device_and_the_stack():
 
 
 def test_a_cudnn_row_puts_cudnn_attention_first_for_its_row_only():
+    import torch._functorch.config
+    import torch._inductor.config
     from torch.nn.attention import SDPBackend
 
-    default = torch._C._get_sdp_priority_order()
+    default, cached = torch._C._get_sdp_priority_order(), torch._inductor.config.fx_graph_cache
     with benchmark.attention_first("ours+cudnn"):
         order = torch._C._get_sdp_priority_order()
         assert order[0] == SDPBackend.CUDNN_ATTENTION.value
         assert sorted(order) == sorted(default)  # every backend still there, for shapes cuDNN does not take
+        # compile's caches, not keyed by the order, cannot hand it the `ours` row's graphs
+        assert not torch._functorch.config.enable_autograd_cache and not torch._inductor.config.fx_graph_cache
     assert torch._C._get_sdp_priority_order() == default
+    assert torch._inductor.config.fx_graph_cache == cached
     with benchmark.attention_first("ours"):
         assert torch._C._get_sdp_priority_order() == default
     assert set(benchmark.ATTENTION) <= set(benchmark.BACKENDS)

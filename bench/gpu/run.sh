@@ -14,7 +14,8 @@
 #                                            aot_reused
 #   bash bench/gpu/run.sh ts                 carry [.whl-ts]: install TorchServe (no .whl needed once installed)
 #   bash bench/gpu/run.sh imports            what a worker's imports take with and without the carried packages'
-#                                            bytecode (setup.sh compiles it), into $OUT/<tag>-<date>-import-time.txt
+#                                            bytecode (setup.sh compiles it) and with the collector paused, the
+#                                            slowest modules, into $OUT/<tag>-<date>-import-time.txt
 #   bash bench/gpu/run.sh kernels            SDXL's attention backends and FP8 against float16 matmuls at its
 #                                            transformer layers' shapes, into $OUT/<tag>-sdxl-<date>-kernels.json
 #   bash bench/gpu/run.sh profile sd15 [sdxl] carry [.whl] (py-spy's wheel), after build or reuse on the machine: a
@@ -84,8 +85,10 @@ case $step in
     out=$OUT/$TAG-$DAY-import-time.txt
     imports() {  # a fresh process, as a worker starts: torch, then what load_engine and the handler import
       python3 -c "import gc, time; ${1:-pass}; t = time.time(); import torch; a = time.time() - t; t = time.time()
-from diffusers import DiffusionPipeline; import transformers, sd_engine.engine, sd_engine.aot; gc.collect()
-print('import torch %.1f s, then diffusers and the engine %.1f s (and one full collection)' % (a, time.time() - t))"
+from diffusers import DiffusionPipeline; import transformers, sd_engine.engine, sd_engine.aot; b = time.time() - t
+t = time.time(); gc.collect()  # what a paused start pays at its end; without the pause, timed for comparison
+print('import torch %.1f s, then diffusers and the engine %.1f s, then one full collection %.1f s' % (a, b,
+      time.time() - t))"
     }
     (
       rc=0
@@ -122,19 +125,18 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
     for p in "$@"; do
       out=$OUT/$TAG-$p-$DAY-start-profile
       batch=$(python3 -c "import yaml; print(yaml.safe_load(open('bench/gpu/$p-4sizes.yaml')).get('batchSize', 1))")
-      start=(python3 scripts/compile_artifacts.py /tmp/bench-weights-$p --config bench/gpu/$p-4sizes.yaml --aot
-             --batch-size $batch --preset $p --load-only)
-      # --native shows what C++ and CUDA calls wait for; where py-spy cannot unwind them, Python frames alone
-      timeout 200 /tmp/site/bin/py-spy record --native --idle --rate 50 --format raw -o $out.raw -- "${start[@]}" \
-        > $out.stdout 2> $out.log \
-        || timeout 200 /tmp/site/bin/py-spy record --idle --rate 50 --format raw -o $out.raw -- "${start[@]}" \
-        > $out.stdout 2> $out.log
-      rc=$?
+      # The engine's start as compile_artifacts.py --check times it (load_engine: no sha256 check, so the imports
+      # are not overlapped and run with the collector on, unlike a front's). --native: what C++ and CUDA calls wait
+      # for. SIGINT on timeout: py-spy then writes what it has and stops its child.
+      timeout -s INT -k 15 200 /tmp/site/bin/py-spy record --native --idle --rate 50 --format raw -o $out.raw -- \
+        python3 scripts/compile_artifacts.py /tmp/bench-weights-$p --config bench/gpu/$p-4sizes.yaml --aot \
+        --batch-size $batch --preset $p --load-only > $out.stdout 2> $out.log
+      echo "py-spy rc $?"
       grep -v '^py-spy>' $out.stdout | grep . > $out.json; rm -f $out.stdout  # the start's record, py-spy's lines out
-      echo "profiled start rc $rc"
-      status=$((status | rc))
-      python3 bench/gpu/profile_summary.py $out.raw --rate 50 > $out.txt && head -50 $out.txt
-      gzip -f $out.raw
+      # py-spy's status is its own, not the start's: the start succeeded when its record came
+      python3 -c "import json; print('ready_warm_s', json.loads(open('$out.json').read().splitlines()[-1])['ready_warm_s'])" \
+        && python3 bench/gpu/profile_summary.py $out.raw --rate 50 > $out.txt && head -50 $out.txt || status=1
+      [ -f $out.raw ] && gzip -f $out.raw
     done
     ;;
   serve)
