@@ -19,6 +19,12 @@ E4M3_MAX = 448.0  # the largest finite float8_e4m3fn value
 MIN_CAPABILITY = (8, 9)
 
 
+def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [tokens, features] activation as e4m3 with one float32 scale per row (token), as _scaled_mm's scale_a."""
+    scale = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
+    return (rows / scale).to(torch.float8_e4m3fn), scale
+
+
 class Float8Linear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear, out_dtype: torch.dtype):
         super().__init__()
@@ -31,9 +37,7 @@ class Float8Linear(torch.nn.Module):
         self.in_features, self.out_features, self.out_dtype = linear.in_features, linear.out_features, out_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        scale = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
-        quantized = (rows / scale).to(torch.float8_e4m3fn)
+        quantized, scale = quantize_rows(x.reshape(-1, self.in_features))
         # _scaled_mm wants its second operand column-major: the transpose of the row-major weight is.
         out = torch._scaled_mm(quantized, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, bias=self.bias,
                                out_dtype=self.out_dtype)
