@@ -128,7 +128,10 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
       # The engine's start as compile_artifacts.py --check times it (load_engine: no sha256 check, so the imports
       # are not overlapped and run with the collector on, unlike a front's). --native: what C++ and CUDA calls wait
       # for. SIGINT on timeout: py-spy then writes what it has and stops its child.
-      timeout -s INT -k 15 200 /tmp/site/bin/py-spy record --native --idle --rate 50 --format raw -o $out.raw -- \
+      # Its own folder: a later pip install --target /tmp/site --upgrade (run.sh ts) replaces /tmp/site/bin.
+      spy=/tmp/pyspy/bin/py-spy
+      [ -x $spy ] || python3 -m pip install -q --no-index --no-deps --target /tmp/pyspy .whl/py_spy-*.whl || exit 1
+      timeout -s INT -k 15 200 $spy record --native --idle --rate 50 --format raw -o $out.raw -- \
         python3 scripts/compile_artifacts.py /tmp/bench-weights-$p --config bench/gpu/$p-4sizes.yaml --aot \
         --batch-size $batch --preset $p --load-only > $out.stdout 2> $out.log
       echo "py-spy rc $?"
