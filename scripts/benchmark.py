@@ -64,35 +64,32 @@ BACKENDS = {  # name -> handler: block overrides; None marks stock DeepSpeed, bu
     "ours+fp8": {"backend": "eager", "cuda_graph": True, "compile": True, "channels_last": True, "fuse_qkv": True,
                  "fp8": True},
     "eager-fp16+graph+fp8": {"backend": "eager", "cuda_graph": True, "channels_last": True, "fp8": True},
-    # The same engines with cuDNN's attention first in PyTorch's SDPA order (ATTENTION), for the whole row: load,
-    # compile (which picks the kernel as it traces), warm-up and timing. On an H100 it took 1.79 ms a step against
-    # FlashAttention's 2.98 ms for SDXL's 640-wide self-attention alone
+    # The same engines with PyTorch's cuDNN attention, its first choice on Hopper, which the engine leaves off by
+    # default (config.cudnn_attention: each new worker compiles its kernels, per shape). On an H100 it took 1.79 ms a
+    # step against FlashAttention's 2.98 ms for SDXL's 640-wide self-attention alone
     # (bench/results/h100-sdxl-2026-12-07-kernels.json).
-    "eager-fp16+graph+cudnn": {"backend": "eager", "cuda_graph": True},
-    "ours+cudnn": {"backend": "eager", "cuda_graph": True, "compile": True, "channels_last": True},
+    "eager-fp16+graph+cudnn": {"backend": "eager", "cuda_graph": True, "cudnn_attention": True},
+    "ours+cudnn": {"backend": "eager", "cuda_graph": True, "compile": True, "channels_last": True,
+                   "cudnn_attention": True},
 }
-ATTENTION = {"eager-fp16+graph+cudnn": "CUDNN_ATTENTION", "ours+cudnn": "CUDNN_ATTENTION"}  # row -> first backend
+ATTENTION = tuple(name for name, config in BACKENDS.items() if config and config.get("cudnn_attention"))
 
 
 @contextlib.contextmanager
-def attention_first(name: str):
-    """The row's SDPA order: ATTENTION's backend first, then PyTorch's others in their default order; a no-op for
-    rows without one. Compile picks the kernel as it traces, and its caches (AOTAutograd's, Inductor's FX graphs')
-    are not keyed by that order: a row with the same config (`ours`) could hand this one its graphs. So they are off,
-    and Dynamo's compiled code reset, for such a row."""
-    first = ATTENTION.get(name)
-    if first is None:
+def attention_apart(name: str):
+    """A row of ATTENTION compiles with its own caches: compile picks the attention kernel as it traces, and its
+    caches (AOTAutograd's, Inductor's FX graphs') are not keyed by that choice, so a row with the same config otherwise
+    (`ours`) could hand this one its graphs. They are off, and Dynamo's compiled code reset, for such a row; a no-op
+    for the others."""
+    if name not in ATTENTION:
         yield
         return
     import torch._functorch.config
     import torch._inductor.config
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    order = [getattr(SDPBackend, first)] + [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                                                        SDPBackend.MATH, SDPBackend.CUDNN_ATTENTION) if b.name != first]
     torch._dynamo.reset()
     try:
-        with sdpa_kernel(order, set_priority=True), torch._functorch.config.patch(enable_autograd_cache=False), \
+        with torch._functorch.config.patch(enable_autograd_cache=False), \
                 torch._inductor.config.patch(fx_graph_cache=False):
             yield
     finally:
@@ -356,7 +353,7 @@ def run_table(args, base: dict, record: dict, save) -> bool:
     with progress(sum(len(g) for plan in plans.values() for g in plan), "benchmark", unit="row") as bar:
         for name, plan in plans.items():
             for group in plan:
-                with attention_first(name):
+                with attention_apart(name):
                     failed |= run_group(name, group, args, base, record, references, save, bar)
     return failed
 

@@ -60,23 +60,20 @@ def test_record_header_names_the_device_and_the_stack():
     assert {"cuda", "diffusers", "transformers", "deepspeed"} <= set(header)
 
 
-def test_a_cudnn_row_puts_cudnn_attention_first_for_its_row_only():
+def test_the_cudnn_rows_turn_cudnn_attention_on_and_compile_with_their_own_caches():
     import torch._functorch.config
     import torch._inductor.config
-    from torch.nn.attention import SDPBackend
 
-    default, cached = torch._C._get_sdp_priority_order(), torch._inductor.config.fx_graph_cache
-    with benchmark.attention_first("ours+cudnn"):
-        order = torch._C._get_sdp_priority_order()
-        assert order[0] == SDPBackend.CUDNN_ATTENTION.value
-        assert sorted(order) == sorted(default)  # every backend still there, for shapes cuDNN does not take
-        # compile's caches, not keyed by the order, cannot hand it the `ours` row's graphs
+    assert set(benchmark.ATTENTION) == {"eager-fp16+graph+cudnn", "ours+cudnn"}
+    for name in benchmark.ATTENTION:  # the same engines as their rows without +cudnn, but for the attention
+        assert benchmark.BACKENDS[name] == {**benchmark.BACKENDS[name.removesuffix("+cudnn")], "cudnn_attention": True}
+    cached = torch._inductor.config.fx_graph_cache
+    with benchmark.attention_apart("ours+cudnn"):
+        # compile's caches, not keyed by the attention kernel it traced, cannot hand it the `ours` row's graphs
         assert not torch._functorch.config.enable_autograd_cache and not torch._inductor.config.fx_graph_cache
-    assert torch._C._get_sdp_priority_order() == default
     assert torch._inductor.config.fx_graph_cache == cached
-    with benchmark.attention_first("ours"):
-        assert torch._C._get_sdp_priority_order() == default
-    assert set(benchmark.ATTENTION) <= set(benchmark.BACKENDS)
+    with benchmark.attention_apart("ours"):
+        assert torch._inductor.config.fx_graph_cache == cached
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the exit code on a machine without CUDA")
