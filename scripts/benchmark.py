@@ -24,7 +24,6 @@ CUDA GPU.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import statistics
@@ -64,38 +63,7 @@ BACKENDS = {  # name -> handler: block overrides; None marks stock DeepSpeed, bu
     "ours+fp8": {"backend": "eager", "cuda_graph": True, "compile": True, "channels_last": True, "fuse_qkv": True,
                  "fp8": True},
     "eager-fp16+graph+fp8": {"backend": "eager", "cuda_graph": True, "channels_last": True, "fp8": True},
-    # The same engines with PyTorch's cuDNN attention, its first choice on Hopper, which the engine leaves off by
-    # default (config.cudnn_attention: each new worker compiles its kernels, per shape). On an H100 it took 1.79 ms a
-    # step against FlashAttention's 2.98 ms for SDXL's 640-wide self-attention alone
-    # (bench/results/h100-sdxl-2026-12-07-kernels.json).
-    "eager-fp16+graph+cudnn": {"backend": "eager", "cuda_graph": True, "cudnn_attention": True},
-    "ours+cudnn": {"backend": "eager", "cuda_graph": True, "compile": True, "channels_last": True,
-                   "cudnn_attention": True},
 }
-ATTENTION = tuple(name for name, config in BACKENDS.items() if config and config.get("cudnn_attention"))
-
-
-@contextlib.contextmanager
-def attention_apart(name: str):
-    """A row of ATTENTION compiles with its own caches: compile picks the attention kernel as it traces, and its
-    caches (AOTAutograd's, Inductor's FX graphs') are not keyed by that choice, so a row with the same config otherwise
-    (`ours`) could hand this one its graphs. They are off, and Dynamo's compiled code reset, for such a row; a no-op
-    for the others."""
-    if name not in ATTENTION:
-        yield
-        return
-    import torch._functorch.config
-    import torch._inductor.config
-
-    torch._dynamo.reset()
-    try:
-        with torch._functorch.config.patch(enable_autograd_cache=False), \
-                torch._inductor.config.patch(fx_graph_cache=False):
-            yield
-    finally:
-        torch._dynamo.reset()
-
-
 LADDER_ONLY = {"eager-fp32": (1,), "deepspeed": (1, 8), "deepspeed+stock-graph": (1, 8)}  # fewer batch sizes
 
 
@@ -353,8 +321,7 @@ def run_table(args, base: dict, record: dict, save) -> bool:
     with progress(sum(len(g) for plan in plans.values() for g in plan), "benchmark", unit="row") as bar:
         for name, plan in plans.items():
             for group in plan:
-                with attention_apart(name):
-                    failed |= run_group(name, group, args, base, record, references, save, bar)
+                failed |= run_group(name, group, args, base, record, references, save, bar)
     return failed
 
 
@@ -395,9 +362,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="denoising steps (default: %(default)s)")
     parser.add_argument("--batch-sizes", default="1,4,8,16", help="comma-separated (default: %(default)s)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per row, median reported (default: 3)")
-    parser.add_argument("--backends", default=",".join(n for n in BACKENDS if n not in ATTENTION),
-                        help="comma-separated subset of: " + ", ".join(BACKENDS) + " (default: all but "
-                        + ", ".join(ATTENTION) + ")")
+    parser.add_argument("--backends", default=",".join(BACKENDS),
+                        help="comma-separated subset of: " + ", ".join(BACKENDS) + " (default: all)")
     parser.add_argument("--weights", type=Path, help="where to build the random-weight folder, or reuse it "
                         "(default: /tmp/bench-weights-<preset>, shared with the other GPU tools)")
     parser.add_argument("--out-dir", type=Path, default=Path("bench/results"), help="where the JSON and PNG go")

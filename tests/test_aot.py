@@ -18,9 +18,7 @@ from torch._dynamo.utils import counters
 
 from sd_engine.aot import AOT_DIR, INDEX, description, load_packages, package_name
 from sd_engine.artifacts import ARTIFACTS_DIR
-from sd_engine.config import EngineConfig
 from sd_engine.engine import GenerationResult, load_engine
-from sd_engine.optimize import choose_attention
 from sd_engine.requests import parse_request
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,20 +98,11 @@ def test_packages_made_for_other_sizes_are_skipped_with_the_reason(aot_model, ti
     # A package's file name follows from what it is made for: the build's parent finds a failed size's files by it.
     for name, info in index.items():
         assert package_name(description(tiny_engine.pipe, info["module"], CPU, info["latent_sizes"], 2)) == name
-    # The attention kernel is traced into a package (optimize.choose_attention): these were made with the default,
-    # cuDNN's attention off, and a worker with it on does not take them.
-    assert {info["cudnn_attention"] for info in index.values()} == {False}
     with caplog.at_level(logging.INFO, logger="sd_engine.aot"):
         assert load_packages(tiny_engine.pipe, aot_model / ARTIFACTS_DIR, CPU, {(40, 40)}, 2) == {}
         assert load_packages(tiny_engine.pipe, aot_model / ARTIFACTS_DIR, CPU, made_for, 64) == {}
-        choose_attention(EngineConfig(cudnn_attention=True))
-        try:
-            assert load_packages(tiny_engine.pipe, aot_model / ARTIFACTS_DIR, CPU, made_for, 2) == {}
-        finally:
-            choose_attention(EngineConfig())
     lines = [r.getMessage() for r in caplog.records if "no unet package fits" in r.getMessage()]
-    assert len(lines) == 3 and "for latents 40x40 " in lines[0] and "max_batch" in lines[1]
-    assert "differ in" in lines[2] and "cudnn_attention" in lines[2]
+    assert len(lines) == 2 and "for latents 40x40 " in lines[0] and "max_batch" in lines[1]
 
 
 def test_a_size_without_a_package_runs_uncompiled_beside_the_packaged_ones(aot_model, tiny_engine, caplog):

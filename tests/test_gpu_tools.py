@@ -60,22 +60,6 @@ def test_record_header_names_the_device_and_the_stack():
     assert {"cuda", "diffusers", "transformers", "deepspeed"} <= set(header)
 
 
-def test_the_cudnn_rows_turn_cudnn_attention_on_and_compile_with_their_own_caches():
-    import torch._functorch.config
-    import torch._inductor.config
-
-    assert set(benchmark.ATTENTION) == {"eager-fp16+graph+cudnn", "ours+cudnn"}
-    for name in benchmark.ATTENTION:  # the same engines as their rows without +cudnn, but for the attention
-        assert benchmark.BACKENDS[name] == {**benchmark.BACKENDS[name.removesuffix("+cudnn")], "cudnn_attention": True}
-    cached = torch._inductor.config.fx_graph_cache
-    with benchmark.attention_apart("ours+cudnn"):
-        # compile's caches, not keyed by the attention kernel it traced, cannot hand it the `ours` row's graphs
-        assert not torch._functorch.config.enable_autograd_cache and not torch._inductor.config.fx_graph_cache
-    assert torch._inductor.config.fx_graph_cache == cached
-    with benchmark.attention_apart("ours"):
-        assert torch._inductor.config.fx_graph_cache == cached
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the exit code on a machine without CUDA")
 @pytest.mark.parametrize("tool, argv", [(benchmark, ["--preset", "sdxl", "--check", "loras"]),
                                         (gpu_check, ["--graph-modes", "true", "--oom", "10"])])

@@ -98,10 +98,7 @@ def description(pipe, module: str, device: torch.device, latent_sizes, max_batch
             "input_dtype": str(pipe.unet.dtype).removeprefix("torch."),
             "channels_last": next(part.parameters()).is_contiguous(memory_format=torch.channels_last),
             "model": json.dumps(config, sort_keys=True, default=str),
-            "latent_sizes": sorted([list(s) for s in latent_sizes]), "max_batch": max_batch,
-            # The attention kernel is chosen when the module is exported (optimize.choose_attention): a package
-            # calls cuDNN's or not.
-            "cudnn_attention": torch.backends.cuda.cudnn_sdp_enabled()}
+            "latent_sizes": sorted([list(s) for s in latent_sizes]), "max_batch": max_batch}
 
 
 def _examples(pipe, module: str, device: torch.device, latent_size, max_batch: int, n: int = 2):

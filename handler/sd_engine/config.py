@@ -43,11 +43,6 @@ class EngineConfig:
     # Fuse each attention's q, k, v projections into one matmul (diffusers' fuse_qkv_projections), UNet and VAE.
     # The same arithmetic, fewer and larger kernels. Eager backend only (DeepSpeed replaces the attention).
     fuse_qkv: bool = False
-    # PyTorch's cuDNN attention (its first choice on Hopper in torch 2.11), else its FlashAttention and
-    # memory-efficient kernels (on CUDA). cuDNN builds its attention kernels with NVRTC for every new shape in every new
-    # process: on an H100, half of an SD 1.5 worker's package runs and warm-up went to it
-    # (bench/results/h100-sd15-2026-12-07-start-profile.txt). AOT packages are built for one or the other (aot.py).
-    cudnn_attention: bool = False
     # FP8 (e4m3) matmuls for the UNet's transformer layers (fp8.py): CUDA GPUs of compute capability 8.9+ (Hopper),
     # eager backend only. Lossy: its parity against float16 is in the benchmark records.
     fp8: bool = False

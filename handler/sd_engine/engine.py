@@ -26,7 +26,7 @@ from .errors import EngineError, GenerationError, OutOfMemory
 from .loading import load_pipeline
 from .loras import load_for_engine
 from .native import native_defaults, request_rules
-from .optimize import check_device, choose_attention, optimize, resolve_backend, set_cache_dirs
+from .optimize import check_device, optimize, resolve_backend, set_cache_dirs
 from .requests import GenerationRequest, RequestRules
 from .timing import StageTimer
 
@@ -233,7 +233,6 @@ def load_engine(config: EngineConfig, source: str | Path, device: torch.device, 
     backend = resolve_backend(config.backend, device.type)
     check_device(config, device)
     dtype = resolve_dtype(config, device)
-    choose_attention(config)
     if device.type == "cuda":
         torch.cuda.set_device(device)
 

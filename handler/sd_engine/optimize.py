@@ -46,14 +46,6 @@ def resolve_backend(backend: str, device_type: str) -> str:
     return backend
 
 
-def choose_attention(config) -> None:
-    """PyTorch's SDPA kernels for this process, as config.cudnn_attention says: cuDNN's on or off (PyTorch's other
-    kernels stay as they are). Process-wide, as a worker is one engine: torch.export and torch.compile pick the kernel
-    when they trace, eager modules (the text encoders) at each call. Set at every load_engine, so that several engines
-    loaded one after another in one process (scripts/benchmark.py) each run as configured."""
-    torch.backends.cuda.enable_cudnn_sdp(config.cudnn_attention)
-
-
 def check_device(config, device: torch.device) -> None:
     if config.cuda_graph and device.type != "cuda":
         raise ConfigError(f"handler.cuda_graph: true needs a CUDA GPU, but this worker runs on {device.type}")
