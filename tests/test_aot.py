@@ -105,6 +105,21 @@ def test_packages_made_for_other_sizes_are_skipped_with_the_reason(aot_model, ti
     assert len(lines) == 2 and "for latents 40x40 " in lines[0] and "max_batch" in lines[1]
 
 
+def test_a_worker_runs_each_package_once_at_the_shape_its_warm_up_meets_first(aot_model, tiny_engine, monkeypatch):
+    """cuDNN's per-shape work (choosing convolution engines, building attention kernels with NVRTC) is kept per
+    process, so the one run a worker gives each package is at the largest batch, where the warm-up starts (engine.py),
+    rather than at batch 1, which the UNet meets only without guidance. A spy around the real call records it."""
+    from sd_engine import aot
+
+    batches, call = [], aot.on_device
+    monkeypatch.setattr(aot, "on_device", lambda runner, inputs: batches.append(len(inputs[0])) or call(runner, inputs))
+    made_for = {tuple(info["latent_sizes"][0])
+                for info in json.loads((aot_model / ARTIFACTS_DIR / AOT_DIR / INDEX).read_text()).values()}
+    loaded = load_packages(tiny_engine.pipe, aot_model / ARTIFACTS_DIR, CPU, made_for, 2)
+    assert sorted(loaded) == ["unet", "vae_decode"]
+    assert batches == [4] * 3 + [2] * 3  # batch size 2: the UNet sees both halves of guidance
+
+
 def test_a_size_without_a_package_runs_uncompiled_beside_the_packaged_ones(aot_model, tiny_engine, caplog):
     """A listed size whose build failed: the other sizes keep their packages, that one takes the plain module (as
     an unlisted size does), and the start-up report names it."""

@@ -101,13 +101,19 @@ def description(pipe, module: str, device: torch.device, latent_sizes, max_batch
             "latent_sizes": sorted([list(s) for s in latent_sizes]), "max_batch": max_batch}
 
 
+def largest_batch(module: str, max_batch: int) -> int:
+    """The largest batch `module` sees in a worker of batch size `max_batch`: the UNet gets both halves of
+    classifier-free guidance."""
+    return 2 * max_batch if module == "unet" else max_batch
+
+
 def _examples(pipe, module: str, device: torch.device, latent_size, max_batch: int, n: int = 2):
     """Example inputs (at `latent_size`, batch `n`) and their dynamic shapes (the batch) for torch.export."""
     from torch.export import Dim
 
     height, width = latent_size
     # (torch.export wants a range, not one value: at least 1..2, also for a worker of batch size 1.)
-    batch = {0: Dim("batch", min=1, max=max(2, 2 * max_batch if module == "unet" else max_batch))}
+    batch = {0: Dim("batch", min=1, max=max(2, largest_batch(module, max_batch)))}
     if module == "vae_decode":  # the latents come in the UNet's dtype (a float32 VAE casts them itself: optimize.py)
         latents = torch.randn(n, pipe.vae.config.latent_channels, height, width, device=device, dtype=pipe.unet.dtype)
         return (latents,), ({"latents": batch},)
@@ -242,7 +248,7 @@ def load_packages(pipe, folder: Path, device: torch.device, latent_sizes, max_ba
             continue
         start = time.perf_counter()
         try:
-            runners = _load_runners(pipe, module, folder, chosen, device)
+            runners = _load_runners(pipe, module, folder, chosen, device, largest_batch(module, max_batch))
         except Exception as e:  # noqa: BLE001 - a package that does not load or run costs a compile, never the worker
             logger.warning("AOT: the %s packages could not be used (%s: %s); torch.compile instead", module,
                            type(e).__name__, e)
@@ -256,15 +262,19 @@ def load_packages(pipe, folder: Path, device: torch.device, latent_sizes, max_ba
                            module, ", ".join(f"{h}x{w}" for h, w in missing))
             if report is not None:
                 report.setdefault("aot_missing", {})[module] = [f"{h}x{w}" for h, w in missing]
-        logger.info("AOT: %s from %d package(s) for latents %s in %.1f s (each run once at batch 1)", module,
+        logger.info("AOT: %s from %d package(s) for latents %s in %.1f s (each run once at batch %d)", module,
                     len(set(chosen.values())), ", ".join(f"{h}x{w}" for h, w in sorted(chosen)),
-                    time.perf_counter() - start)
+                    time.perf_counter() - start, largest_batch(module, max_batch))
     return loaded
 
 
-def _load_runners(pipe, module: str, folder: Path, chosen: dict, device: torch.device):
-    """{latent size: loaded package} for `module`, each file loaded once and run once at its size; None (with a log
-    line) when one gives a non-finite output."""
+def _load_runners(pipe, module: str, folder: Path, chosen: dict, device: torch.device, batch: int):
+    """{latent size: loaded package} for `module`, each file loaded once and run once at its size and `batch`; None
+    (with a log line) when one gives a non-finite output. `batch`: the largest the module will see, which is the
+    warm-up's first shape (engine.py: largest batch and size first). cuDNN chooses its convolution engines and builds
+    its attention kernels (NVRTC) for each new shape, once per process: most of a first run's time on an H100
+    (bench/results/h100-sd15-2026-12-07-start-profile.txt). At the warm-up's shape that work is the warm-up's own,
+    done once; at batch 1, which the UNet meets only without guidance, it was spent on shapes no warm-up uses."""
     wrapper = _wrapper(pipe, module)
     by_file, runners = {}, {}
     # Largest first, as the warm-up: smaller sizes then run in the memory it reserved (a new high-water mark cost a
@@ -280,7 +290,7 @@ def _load_runners(pipe, module: str, folder: Path, chosen: dict, device: torch.d
             # module's first run to the start (SD 1.5, 4 sizes, H100: the packages' step took 5.4 s with it, 2.2 s
             # without: bench/results/h100-sd15-2026-12-06-aot-4sizes-largest-first.log).
             logger.info("AOT: first run of %s (a fault ends this process: this line names the package)", name)
-            error = _check(runner, wrapper, pipe, module, device, size, compare=False)
+            error = _check(runner, wrapper, pipe, module, device, size, batch, compare=False)
             logger.info("AOT: %s loaded in %.1f s, first run in %.1f s", name, loaded_s,
                         time.perf_counter() - start - loaded_s)
             if error is not None:
@@ -298,8 +308,8 @@ def _check(runner, wrapper, pipe, module: str, device: torch.device, latent_size
     """One call at `batch` and `latent_size` through the package (`in_graph`: through graphs.py's GraphCache, as a
     worker's graphs run it: a warm-up call on a side stream, capture, replay) and, with `compare`, through the plain
     module: None when the output is finite and agrees (largest difference within `tolerance` of the largest value),
-    else that relative difference (inf: not finite). Batch 1, the worker's check, is the end of the exported range,
-    the edge a compiler's assumptions meet first."""
+    else that relative difference (inf: not finite). Batch 1 (validate_packages) is the end of the exported range, the
+    edge a compiler's assumptions meet first."""
     args, _ = _examples(pipe, module, device, latent_size, batch, n=batch)  # (its shapes for export unused here)
     def call(*inputs):
         return on_device(runner, list(inputs))
@@ -326,7 +336,7 @@ def validate_packages(pipe, folder: Path, device: torch.device, entries: dict[st
         logger.info("AOT: checking %s (a fault ends this process: the last such line names the package)", name)
         wrapper = _wrapper(pipe, module)
         runner = bind(load_package(folder / AOT_DIR / name), wrapper)
-        largest = 2 * max_batch if module == "unet" else max_batch
+        largest = largest_batch(module, max_batch)
         runs = [(batch, False) for batch in sorted({1, min(2, largest), largest})]
         runs += [(min(2, largest), True)] if device.type == "cuda" else []
         checked = []
