@@ -105,19 +105,38 @@ def test_packages_made_for_other_sizes_are_skipped_with_the_reason(aot_model, ti
     assert len(lines) == 2 and "for latents 40x40 " in lines[0] and "max_batch" in lines[1]
 
 
-def test_a_worker_runs_each_package_once_at_the_shape_its_warm_up_meets_first(aot_model, tiny_engine, monkeypatch):
+def test_a_worker_runs_each_package_once_at_the_batch_its_warm_up_starts_with(aot_model, cpu_config, tiny_engine,
+                                                                              monkeypatch, tmp_path):
     """cuDNN's per-shape work (choosing convolution engines, building attention kernels with NVRTC) is kept per
-    process, so the one run a worker gives each package is at the largest batch, where the warm-up starts (engine.py),
-    rather than at batch 1, which the UNet meets only without guidance. A spy around the real call records it."""
-    from sd_engine import aot
+    process, so the one run a worker gives each package is at the shape the warm-up then starts with (largest batch
+    and size first), rather than at batch 1, which the UNet meets only without guidance. Spies around the real calls
+    record the batches: the packages' first runs (aot) and the warm-up's calls through them (aot_runtime)."""
+    from sd_engine import aot, aot_runtime
 
-    batches, call = [], aot.on_device
-    monkeypatch.setattr(aot, "on_device", lambda runner, inputs: batches.append(len(inputs[0])) or call(runner, inputs))
+    calls = []
+
+    def spy(module, real):
+        def call(runner, inputs):
+            calls.append((module, "unet" if len(inputs) > 1 else "vae_decode", len(inputs[0])))
+            return real(runner, inputs)
+        return call
+
+    monkeypatch.setattr(aot, "on_device", spy("aot", aot.on_device))
+    monkeypatch.setattr(aot_runtime, "on_device", spy("aot_runtime", aot_runtime.on_device))
+    engine = load_engine(replace(cpu_config, compile=True), shutil.copytree(aot_model, tmp_path / "w"), CPU,
+                         max_batch_size=2)
+    assert engine.startup["aot"] == ["unet", "vae_decode"] and engine.rules.guidance_scale > 1
+    first_runs = [(module, batch) for where, module, batch in calls if where == "aot"]
+    assert first_runs == [("unet", 4)] * 3 + [("vae_decode", 2)] * 3  # batch size 2, both halves of guidance
+    warm_up = [(module, batch) for where, module, batch in calls if where == "aot_runtime"]
+    assert warm_up[0] == ("unet", 4) and ("vae_decode", 2) in warm_up
+    # Without guidance the UNet sees the batch size itself: its first runs follow.
+    calls.clear()
     made_for = {tuple(info["latent_sizes"][0])
                 for info in json.loads((aot_model / ARTIFACTS_DIR / AOT_DIR / INDEX).read_text()).values()}
-    loaded = load_packages(tiny_engine.pipe, aot_model / ARTIFACTS_DIR, CPU, made_for, 2)
-    assert sorted(loaded) == ["unet", "vae_decode"]
-    assert batches == [4] * 3 + [2] * 3  # batch size 2: the UNet sees both halves of guidance
+    assert sorted(load_packages(tiny_engine.pipe, aot_model / ARTIFACTS_DIR, CPU, made_for, 2, guided=False)) == [
+        "unet", "vae_decode"]
+    assert [(module, batch) for _, module, batch in calls] == [("unet", 2)] * 3 + [("vae_decode", 2)] * 3
 
 
 def test_a_size_without_a_package_runs_uncompiled_beside_the_packaged_ones(aot_model, tiny_engine, caplog):

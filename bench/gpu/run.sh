@@ -138,7 +138,7 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
       grep -v '^py-spy>' $out.stdout | grep . > $out.json; rm -f $out.stdout  # the start's record, py-spy's lines out
       # py-spy's status is its own, not the start's: the start succeeded when its record came
       python3 -c "import json; print('ready_warm_s', json.loads(open('$out.json').read().splitlines()[-1])['ready_warm_s'])" \
-        && python3 bench/gpu/profile_summary.py $out.raw --rate 50 > $out.txt && head -50 $out.txt || status=1
+        && python3 bench/gpu/profile_summary.py $out.raw --rate 50 --top 60 --under AOTICompiledModel.__call__ > $out.txt && head -50 $out.txt || status=1
       [ -f $out.raw ] && gzip -f $out.raw
     done
     ;;

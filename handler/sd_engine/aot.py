@@ -32,7 +32,7 @@ from platform import machine
 
 import torch
 
-from .aot_runtime import bind, decode_call, load_package, on_device, unet_call
+from .aot_runtime import bind, decode_call, largest_batch, load_package, on_device, unet_call
 from .artifacts import file_name, platform, read_index
 from .graphs import GraphCache
 
@@ -99,12 +99,6 @@ def description(pipe, module: str, device: torch.device, latent_sizes, max_batch
             "channels_last": next(part.parameters()).is_contiguous(memory_format=torch.channels_last),
             "model": json.dumps(config, sort_keys=True, default=str),
             "latent_sizes": sorted([list(s) for s in latent_sizes]), "max_batch": max_batch}
-
-
-def largest_batch(module: str, max_batch: int) -> int:
-    """The largest batch `module` sees in a worker of batch size `max_batch`: the UNet gets both halves of
-    classifier-free guidance."""
-    return 2 * max_batch if module == "unet" else max_batch
 
 
 def _examples(pipe, module: str, device: torch.device, latent_size, max_batch: int, n: int = 2):
@@ -223,13 +217,14 @@ def _choose(index: dict, mine: dict, latent_sizes) -> tuple[dict, list]:
 
 
 def load_packages(pipe, folder: Path, device: torch.device, latent_sizes, max_batch: int,
-                  report: dict | None = None) -> dict:
+                  report: dict | None = None, guided: bool = True) -> dict:
     """The compiled calls of the packages in `folder` that fit this worker, by module ({} when none do): each takes the
     module's arguments as the pipeline passes them and runs the package made for the latents' size. A module with no
     fitting package is left to torch.compile; one with packages for some of `latent_sizes` only runs the others
     uncompiled, as sizes not listed are (compiling them would take minutes at start: what the packages are for), and
     `report["aot_missing"]` names them by module. A module that `modules` leaves out (an upcast VAE decoder) is not
-    looked for. One log line per module says what was loaded, or why not."""
+    looked for. One log line per module says what was loaded, or why not. Each package is run once, at the batch the
+    warm-up starts with (`guided`: the default request's guidance doubles the UNet's batch; _load_runners says why)."""
     folder = folder / AOT_DIR
     index = read_index(folder)
     if not index:
@@ -247,8 +242,9 @@ def load_packages(pipe, folder: Path, device: torch.device, latent_sizes, max_ba
                         else "there is none")
             continue
         start = time.perf_counter()
+        batch = largest_batch(module, max_batch) if guided else max_batch
         try:
-            runners = _load_runners(pipe, module, folder, chosen, device, largest_batch(module, max_batch))
+            runners = _load_runners(pipe, module, folder, chosen, device, batch)
         except Exception as e:  # noqa: BLE001 - a package that does not load or run costs a compile, never the worker
             logger.warning("AOT: the %s packages could not be used (%s: %s); torch.compile instead", module,
                            type(e).__name__, e)
@@ -264,17 +260,18 @@ def load_packages(pipe, folder: Path, device: torch.device, latent_sizes, max_ba
                 report.setdefault("aot_missing", {})[module] = [f"{h}x{w}" for h, w in missing]
         logger.info("AOT: %s from %d package(s) for latents %s in %.1f s (each run once at batch %d)", module,
                     len(set(chosen.values())), ", ".join(f"{h}x{w}" for h, w in sorted(chosen)),
-                    time.perf_counter() - start, largest_batch(module, max_batch))
+                    time.perf_counter() - start, batch)
     return loaded
 
 
 def _load_runners(pipe, module: str, folder: Path, chosen: dict, device: torch.device, batch: int):
     """{latent size: loaded package} for `module`, each file loaded once and run once at its size and `batch`; None
-    (with a log line) when one gives a non-finite output. `batch`: the largest the module will see, which is the
-    warm-up's first shape (engine.py: largest batch and size first). cuDNN chooses its convolution engines and builds
-    its attention kernels (NVRTC) for each new shape, once per process: most of a first run's time on an H100
-    (bench/results/h100-sd15-2026-12-07-start-profile.txt). At the warm-up's shape that work is the warm-up's own,
-    done once; at batch 1, which the UNet meets only without guidance, it was spent on shapes no warm-up uses."""
+    (with a log line) when one gives a non-finite output. `batch`: the module's batch in the warm-up's first call,
+    which goes largest batch and size first when nothing is torch.compiled (engine.py). cuDNN chooses its
+    convolution engines and builds its attention kernels (NVRTC) for each new shape it meets in a process: most of
+    the packages' first runs on an H100 (bench/results/h100-sd15-2026-12-07-start-profile.raw.gz, summarized under
+    the packages' calls in .txt). At the warm-up's shape that work is the warm-up's own; at batch 1, which the UNet
+    meets only without guidance, it went to shapes no warm-up uses."""
     wrapper = _wrapper(pipe, module)
     by_file, runners = {}, {}
     # Largest first, as the warm-up: smaller sizes then run in the memory it reserved (a new high-water mark cost a
@@ -294,8 +291,8 @@ def _load_runners(pipe, module: str, folder: Path, chosen: dict, device: torch.d
             logger.info("AOT: %s loaded in %.1f s, first run in %.1f s", name, loaded_s,
                         time.perf_counter() - start - loaded_s)
             if error is not None:
-                logger.warning("AOT: %s gave a non-finite output at latents %dx%d; torch.compile instead", name,
-                               *size)
+                logger.warning("AOT: %s gave a non-finite output at latents %dx%d, batch %d; torch.compile instead",
+                               name, *size, batch)
                 return None
             by_file[name] = runner
         runners[size] = by_file[name]

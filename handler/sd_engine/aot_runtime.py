@@ -40,6 +40,12 @@ def on_device(runner, args):
     return runner(*args)
 
 
+def largest_batch(module: str, max_batch: int) -> int:
+    """The largest batch `module` sees in a worker of batch size `max_batch`, what its packages are made for: the UNet
+    gets both halves of classifier-free guidance."""
+    return 2 * max_batch if module == "unet" else max_batch
+
+
 def unet_call(runners: dict, pipe, max_batch: int):
     plain = pipe.unet.forward
     dtype = pipe.unet.dtype
@@ -50,7 +56,7 @@ def unet_call(runners: dict, pipe, max_batch: int):
         if runner is None or timestep_cond is not None or cross_attention_kwargs or rest or \
                 not torch.is_tensor(timestep) or timestep.dim() != 0 or \
                 set(added_cond_kwargs or {}) - {"text_embeds", "time_ids"} or \
-                sample.shape[0] > 2 * max_batch:  # what the packages were not made for: the plain UNet
+                sample.shape[0] > largest_batch("unet", max_batch):  # what the packages were not made for: plain
             return plain(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond, return_dict=return_dict,
                          cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=added_cond_kwargs, **rest)
         # The UNet embeds the timestep as float32 whatever its type (an integer step is exact in float32).
@@ -71,7 +77,7 @@ def decode_call(runners: dict, pipe, max_batch: int):
 
     def call(z, return_dict=True, generator=None):
         runner = runners.get(tuple(z.shape[-2:]))
-        if runner is None or z.shape[0] > max_batch:
+        if runner is None or z.shape[0] > largest_batch("vae_decode", max_batch):
             return plain(z, return_dict=return_dict)
         out = on_device(runner, [z.to(dtype)])
         if return_dict:

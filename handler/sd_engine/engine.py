@@ -258,7 +258,7 @@ def load_engine(config: EngineConfig, source: str | Path, device: torch.device, 
     folder = Path(source) / ARTIFACTS_DIR if config.compile else None
     optimized: dict = {}
     optimize(pipe, config, device, backend, max_batch_size, compiled_sizes=rules.sizes, artifacts=folder,
-             report=optimized)
+             report=optimized, guided=rules.guidance_scale > 1)
     # torch.compile's own artifacts, for what still compiles (it compiles lazily: at warm-up, after this).
     compiling = bool(optimized["torch_compile"])
     artifacts = load_compile_artifacts(folder, device) if folder and compiling else None

@@ -59,13 +59,15 @@ def check_device(config, device: torch.device) -> None:
 
 def optimize(pipe, config, device: torch.device, backend: str, max_batch_size: int = 1,
              compiled_sizes: tuple[tuple[int, int], ...] = (), artifacts: Path | None = None,
-             report: dict | None = None):
+             report: dict | None = None, guided: bool = True):
     """Apply config's optimizations to a pipeline already on `device` and in its dtype. Returns the same pipeline.
     `max_batch_size`: the most images the engine will generate in one call (DeepSpeed's workspace is sized for it).
     `compiled_sizes`: the (height, width) images that run compiled when config.compile is on.
     `artifacts`: the compile-artifacts folder, where AOT-compiled packages (aot.py) may replace torch.compile.
     `report`: filled with what the caller's start-up record shows (`aot`: the modules that run AOT-compiled;
-    `uncompiled`: those left uncompiled beside them; `torch_compile`: those torch.compile compiles at warm-up)."""
+    `uncompiled`: those left uncompiled beside them; `torch_compile`: those torch.compile compiles at warm-up).
+    `guided`: the default request uses classifier-free guidance, so the warm-up's UNet calls carry twice the images
+    (AOT packages are first run at the warm-up's batch)."""
     if keep_vae_in_float32(pipe):
         logger.info("VAE: float32 for decoding (the pipeline upcasts this VAE, whose config sets force_upcast)")
     if config.channels_last:
@@ -100,7 +102,7 @@ def optimize(pipe, config, device: torch.device, backend: str, max_batch_size: i
         if artifacts is not None and backend == "eager" and not (config.fuse_qkv or config.fp8):
             from .aot import MODULES, load_packages, modules
 
-            aot = load_packages(pipe, artifacts, device, latents, max_batch_size, report)
+            aot = load_packages(pipe, artifacts, device, latents, max_batch_size, report, guided)
             # A module the packages leave out (an upcast VAE decoder: aot.modules says why) is not compiled at all
             # when the others are packaged: torch.compile would cost a worker minutes at every start.
             plain = tuple(module for module in MODULES if module not in modules(pipe)) if aot else ()
