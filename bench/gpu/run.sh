@@ -21,6 +21,9 @@
 #   bash bench/gpu/run.sh profile sd15 [sdxl] carry [.whl] (py-spy's wheel), after build or reuse on the machine: a
 #                                            fresh start from the packages under py-spy, the raw samples and their
 #                                            summary (bench/gpu/profile_summary.py) into $OUT/<tag>-<p>-<date>-start-profile.*
+#   bash bench/gpu/run.sh jitcache sd15      after build or reuse on the machine: fresh starts alternating a kept and
+#                                            an empty CUDA driver JIT cache (CUDA_CACHE_PATH), to learn whether the
+#                                            driver keeps a start's cuDNN kernels across processes
 #   bash bench/gpu/run.sh serve sd15 [sdxl]  carry [.whl-jre]: the real TorchServe from the packages, empty JIT
 #                                            caches: start to READY, then the load test (serve_bench --phases cold);
 #                                            SERVE_ARGS are added to serve_bench's (e.g. --no-compile, with
@@ -142,6 +145,20 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
       [ -f $out.raw ] && gzip -f $out.raw
     done
     ;;
+  jitcache)  # is a fresh start's cuDNN work kept across processes by the CUDA driver's JIT cache (CUDA_CACHE_PATH)?
+    for p in "$@"; do  # after build or reuse on the machine: starts alternating a kept and an empty driver cache
+      batch=$(python3 -c "import yaml; print(yaml.safe_load(open('bench/gpu/$p-4sizes.yaml')).get('batchSize', 1))")
+      for run in kept-1 kept-2 empty-1 kept-3 empty-2; do
+        cache=/tmp/cuda-cache-${run%-*}; [ "${run%-*}" = empty ] && rm -rf $cache
+        out=$OUT/$TAG-$p-$DAY-jitcache-$run
+        CUDA_CACHE_PATH=$cache timeout 150 python3 scripts/compile_artifacts.py /tmp/bench-weights-$p \
+          --config bench/gpu/$p-4sizes.yaml --aot --batch-size $batch --preset $p --load-only > $out.json 2> $out.log \
+          || status=1
+        echo "$run: $(du -sh $cache 2>/dev/null | cut -f1) in the driver's cache; $(grep -o '"ready_warm_s": [0-9.]*' \
+          $out.json); $(grep -o 'first run in [0-9.]* s' $out.log | head -2 | tr '\n' ' ')"
+      done
+    done
+    ;;
   serve)
     [ -d /tmp/jre17 ] || tar -C /tmp -xJf .whl-jre/jre17.tar.xz || exit 1
     export JAVA_HOME=/tmp/jre17 PATH=/tmp/jre17/bin:$PATH
@@ -160,7 +177,7 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
     done
     ;;
   *)
-    echo "usage: bash bench/gpu/run.sh build|reuse|ts|imports|kernels|profile|serve PRESET..." >&2
+    echo "usage: bash bench/gpu/run.sh build|reuse|ts|imports|kernels|profile|jitcache|serve PRESET..." >&2
     exit 2
     ;;
 esac
