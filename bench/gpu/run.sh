@@ -50,6 +50,13 @@ quiet() { grep -v "it/s\]" | tail -"$1"; }  # the progress bars' lines stay in t
 weights() {  # the preset's random-weight folder, built once per machine
   python3 -c "from gpu_common import preset_weights; print(preset_weights('$1'))"
 }
+fresh_start() {  # the command of a fresh engine start from the preset's packages (built or reused on this machine),
+  # as compile_artifacts.py --check times it; its record on stdout. (Words without spaces: used as $(fresh_start p).)
+  local batch
+  batch=$(python3 -c "import yaml; print(yaml.safe_load(open('bench/gpu/$1-4sizes.yaml')).get('batchSize', 1))")
+  echo python3 scripts/compile_artifacts.py /tmp/bench-weights-$1 --config bench/gpu/$1-4sizes.yaml --aot \
+    --batch-size $batch --preset $1 --load-only
+}
 
 case $step in
   build)
@@ -127,16 +134,14 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
   profile)  # where a fresh start from the packages (built or reused on this machine) spends its time
     for p in "$@"; do
       out=$OUT/$TAG-$p-$DAY-start-profile
-      batch=$(python3 -c "import yaml; print(yaml.safe_load(open('bench/gpu/$p-4sizes.yaml')).get('batchSize', 1))")
       # The engine's start as compile_artifacts.py --check times it (load_engine: no sha256 check, so the imports
       # are not overlapped and run with the collector on, unlike a front's). --native: what C++ and CUDA calls wait
       # for. SIGINT on timeout: py-spy then writes what it has and stops its child.
       # Its own folder: a later pip install --target /tmp/site --upgrade (run.sh ts) replaces /tmp/site/bin.
       spy=/tmp/pyspy/bin/py-spy
       [ -x $spy ] || python3 -m pip install -q --no-index --no-deps --target /tmp/pyspy .whl/py_spy-*.whl || exit 1
-      timeout -s INT -k 15 200 $spy record --native --idle --rate 50 --format raw -o $out.raw -- \
-        python3 scripts/compile_artifacts.py /tmp/bench-weights-$p --config bench/gpu/$p-4sizes.yaml --aot \
-        --batch-size $batch --preset $p --load-only > $out.stdout 2> $out.log
+      timeout -s INT -k 15 200 $spy record --native --idle --rate 50 --format raw -o $out.raw -- $(fresh_start $p) \
+        > $out.stdout 2> $out.log
       echo "py-spy rc $?"
       grep -v '^py-spy>' $out.stdout | grep . > $out.json; rm -f $out.stdout  # the start's record, py-spy's lines out
       # py-spy's status is its own, not the start's: the start succeeded when its record came
@@ -147,13 +152,10 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
     ;;
   jitcache)  # is a fresh start's cuDNN work kept across processes by the CUDA driver's JIT cache (CUDA_CACHE_PATH)?
     for p in "$@"; do  # after build or reuse on the machine: starts alternating a kept and an empty driver cache
-      batch=$(python3 -c "import yaml; print(yaml.safe_load(open('bench/gpu/$p-4sizes.yaml')).get('batchSize', 1))")
       for run in kept-1 kept-2 empty-1 kept-3 empty-2; do
         cache=/tmp/cuda-cache-${run%-*}; [ "${run%-*}" = empty ] && rm -rf $cache
         out=$OUT/$TAG-$p-$DAY-jitcache-$run
-        CUDA_CACHE_PATH=$cache timeout 150 python3 scripts/compile_artifacts.py /tmp/bench-weights-$p \
-          --config bench/gpu/$p-4sizes.yaml --aot --batch-size $batch --preset $p --load-only > $out.json 2> $out.log \
-          || status=1
+        CUDA_CACHE_PATH=$cache timeout 150 $(fresh_start $p) > $out.json 2> $out.log || status=1
         echo "$run: $(du -sh $cache 2>/dev/null | cut -f1) in the driver's cache; $(grep -o '"ready_warm_s": [0-9.]*' \
           $out.json); $(grep -o 'first run in [0-9.]* s' $out.log | head -2 | tr '\n' ' ')"
       done
