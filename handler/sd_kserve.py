@@ -25,6 +25,7 @@ from sd_engine.batching import Batcher
 from sd_engine.config import EngineConfig
 from sd_engine.engine import load_engine, pick_device
 from sd_engine.errors import EngineError, InvalidRequest
+from sd_engine.jit_caches import use_jit_caches
 from sd_engine.loading import model_config, prepare_model_dir, prepare_weights
 from sd_engine.protocols import V1, b64, decode, encode_results, v1_response
 from sd_engine.requests import FIELDS
@@ -122,8 +123,10 @@ def main(argv=None) -> int:
     settings = model_config(model_dir)
     config = EngineConfig.from_mapping(settings.get("handler"))
     max_images = int(settings.get("batchSize") or 1)
+    weights = prepare_weights(model_dir, config.weights)
+    use_jit_caches(config.cache_dir, weights)  # before CUDA starts (pick_device): the driver's is one of them
     device = pick_device(args.gpu if settings.get("deviceType", "gpu") == "gpu" else None)
-    engine = load_engine(config, prepare_weights(model_dir, config.weights), device, max_batch_size=max_images)
+    engine = load_engine(config, weights, device, max_batch_size=max_images)
     metrics = Metrics()
     # The engine runs on this (the main) thread, the servers on another: see sd_engine/batching.py.
     batcher = Batcher(engine, max_images, float(settings.get("maxBatchDelay") or 0) / 1000,

@@ -31,12 +31,14 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -65,9 +67,13 @@ def main(argv=None) -> int:
                         "1200, SDXL's sizes took 288-293 s each, 4 side by side on an H100)")
     parser.add_argument("--check", action="store_true", help="then time a fresh start that loads the artifacts")
     parser.add_argument("--time-sizes", action="store_true", help="with --check: batch-1 latency at each size")
+    parser.add_argument("--time-batches", action="store_true",
+                        help="with --load-only: what warming up each batch size between 1 and --batch-size would add, "
+                             "and its latency against the full batch's")
     parser.add_argument("--json", type=Path, help="write the record here too")
     parser.add_argument("--preset", help="the model's name in the record (e.g. sd15, sdxl; default: the folder's)")
     parser.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)  # the --check child
+    parser.add_argument("--driver-cache", help=argparse.SUPPRESS)  # the --aot --check child: the cache it fills
     parser.add_argument("--build-size", help=argparse.SUPPRESS)  # an --aot child: the latent size HxW it builds
     parser.add_argument("--check-size", help=argparse.SUPPRESS)  # an --aot child: the size HxW whose packages it checks
     parser.add_argument("--await-role", action="store_true", help=argparse.SUPPRESS)  # a pre-started --aot child
@@ -121,6 +127,8 @@ def main(argv=None) -> int:
     if args.time_sizes:
         record["latency_s"] = size_latencies(engine)
         record["best_batch"] = batch_throughput(engine, batch_size)
+    if args.time_batches:
+        record["batch_sizes"] = batch_sizes(engine, batch_size)
     print(json.dumps(record))
     return 0
 
@@ -128,7 +136,12 @@ def main(argv=None) -> int:
 def load(args, config, batch_size: int):
     """The engine as a worker loads it, the record of how it started, and the seconds it took."""
     from sd_engine.engine import load_engine, pick_device
+    from sd_engine.jit_caches import use_jit_caches
 
+    if args.driver_cache:  # the driver's cache this start fills, the config's cache_dir aside (it would take it)
+        config = replace(config, cache_dir="")
+        os.environ["CUDA_CACHE_PATH"] = args.driver_cache
+    use_jit_caches(config.cache_dir, args.weights)  # as a front does, before CUDA starts
     device = pick_device(0)
     start = time.perf_counter()
     engine = load_engine(config, args.weights, device, batch_size)
@@ -142,8 +155,9 @@ def load(args, config, batch_size: int):
 
 def make_artifacts(args, config, batch_size: int) -> int:
     """Compile everything in this process, save the artifacts, and with --check time a fresh start from them."""
-    from sd_engine.aot import AOT_DIR, INDEX
+    from sd_engine.aot import AOT_DIR
     from sd_engine.artifacts import ARTIFACTS_DIR, save_compile_artifacts
+    from sd_engine.jit_caches import DRIVER_CACHE
 
     with progress(2 + args.check, "compile_artifacts") as bar:
         if args.aot:
@@ -170,25 +184,35 @@ def make_artifacts(args, config, batch_size: int) -> int:
         save()
         bar.update()
         if args.aot:
-            add_to_manifest(args.weights, args.weights / ARTIFACTS_DIR / AOT_DIR / INDEX)
+            add_to_manifest(args.weights, args.weights / ARTIFACTS_DIR / AOT_DIR)
         else:
             bar.set_postfix_str("save the artifacts")
             path = save_compile_artifacts(args.weights / ARTIFACTS_DIR, engine.device)
             record["artifact"] = {"file": path.name, "mb": round(path.stat().st_size / 2**20, 1)}
-            add_to_manifest(args.weights, path)
+            add_to_manifest(args.weights, path.parent)
         save()
         bar.update()
         if args.check:
             bar.set_postfix_str("a fresh start from the artifacts")
+            # With --aot, the CUDA driver's JIT cache this start fills ships beside the packages (jit_caches.py): made
+            # again from nothing, it holds what such a start needs.
+            driver = args.weights / ARTIFACTS_DIR / DRIVER_CACHE
+            if args.aot:
+                shutil.rmtree(driver, ignore_errors=True)
             child = subprocess.run([sys.executable, __file__, str(args.weights), "--config", str(args.config),
                                     "--batch-size", str(batch_size), "--preset", record["preset"], "--load-only"]
-                                   + (["--time-sizes"] if args.time_sizes else []) + (["--aot"] if args.aot else []),
+                                   + (["--time-sizes"] if args.time_sizes else [])
+                                   + (["--aot", "--driver-cache", str(driver)] if args.aot else []),
                                    stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
             bar.update()  # (its log went to stderr as it ran)
             if child.returncode != 0:
                 print(f"error: the --check start failed ({child.returncode})", file=sys.stderr)
                 return 1
             record["warm"] = json.loads(child.stdout.strip().splitlines()[-1])
+            if driver.is_dir():
+                add_to_manifest(args.weights, driver)
+                record["driver_cache_mb"] = round(sum(f.stat().st_size for f in driver.rglob("*") if f.is_file())
+                                                  / 2**20, 1)
             save()
             if args.aot and sorted(record["warm"].get("aot", [])) != sorted(record["aot_modules"]):
                 print(f"error: the --check start did not use the AOT packages of {record['aot_modules']} (it used "
@@ -453,14 +477,43 @@ def batch_throughput(engine, batch: int) -> dict:
             "images_per_s": round(batch / best, 2)}
 
 
+def batch_sizes(engine, batch: int) -> dict:
+    """Per listed size, for each batch the warm-up skips (2..batch-1): what its warm-up would take (a generation of
+    warmup_steps steps that captures its graphs, as Engine.warmup runs it), then its latency at the default steps,
+    against the full batch's (what serving it padded to the full batch would take)."""
+    from sd_engine.requests import GenerationRequest
+
+    def run(k, height, width, steps):
+        requests = [GenerationRequest(prompt=PROMPT, negative_prompt=None, num_inference_steps=steps,
+                                      guidance_scale=engine.rules.guidance_scale, height=height, width=width, seed=i)
+                    for i in range(k)]
+        start = time.perf_counter()
+        results = engine.generate(requests)
+        if not all(hasattr(r, "image") for r in results):
+            raise RuntimeError(f"batch {k} at {width}x{height} failed: {results}")
+        return round(time.perf_counter() - start, 3)
+
+    steps = engine.rules.num_inference_steps
+    out = {}
+    for height, width in engine.rules.sizes:
+        full = run(batch, height, width, steps)
+        rows = {k: {"warmup_s": run(k, height, width, engine.config.warmup_steps),
+                    "latency_s": run(k, height, width, steps)} for k in range(2, batch)}
+        out[f"{width}x{height}"] = {"full_batch_latency_s": full, **rows}
+    out["warmup_total_s"] = round(sum(row["warmup_s"] for size in out.values() for k, row in size.items()
+                                      if isinstance(row, dict)), 1)
+    return out
+
+
 def best_of_two(engine, requests) -> float:
     """Seconds of the faster of two generations after an untimed one (which may still capture a graph)."""
     return min(timed_runs(lambda: engine.generate(requests), 2, warmup=1))
 
 
-def add_to_manifest(weights: Path, artifact: Path) -> None:
-    """A packaged folder's manifest lists the artifact folder's files as they now are (new ones added, removed ones
-    dropped: a rebuild or a failed size's cleanup), and nothing else changes, so the integrity check still holds."""
+def add_to_manifest(weights: Path, folder: Path) -> None:
+    """A packaged folder's manifest lists the files below the artifacts' `folder` as they now are (new ones added,
+    removed ones dropped: a rebuild or a failed size's cleanup), and nothing else changes, so the integrity check
+    still holds."""
     from package_model import manifest_text
     from sd_engine.loading import MANIFEST, file_digests
 
@@ -468,7 +521,6 @@ def add_to_manifest(weights: Path, artifact: Path) -> None:
     if not manifest.is_file():
         return
     digests = json.loads(manifest.read_text())["sha256"]
-    folder = artifact.parent
     prefix = folder.relative_to(weights).as_posix()
     digests = {name: digest for name, digest in digests.items() if not name.startswith(f"{prefix}/")}
     digests.update({f"{prefix}/{name}": digest for name, digest in file_digests(folder).items()})

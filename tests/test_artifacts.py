@@ -93,7 +93,7 @@ def test_a_rebuild_leaves_the_manifest_listing_the_artifact_files_as_they_are(tm
     (aot / "old.pt2").unlink()
     (aot / "new.pt2").write_bytes(b"new")
     (aot / "index.json").write_text("{}")
-    add_to_manifest(tmp_path, aot / "index.json")
+    add_to_manifest(tmp_path, aot)
     listed = json.loads((tmp_path / MANIFEST).read_text())["sha256"]
     assert sorted(listed) == ["compile-artifacts/aot/index.json", "compile-artifacts/aot/new.pt2",
                               "unet/weights.safetensors"]

@@ -134,6 +134,23 @@ def test_warmup_runs_the_largest_batch_and_size_first(tiny_engine, monkeypatch, 
                      (2, 64, 64), (2, 64, 96), (2, 96, 96), (2, 96, 64)]
 
 
+def test_warmup_can_cover_every_batch_size_up_to_the_largest(tiny_engine, monkeypatch, cpu_config, cpu_rules):
+    """warmup_all_batch_sizes: the batches between 1 and batchSize are ready at READY too, largest first."""
+    calls = []
+    pipeline_class = type(tiny_engine.pipe)
+    real_call = pipeline_class.__call__
+
+    def recording_call(self, **kwargs):
+        calls.append((len(kwargs["prompt"]), kwargs["height"], kwargs["width"]))
+        return real_call(self, **kwargs)
+
+    monkeypatch.setattr(pipeline_class, "__call__", recording_call)
+    rules = dataclasses.replace(cpu_rules, sizes=((64, 64), (96, 64)))
+    config = cpu_config.replace(compile=True, warmup_all_batch_sizes=True)
+    Engine(tiny_engine.pipe, config, tiny_engine.device, max_batch_size=3, rules=rules).warmup(3)
+    assert calls == [(3, 96, 64), (3, 64, 64), (2, 96, 64), (2, 64, 64), (1, 96, 64), (1, 64, 64)]
+
+
 def test_after_a_compiled_warm_up_no_batch_size_up_to_the_largest_compiles_again(tiny_model_dir, cpu_config,
                                                                                  dynamo_compiles):
     """Dynamo traces for real (a counting backend stands in for inductor: conftest). Warmed up at batch 1 and 4, a

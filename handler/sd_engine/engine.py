@@ -26,7 +26,8 @@ from .errors import EngineError, GenerationError, OutOfMemory
 from .loading import load_pipeline
 from .loras import load_for_engine
 from .native import native_defaults, request_rules
-from .optimize import check_device, optimize, resolve_backend, set_cache_dirs
+from .jit_caches import fixed_cwd, use_jit_caches
+from .optimize import check_device, optimize, resolve_backend
 from .requests import GenerationRequest, RequestRules
 from .timing import StageTimer
 
@@ -167,9 +168,10 @@ class Engine:
             torch.cuda.empty_cache()
 
     def warmup(self, max_batch_size: int = 1, torch_compile: bool = False) -> float:
-        """Generate with batch 1 and `max_batch_size` at every listed size (compiled or graphed; else the default size
-        alone), so JIT builds, compilation and graph capture happen now rather than in a request; fail loudly unless
-        every image is finite and of the right size. `torch_compile`: torch.compile compiles at this warm-up."""
+        """Generate with batch 1 and `max_batch_size` (with warmup_all_batch_sizes, every batch between them) at every
+        listed size (compiled or graphed; else the default size alone), so JIT builds, compilation and graph capture
+        happen now rather than in a request; fail loudly unless every image is finite and of the right size.
+        `torch_compile`: torch.compile compiles at this warm-up."""
         start = time.perf_counter()
         rules = self.rules
         sizes = rules.sizes if (self.config.compile or self.config.cuda_graph) else rules.sizes[:1]
@@ -180,7 +182,8 @@ class Engine:
         # (compiled for the larger batch first, the batch-1 compile would stay static, torch's 0/1 rule, and a
         # VAE decode of 2..batchSize-1 images would recompile inside a request).
         largest_first = self.backend == "deepspeed" or not torch_compile
-        for batch in sorted({1, max_batch_size}, reverse=largest_first):
+        batches = range(1, max_batch_size + 1) if self.config.warmup_all_batch_sizes else {1, max_batch_size}
+        for batch in sorted(batches, reverse=largest_first):
             for height, width in (sorted(sizes, key=lambda size: size[0] * size[1], reverse=True) if largest_first
                                   else sizes):
                 size_start = time.perf_counter()
@@ -229,7 +232,8 @@ def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
 def load_engine(config: EngineConfig, source: str | Path, device: torch.device, max_batch_size: int = 1) -> Engine:
     """Load -> optimize -> warm up. `source` is a local diffusers folder (or a hub id, for scripts);
     `max_batch_size` is the largest batch the server will hand over (TorchServe's batchSize), warmed up too."""
-    # 1. Decide everything that can fail without weights.
+    # 1. Decide everything that can fail without weights; the JIT caches' folders (the fronts set them already).
+    use_jit_caches(config.cache_dir, source if Path(source).is_dir() else None)
     backend = resolve_backend(config.backend, device.type)
     check_device(config, device)
     dtype = resolve_dtype(config, device)
@@ -251,22 +255,20 @@ def load_engine(config: EngineConfig, source: str | Path, device: torch.device, 
     adapters, loras_unavailable = load_for_engine(pipe, config, source, backend)
     rules = replace(rules, loras=adapters.names if adapters else (), loras_unavailable=loras_unavailable)
 
-    # 3. Optimize.
-    start = time.perf_counter()
-    if config.cache_dir:
-        set_cache_dirs(config.cache_dir)
-    folder = Path(source) / ARTIFACTS_DIR if config.compile else None
-    optimized: dict = {}
-    optimize(pipe, config, device, backend, max_batch_size, compiled_sizes=rules.sizes, artifacts=folder,
-             report=optimized, guided=rules.guidance_scale > 1)
-    # torch.compile's own artifacts, for what still compiles (it compiles lazily: at warm-up, after this).
-    compiling = bool(optimized["torch_compile"])
-    artifacts = load_compile_artifacts(folder, device) if folder and compiling else None
-    optimize_s = time.perf_counter() - start
+    # 3. Optimize, and 4. warm up, from / (jit_caches.fixed_cwd: the driver's JIT cache entries depend on it).
+    folder = Path(source).absolute() / ARTIFACTS_DIR if config.compile else None
+    with fixed_cwd():
+        start = time.perf_counter()
+        optimized: dict = {}
+        optimize(pipe, config, device, backend, max_batch_size, compiled_sizes=rules.sizes, artifacts=folder,
+                 report=optimized, guided=rules.guidance_scale > 1)
+        # torch.compile's own artifacts, for what still compiles (it compiles lazily: at warm-up, after this).
+        compiling = bool(optimized["torch_compile"])
+        artifacts = load_compile_artifacts(folder, device) if folder and compiling else None
+        optimize_s = time.perf_counter() - start
 
-    # 4. Warm up.
-    engine = Engine(pipe, config, device, backend, max_batch_size, rules, adapters)
-    warmup_s = engine.warmup(max_batch_size, torch_compile=compiling) if config.warmup else 0.0
+        engine = Engine(pipe, config, device, backend, max_batch_size, rules, adapters)
+        warmup_s = engine.warmup(max_batch_size, torch_compile=compiling) if config.warmup else 0.0
     budget = getattr(pipe.unet.forward, "budget", None)  # the CUDA graphs' memory (graphs.GraphBudget), when on
     graph_gib = budget.total_bytes / 2**30 if budget is not None else 0.0
     logger.info("engine ready: %s, torch %s, diffusers %s, device %s, dtype %s, backend %s, cuda_graph %s; "

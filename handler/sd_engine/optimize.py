@@ -23,7 +23,6 @@ A straight run of steps, each an option of EngineConfig:
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -180,12 +179,3 @@ def keep_vae_in_float32(pipe) -> bool:
     vae.decode = decode_in_float32
     return True
 
-
-def set_cache_dirs(cache_dir: str) -> None:
-    """Point DeepSpeed's, Inductor's and Triton's JIT caches into one folder. The config wins over the environment:
-    importing torch already sets TORCHINDUCTOR_CACHE_DIR to its /tmp default, so a default could not be told apart."""
-    for variable, sub in (("TORCH_EXTENSIONS_DIR", "torch_extensions"), ("TORCHINDUCTOR_CACHE_DIR", "inductor"),
-                          ("TRITON_CACHE_DIR", "triton")):
-        os.environ[variable] = os.path.join(cache_dir, sub)
-    logger.info("JIT caches: %s", {v: os.environ[v] for v in ("TORCH_EXTENSIONS_DIR", "TORCHINDUCTOR_CACHE_DIR",
-                                                              "TRITON_CACHE_DIR")})

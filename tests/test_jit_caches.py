@@ -1,0 +1,95 @@
+"""Where a worker's JIT caches go (sd_engine/jit_caches.py): cache_dir, the CUDA driver's cache shipped beside the AOT
+packages, and the fixed working directory of load_engine's optimize and warm-up steps. The driver only reads
+CUDA_CACHE_PATH on a GPU; what is checked here is what the process hands it: the folder and its contents."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from sd_engine import jit_caches
+from sd_engine.engine import load_engine
+from sd_engine.jit_caches import DRIVER_CACHE, fixed_cwd, use_jit_caches
+
+VARIABLES = ("TORCH_EXTENSIONS_DIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "CUDA_CACHE_PATH")
+
+
+@pytest.fixture(autouse=True)
+def fresh_process_state(monkeypatch):
+    """Each test starts as a new process would: nothing set yet; the environment is restored after it."""
+    monkeypatch.setattr(jit_caches, "_configured", None)
+    for variable in VARIABLES:
+        monkeypatch.setenv(variable, "")  # recorded first, so that the test's own setting is undone after it
+        monkeypatch.delenv(variable)
+
+
+def shipped_cache(weights: Path) -> Path:
+    folder = weights / "compile-artifacts" / DRIVER_CACHE
+    (folder / "a").mkdir(parents=True)
+    (folder / "index").write_bytes(b"index")
+    (folder / "a" / "entry").write_bytes(b"sass")
+    return folder
+
+
+def test_cache_dir_holds_every_cache_and_is_seeded_once_from_the_shipped_driver_cache(tmp_path, monkeypatch):
+    weights = tmp_path / "model"
+    shipped = shipped_cache(weights)
+    monkeypatch.chdir(tmp_path)
+    use_jit_caches("cache", weights)  # relative: made absolute, as load_engine's later steps run from /
+    cache = tmp_path / "cache"
+    assert {v: os.environ[v] for v in VARIABLES} == {
+        "TORCH_EXTENSIONS_DIR": str(cache / "torch_extensions"), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+        "TRITON_CACHE_DIR": str(cache / "triton"), "CUDA_CACHE_PATH": str(cache / DRIVER_CACHE)}
+    assert (cache / DRIVER_CACHE / "a" / "entry").read_bytes() == b"sass"
+    # The driver adds to its folder; the next start keeps what it has rather than the shipped copy.
+    (cache / DRIVER_CACHE / "a" / "entry").write_bytes(b"newer")
+    monkeypatch.setattr(jit_caches, "_configured", None)
+    use_jit_caches("cache", weights)
+    assert (cache / DRIVER_CACHE / "a" / "entry").read_bytes() == b"newer"
+    assert (shipped / "a" / "entry").read_bytes() == b"sass"  # the weights folder stays as its manifest says
+
+
+def test_without_cache_dir_the_driver_gets_a_temporary_copy_of_the_shipped_cache(tmp_path):
+    weights = tmp_path / "model"
+    shipped = shipped_cache(weights)
+    use_jit_caches("", weights)
+    copy = Path(os.environ["CUDA_CACHE_PATH"])
+    assert copy != shipped and not copy.is_relative_to(weights)
+    assert (copy / "index").read_bytes() == b"index" and (copy / "a" / "entry").read_bytes() == b"sass"
+    assert not any(v in os.environ for v in VARIABLES[:3])  # the others keep their defaults
+
+
+def test_a_repeated_call_changes_nothing_and_nothing_shipped_leaves_the_defaults(tmp_path):
+    weights = tmp_path / "model"
+    shipped_cache(weights)
+    use_jit_caches("", weights)
+    first = os.environ["CUDA_CACHE_PATH"]
+    use_jit_caches("", weights)  # load_engine's call after the front's: no second copy
+    assert os.environ["CUDA_CACHE_PATH"] == first
+    os.environ.pop("CUDA_CACHE_PATH")
+    use_jit_caches("", tmp_path / "plain-weights")  # no shipped cache, no cache_dir
+    assert not any(v in os.environ for v in VARIABLES)
+
+
+def test_fixed_cwd_runs_its_block_from_root_and_always_returns(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with fixed_cwd():
+        assert os.getcwd() == "/"
+    assert os.getcwd() == str(tmp_path)
+    with pytest.raises(RuntimeError):
+        with fixed_cwd():
+            raise RuntimeError("a failed warm-up")
+    assert os.getcwd() == str(tmp_path)
+
+
+def test_load_engine_from_a_relative_folder_leaves_the_working_directory_as_it_was(tiny_model_dir, cpu_config,
+                                                                                  monkeypatch, tmp_path):
+    """Its optimize and warm-up steps run from /; paths the caller gave relative still mean the same folders."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    relative = os.path.relpath(tiny_model_dir)
+    engine = load_engine(cpu_config.replace(cache_dir="jit"), relative, torch.device("cpu"))
+    assert os.getcwd() == str(tmp_path / "here")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "here" / "jit" / "inductor")
+    assert engine.timings["warmup_s"] > 0  # the warm-up ran (from /) and generated
