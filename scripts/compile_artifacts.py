@@ -38,7 +38,6 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -68,8 +67,8 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true", help="then time a fresh start that loads the artifacts")
     parser.add_argument("--time-sizes", action="store_true", help="with --check: batch-1 latency at each size")
     parser.add_argument("--time-batches", action="store_true",
-                        help="with --load-only: what warming up each batch size between 1 and --batch-size would add, "
-                             "and its latency against the full batch's")
+                        help="with --check: what warming up each batch size between 1 and --batch-size would add, and "
+                             "its latency against the full batch's")
     parser.add_argument("--json", type=Path, help="write the record here too")
     parser.add_argument("--preset", help="the model's name in the record (e.g. sd15, sdxl; default: the folder's)")
     parser.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)  # the --check child
@@ -138,10 +137,11 @@ def load(args, config, batch_size: int):
     from sd_engine.engine import load_engine, pick_device
     from sd_engine.jit_caches import use_jit_caches
 
-    if args.driver_cache:  # the driver's cache this start fills, the config's cache_dir aside (it would take it)
-        config = replace(config, cache_dir="")
-        os.environ["CUDA_CACHE_PATH"] = args.driver_cache
-    use_jit_caches(config.cache_dir, args.weights)  # as a front does, before CUDA starts
+    # As a front does, before CUDA starts; with --driver-cache this start fills the folder given instead (the build's
+    # shipped cache, or run.sh jitcache's), unseeded.
+    use_jit_caches(config.cache_dir, None if args.driver_cache else args.weights)
+    if args.driver_cache:
+        os.environ["CUDA_CACHE_PATH"] = os.path.abspath(args.driver_cache)
     device = pick_device(0)
     start = time.perf_counter()
     engine = load_engine(config, args.weights, device, batch_size)
@@ -199,18 +199,25 @@ def make_artifacts(args, config, batch_size: int) -> int:
             driver = args.weights / ARTIFACTS_DIR / DRIVER_CACHE
             if args.aot:
                 shutil.rmtree(driver, ignore_errors=True)
-            child = subprocess.run([sys.executable, __file__, str(args.weights), "--config", str(args.config),
-                                    "--batch-size", str(batch_size), "--preset", record["preset"], "--load-only"]
-                                   + (["--time-sizes"] if args.time_sizes else [])
-                                   + (["--aot", "--driver-cache", str(driver)] if args.aot else []),
-                                   stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            child = None
+            try:
+                child = subprocess.run([sys.executable, __file__, str(args.weights), "--config", str(args.config),
+                                        "--batch-size", str(batch_size), "--preset", record["preset"], "--load-only"]
+                                       + (["--time-sizes"] if args.time_sizes else [])
+                                       + (["--time-batches"] if args.time_batches else [])
+                                       + (["--aot", "--driver-cache", str(driver)] if args.aot else []),
+                                       stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            finally:  # the manifest lists the driver's cache as it is now, none after a failed start (a half one)
+                if args.aot:
+                    if child is None or child.returncode != 0:
+                        shutil.rmtree(driver, ignore_errors=True)
+                    add_to_manifest(args.weights, driver)
             bar.update()  # (its log went to stderr as it ran)
             if child.returncode != 0:
                 print(f"error: the --check start failed ({child.returncode})", file=sys.stderr)
                 return 1
             record["warm"] = json.loads(child.stdout.strip().splitlines()[-1])
-            if driver.is_dir():
-                add_to_manifest(args.weights, driver)
+            if args.aot and driver.is_dir():
                 record["driver_cache_mb"] = round(sum(f.stat().st_size for f in driver.rglob("*") if f.is_file())
                                                   / 2**20, 1)
             save()

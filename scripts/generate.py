@@ -20,6 +20,7 @@ from sd_engine.config import EngineConfig
 from sd_engine.engine import GenerationResult, load_engine, pick_device
 from sd_engine.errors import ConfigError, InvalidRequest
 from sd_engine.imaging import encode_image
+from sd_engine.jit_caches import use_jit_caches
 from query import add_request_arguments, request_fields
 from sd_engine.requests import RequestRules, parse_request
 
@@ -53,6 +54,8 @@ def main(argv=None) -> int:
         parse_request(fields, RequestRules(
             max_height=2**16, max_width=2**16, max_num_inference_steps=config.max_num_inference_steps,
             max_prompt_chars=config.max_prompt_chars, max_guidance_scale=config.max_guidance_scale))
+        # The JIT caches, the CUDA driver's too (and one shipped with AOT packages), before CUDA starts.
+        use_jit_caches(config.cache_dir, args.model if Path(args.model).is_dir() else None)
         device = pick_device(0 if args.device == "auto" else None)
         engine = load_engine(config, args.model, device)
         # After loading: the defaults and size limits are the model's own where the config leaves them out.

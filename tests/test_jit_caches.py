@@ -2,23 +2,26 @@
 packages, and the fixed working directory of load_engine's optimize and warm-up steps. The driver only reads
 CUDA_CACHE_PATH on a GPU; what is checked here is what the process hands it: the folder and its contents."""
 
+import logging
 import os
+import stat
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from sd_engine import jit_caches
-from sd_engine.engine import load_engine
+from sd_engine.engine import Engine, load_engine
 from sd_engine.jit_caches import DRIVER_CACHE, fixed_cwd, use_jit_caches
 
 VARIABLES = ("TORCH_EXTENSIONS_DIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "CUDA_CACHE_PATH")
 
 
 @pytest.fixture(autouse=True)
-def fresh_process_state(monkeypatch):
-    """Each test starts as a new process would: nothing set yet; the environment is restored after it."""
-    monkeypatch.setattr(jit_caches, "_configured", None)
+def fresh_process_state(monkeypatch, tmp_path):
+    """Each test starts as a new process would: nothing set yet; the environment is restored after it, and temporary
+    folders go below the test's own."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     for variable in VARIABLES:
         monkeypatch.setenv(variable, "")  # recorded first, so that the test's own setting is undone after it
         monkeypatch.delenv(variable)
@@ -44,7 +47,6 @@ def test_cache_dir_holds_every_cache_and_is_seeded_once_from_the_shipped_driver_
     assert (cache / DRIVER_CACHE / "a" / "entry").read_bytes() == b"sass"
     # The driver adds to its folder; the next start keeps what it has rather than the shipped copy.
     (cache / DRIVER_CACHE / "a" / "entry").write_bytes(b"newer")
-    monkeypatch.setattr(jit_caches, "_configured", None)
     use_jit_caches("cache", weights)
     assert (cache / DRIVER_CACHE / "a" / "entry").read_bytes() == b"newer"
     assert (shipped / "a" / "entry").read_bytes() == b"sass"  # the weights folder stays as its manifest says
@@ -72,6 +74,40 @@ def test_a_repeated_call_changes_nothing_and_nothing_shipped_leaves_the_defaults
     assert not any(v in os.environ for v in VARIABLES)
 
 
+def test_a_driver_cache_the_environment_names_is_kept_and_seeded_when_empty(tmp_path, monkeypatch):
+    weights = tmp_path / "model"
+    shipped_cache(weights)
+    monkeypatch.setenv("CUDA_CACHE_PATH", str(tmp_path / "mine"))
+    use_jit_caches("", weights)
+    assert os.environ["CUDA_CACHE_PATH"] == str(tmp_path / "mine")
+    assert (tmp_path / "mine" / "a" / "entry").read_bytes() == b"sass"
+
+
+def test_a_read_only_shipped_cache_gives_a_writable_copy(tmp_path):
+    weights = tmp_path / "model"
+    shipped = shipped_cache(weights)
+    for path in sorted(shipped.rglob("*"), reverse=True) + [shipped]:
+        path.chmod(stat.S_IRUSR | (stat.S_IXUSR if path.is_dir() else 0))
+    try:
+        use_jit_caches(str(tmp_path / "cache"), weights)
+        copy = tmp_path / "cache" / DRIVER_CACHE
+        # The owner's write bits (a non-root driver adds entries and rewrites its index; root would not notice).
+        assert all(path.stat().st_mode & stat.S_IWUSR for path in [copy] + list(copy.rglob("*")))
+        assert (copy / "a" / "entry").read_bytes() == b"sass"
+    finally:
+        for path in [shipped] + list(shipped.rglob("*")):
+            path.chmod(stat.S_IRWXU)
+
+
+def test_a_failed_copy_is_logged_and_the_start_goes_on(tmp_path, caplog):
+    weights = tmp_path / "model"
+    shipped_cache(weights)
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    with caplog.at_level(logging.WARNING, logger="sd_engine.jit_caches"):
+        use_jit_caches(str(tmp_path / "cache"), weights)  # no exception: only the start's speed depends on it
+    assert "could not copy the shipped one" in caplog.text
+
+
 def test_fixed_cwd_runs_its_block_from_root_and_always_returns(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with fixed_cwd():
@@ -89,7 +125,15 @@ def test_load_engine_from_a_relative_folder_leaves_the_working_directory_as_it_w
     (tmp_path / "here").mkdir()
     monkeypatch.chdir(tmp_path / "here")
     relative = os.path.relpath(tiny_model_dir)
+    seen = []
+    real_warmup = Engine.warmup
+
+    def warmup(self, *args, **kwargs):  # records where the real warm-up runs
+        seen.append(os.getcwd())
+        return real_warmup(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "warmup", warmup)
     engine = load_engine(cpu_config.replace(cache_dir="jit"), relative, torch.device("cpu"))
+    assert seen == ["/"] and engine.timings["warmup_s"] > 0
     assert os.getcwd() == str(tmp_path / "here")
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "here" / "jit" / "inductor")
-    assert engine.timings["warmup_s"] > 0  # the warm-up ran (from /) and generated

@@ -22,8 +22,11 @@
 #                                            fresh start from the packages under py-spy, the raw samples and their
 #                                            summary (bench/gpu/profile_summary.py) into $OUT/<tag>-<p>-<date>-start-profile.*
 #   bash bench/gpu/run.sh jitcache sd15      after build or reuse on the machine: fresh starts alternating a kept and
-#                                            an empty CUDA driver JIT cache (CUDA_CACHE_PATH), to learn whether the
-#                                            driver keeps a start's cuDNN kernels across processes
+#                                            an empty CUDA driver JIT cache (compile_artifacts.py --driver-cache: no
+#                                            shipped cache seeds it): what the driver's cache saves a start
+#   bash bench/gpu/run.sh handler sd15       after build or reuse (carry .whl-ts once): an in-process start and the
+#                                            TorchServe handler's start in this process (bench/gpu/handler_start.py),
+#                                            each from the shipped driver cache: which of them hits it
 #   bash bench/gpu/run.sh serve sd15 [sdxl]  carry [.whl-jre]: the real TorchServe from the packages, empty JIT
 #                                            caches: start to READY, then the load test (serve_bench --phases cold);
 #                                            SERVE_ARGS are added to serve_bench's (e.g. --no-compile, with
@@ -152,14 +155,30 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
       [ -f $out.raw ] && gzip -f $out.raw
     done
     ;;
-  jitcache)  # is a fresh start's cuDNN work kept across processes by the CUDA driver's JIT cache (CUDA_CACHE_PATH)?
+  jitcache)  # what the CUDA driver's JIT cache (CUDA_CACHE_PATH) saves a fresh start (drivercache.txt: 4-5 s)
     for p in "$@"; do  # after build or reuse on the machine: starts alternating a kept and an empty driver cache
       for run in kept-1 kept-2 empty-1 kept-3 empty-2; do
         cache=/tmp/cuda-cache-${run%-*}; [ "${run%-*}" = empty ] && rm -rf $cache
         out=$OUT/$TAG-$p-$DAY-jitcache-$run
-        CUDA_CACHE_PATH=$cache timeout 150 $(fresh_start $p) > $out.json 2> $out.log || status=1
+        timeout 150 $(fresh_start $p) --driver-cache $cache > $out.json 2> $out.log || status=1
         echo "$run: $(du -sh $cache 2>/dev/null | cut -f1) in the driver's cache; $(grep -o '"ready_warm_s": [0-9.]*' \
           $out.json); $(grep -o 'first run in [0-9.]* s' $out.log | head -2 | tr '\n' ' ')"
+      done
+    done
+    ;;
+  handler)  # after build or reuse on the machine (carry .whl-ts once): an in-process start, then the TorchServe
+    # handler's own start in this process (bench/gpu/handler_start.py), each from a fresh copy of the driver cache the
+    # build's check start shipped: does the handler's path hit it? (drivercache.txt: a TorchServe worker did not)
+    for p in "$@"; do
+      store=/tmp/handler-store-$p; rm -rf $store
+      python3 scripts/package_model.py /tmp/bench-weights-$p $store --no-archive --config bench/gpu/$p-4sizes.yaml \
+        > /dev/null || exit 1
+      out=$OUT/$TAG-$p-$DAY-handler-start
+      timeout 150 $(fresh_start $p) > $out-inprocess.json 2> $out-inprocess.log || status=1
+      timeout 150 python3 bench/gpu/handler_start.py $store/stable-diffusion > $out.json 2> $out.log || status=1
+      for run in $out-inprocess $out; do
+        echo "${run##*/}: $(grep -o '"ready[a-z_]*": [0-9.]*\|"optimize_s": [0-9.]*' $run.json | tr '\n' ' ')$(grep -o \
+          'first run in [0-9.]* s' $run.log | head -2 | tr '\n' ' ')"
       done
     done
     ;;
@@ -181,7 +200,7 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
     done
     ;;
   *)
-    echo "usage: bash bench/gpu/run.sh build|reuse|ts|imports|kernels|profile|jitcache|serve PRESET..." >&2
+    echo "usage: bash bench/gpu/run.sh build|reuse|ts|imports|kernels|profile|jitcache|handler|serve PRESET..." >&2
     exit 2
     ;;
 esac

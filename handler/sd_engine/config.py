@@ -63,8 +63,9 @@ class EngineConfig:
     warmup: bool = True
     warmup_steps: int = 2
     # The warm-up's batch sizes: 1 and TorchServe's batchSize; a batch of another size captures its CUDA graphs (and
-    # cuDNN builds its kernels for the shape) in its first request, 0.2-1.3 s more then on an H100. true: every batch
-    # size from 1 to batchSize at every listed size, ready at READY (SD 1.5, 4 sizes, batchSize 8: 19 s more start).
+    # cuDNN builds its kernels for the shape) in its first request, up to 0.2-1.3 s more then on an H100. true: every
+    # batch size from 1 to batchSize at every listed size, ready at READY (SD 1.5, 4 sizes, batchSize 8: 19 s more
+    # start; the extra graphs count against cuda_graph_memory_gib).
     warmup_all_batch_sizes: bool = False
 
     # Request defaults (a request may override each). None: the model's own, read from the loaded pipeline: its

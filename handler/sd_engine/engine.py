@@ -26,7 +26,7 @@ from .errors import EngineError, GenerationError, OutOfMemory
 from .loading import load_pipeline
 from .loras import load_for_engine
 from .native import native_defaults, request_rules
-from .jit_caches import fixed_cwd, use_jit_caches
+from .jit_caches import compile_caches, fixed_cwd
 from .optimize import check_device, optimize, resolve_backend
 from .requests import GenerationRequest, RequestRules
 from .timing import StageTimer
@@ -232,8 +232,9 @@ def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
 def load_engine(config: EngineConfig, source: str | Path, device: torch.device, max_batch_size: int = 1) -> Engine:
     """Load -> optimize -> warm up. `source` is a local diffusers folder (or a hub id, for scripts);
     `max_batch_size` is the largest batch the server will hand over (TorchServe's batchSize), warmed up too."""
-    # 1. Decide everything that can fail without weights; the JIT caches' folders (the fronts set them already).
-    use_jit_caches(config.cache_dir, source if Path(source).is_dir() else None)
+    # 1. Decide everything that can fail without weights; the compile caches' folders (the fronts have set them, and
+    # the driver's, before the device: jit_caches.py).
+    compile_caches(config.cache_dir)
     backend = resolve_backend(config.backend, device.type)
     check_device(config, device)
     dtype = resolve_dtype(config, device)

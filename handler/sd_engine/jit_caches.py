@@ -4,25 +4,27 @@ SD 1.5 start from AOT packages).
 
 What the driver's cache gives a start from AOT packages (aot.py), measured on H100s (SD 1.5, 4 sizes, batchSize 8,
 bench/results/h100-sd15-2026-12-07-drivercache.txt): in-process, 16.2-19.4 s to ready with the cache an earlier start
-filled (or a copy of it) against 22.3-25.6 s with an empty one (the optimize step, where each package runs once,
-2.8-3.2 s instead of 5.7-6.6 s); through TorchServe, a restart on the cache_dir the first start filled took 28.0 s
-against 32.6 s. Its entries depend on the process's working directory, so load_engine runs its optimize and warm-up
-steps from / (fixed_cwd): a TorchServe worker's is the model's folder, a new temporary one at each start of a MAR.
+filled (or a copy of it) against 22.7-25.6 s with an empty one (the optimize step, where each package runs once,
+2.8-3.2 s instead of 6.5-8.4 s); through TorchServe, a restart on the cache_dir the first start filled took 28.0 s
+against 32.6 s. Its entries depend on the process's working directory (one control start from another folder
+missed: 22.3 s), so load_engine runs its optimize and warm-up steps from / (fixed_cwd): a TorchServe worker's is the
+model's folder, a new temporary one at each start of a MAR.
 
-Two sources, in this order:
-- `cache_dir` (config): one persistent folder for all of them; the driver's goes to <cache_dir>/cuda.
-- compile-artifacts/cuda in the weights folder: the driver's cache that scripts/compile_artifacts.py --aot --check
-  filled with its fresh start from the packages, shipped beside them. A worker copies it into <cache_dir>/cuda when
-  that is empty, else into a temporary folder (the weights folder stays as its sha256 manifest says). An in-process
-  start from another folder found all it needed there; a TorchServe worker, so far, did not (25.0 s, its first
-  package run as slow as with an empty cache): something else differs between the two, not found yet.
+Where the driver's cache goes: <cache_dir>/cuda when the config sets `cache_dir` (one persistent folder for all of
+them), else CUDA_CACHE_PATH as the environment has it, else (with a shipped cache) a temporary folder removed at exit.
+compile-artifacts/cuda in the weights folder is the driver's cache that scripts/compile_artifacts.py --aot --check
+filled with its fresh start from the packages, shipped beside them; a worker copies it into its driver cache folder
+when that is empty (the weights folder stays as its sha256 manifest says; a copy that fails is logged and skipped).
+An in-process start from another folder found all it needed there; a TorchServe worker, so far, did not (25.0 s, its
+first package run as slow as with an empty cache): something else differs between the two, not found yet.
 
-They must be set before CUDA initializes in the process: the fronts call use_jit_caches before pick_device;
-load_engine calls it again (for scripts), which changes nothing when its arguments are the same.
+The driver may read CUDA_CACHE_PATH as soon as CUDA initializes: the fronts (and compile_artifacts.py, generate.py)
+call use_jit_caches before pick_device. load_engine, which gets a device already, sets only the compile caches.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shutil
@@ -34,33 +36,70 @@ logger = logging.getLogger(__name__)
 
 DRIVER_CACHE = "cuda"  # the driver's JIT cache: <cache_dir>/cuda, and compile-artifacts/cuda in the weights folder
 ARTIFACTS_DIR = "compile-artifacts"  # artifacts.py's, here without importing torch
-_configured: tuple | None = None  # the arguments of the call that set this process's caches
+
+
+def compile_caches(cache_dir: str) -> dict[str, str]:
+    """Point DeepSpeed's, Inductor's and Triton's caches into `cache_dir` (config; empty: their defaults). The config
+    wins over the environment: importing torch already sets TORCHINDUCTOR_CACHE_DIR to its /tmp default, so a default
+    could not be told apart. Returns what it set."""
+    if not cache_dir:
+        return {}
+    cache_dir = os.path.abspath(cache_dir)  # load_engine's steps run from / (fixed_cwd)
+    caches = {variable: os.path.join(cache_dir, sub) for variable, sub in (
+        ("TORCH_EXTENSIONS_DIR", "torch_extensions"), ("TORCHINDUCTOR_CACHE_DIR", "inductor"),
+        ("TRITON_CACHE_DIR", "triton"))}
+    if any(os.environ.get(variable) != path for variable, path in caches.items()):
+        os.environ.update(caches)
+        logger.info("JIT caches: %s", caches)
+    return caches
 
 
 def use_jit_caches(cache_dir: str, weights: str | Path | None) -> None:
-    """Point this process's JIT caches at `cache_dir` (config; empty: their defaults) and seed the driver's from the
-    one shipped in `weights` (a local folder, or None). The config wins over the environment: importing torch already
-    sets TORCHINDUCTOR_CACHE_DIR to its /tmp default, so a default could not be told apart."""
-    global _configured
-    if _configured == (cache_dir, str(weights)):
-        return
-    _configured = (cache_dir, str(weights))
-    caches = {}
+    """Before CUDA starts in the process: the compile caches into `cache_dir`, and the driver's cache (module doc),
+    seeded from the one shipped in `weights` (a local folder, or None: no seeding)."""
+    compile_caches(cache_dir)
     if cache_dir:
-        cache_dir = os.path.abspath(cache_dir)  # load_engine's steps run from / (fixed_cwd)
-        caches = {variable: os.path.join(cache_dir, sub) for variable, sub in (
-            ("TORCH_EXTENSIONS_DIR", "torch_extensions"), ("TORCHINDUCTOR_CACHE_DIR", "inductor"),
-            ("TRITON_CACHE_DIR", "triton"), ("CUDA_CACHE_PATH", DRIVER_CACHE))}
+        os.environ["CUDA_CACHE_PATH"] = os.path.join(os.path.abspath(cache_dir), DRIVER_CACHE)
     shipped = Path(weights, ARTIFACTS_DIR, DRIVER_CACHE) if weights is not None else None
-    if shipped is not None and shipped.is_dir():
-        target = Path(caches.get("CUDA_CACHE_PATH") or tempfile.mkdtemp(prefix="sd-cuda-cache-"))
-        if not target.is_dir() or not any(target.iterdir()):
-            shutil.copytree(shipped, target, dirs_exist_ok=True)
-            logger.info("CUDA driver JIT cache: %s, a copy of the one shipped with the packages", target)
-        caches["CUDA_CACHE_PATH"] = str(target)
-    os.environ.update(caches)
-    if caches:
-        logger.info("JIT caches: %s", caches)
+    if shipped is None or not shipped.is_dir():
+        return
+    if "CUDA_CACHE_PATH" not in os.environ:
+        temporary = tempfile.mkdtemp(prefix="sd-cuda-cache-")
+        atexit.register(shutil.rmtree, temporary, True)
+        os.environ["CUDA_CACHE_PATH"] = temporary
+    target = Path(os.environ["CUDA_CACHE_PATH"])
+    if target.is_dir() and any(target.iterdir()):
+        logger.info("CUDA driver JIT cache: %s (kept; the shipped one is not copied over it)", target)
+        return
+    try:
+        _copy_into(shipped, target)
+        logger.info("CUDA driver JIT cache: %s, a copy of the one shipped with the packages", target)
+    except OSError as e:  # only a start's speed depends on it
+        logger.warning("CUDA driver JIT cache: could not copy the shipped one into %s (%s); starting without it",
+                       target, e)
+
+
+def _copy_into(source: Path, target: Path) -> None:
+    """Copy `source`'s files into the empty or missing folder `target` through a sibling folder renamed into place, so
+    that workers sharing a cache_dir never see half a copy; the copies are writable whatever the source's modes
+    (a read-only weights folder)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        for path in source.rglob("*"):
+            if path.is_file():
+                (staging / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, staging / path.relative_to(source))
+        try:
+            if target.is_dir():
+                target.rmdir()
+            os.replace(staging, target)
+        except OSError:
+            if not (target.is_dir() and any(target.iterdir())):
+                raise
+            # another worker's copy got there first: keep it
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextmanager
