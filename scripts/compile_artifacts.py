@@ -501,14 +501,14 @@ def batch_sizes(engine, batch: int) -> dict:
         return round(time.perf_counter() - start, 3)
 
     steps = engine.rules.num_inference_steps
-    out = {}
+    out, warmups = {}, []
     for height, width in engine.rules.sizes:
         full = run(batch, height, width, steps)
         rows = {k: {"warmup_s": run(k, height, width, engine.config.warmup_steps),
                     "latency_s": run(k, height, width, steps)} for k in range(2, batch)}
+        warmups += [row["warmup_s"] for row in rows.values()]
         out[f"{width}x{height}"] = {"full_batch_latency_s": full, **rows}
-    out["warmup_total_s"] = round(sum(row["warmup_s"] for size in out.values() for k, row in size.items()
-                                      if isinstance(row, dict)), 1)
+    out["warmup_total_s"] = round(sum(warmups), 1)
     return out
 
 

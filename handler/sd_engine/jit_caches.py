@@ -32,18 +32,19 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from .artifacts import ARTIFACTS_DIR
+
 logger = logging.getLogger(__name__)
 
 DRIVER_CACHE = "cuda"  # the driver's JIT cache: <cache_dir>/cuda, and compile-artifacts/cuda in the weights folder
-ARTIFACTS_DIR = "compile-artifacts"  # artifacts.py's, here without importing torch
 
 
-def compile_caches(cache_dir: str) -> dict[str, str]:
+def compile_caches(cache_dir: str) -> None:
     """Point DeepSpeed's, Inductor's and Triton's caches into `cache_dir` (config; empty: their defaults). The config
     wins over the environment: importing torch already sets TORCHINDUCTOR_CACHE_DIR to its /tmp default, so a default
-    could not be told apart. Returns what it set."""
+    could not be told apart."""
     if not cache_dir:
-        return {}
+        return
     cache_dir = os.path.abspath(cache_dir)  # load_engine's steps run from / (fixed_cwd)
     caches = {variable: os.path.join(cache_dir, sub) for variable, sub in (
         ("TORCH_EXTENSIONS_DIR", "torch_extensions"), ("TORCHINDUCTOR_CACHE_DIR", "inductor"),
@@ -51,7 +52,6 @@ def compile_caches(cache_dir: str) -> dict[str, str]:
     if any(os.environ.get(variable) != path for variable, path in caches.items()):
         os.environ.update(caches)
         logger.info("JIT caches: %s", caches)
-    return caches
 
 
 def use_jit_caches(cache_dir: str, weights: str | Path | None) -> None:
