@@ -25,7 +25,7 @@ SERVING_START, SERVING_END = "<!-- serving-table:start -->", "<!-- serving-table
 # One file per GPU call: each row's "vs eager" and RMSE compare with the eager fp16 run of its own file.
 FAMILY_RESULTS = [ROOT / "bench" / "results" / f"h200-{name}.json" for name in (
     "sd21-2026-12-02-ladder", "sdxl-2026-12-02-ladder", "sdxl-2026-12-02-ours", "sdxl-2026-12-02-ours-b4",
-    "sdxl-2026-12-02-fp8")]
+    "sdxl-2026-12-02-fp8", "sd21-2026-12-07-postproc", "sdxl-2026-12-07-postproc")]
 FAMILY_START, FAMILY_END = "<!-- family-table:start -->", "<!-- family-table:end -->"
 SCHEDULERS = {"sd15": "PNDM", "sd21": "DDIM, v-prediction", "sdxl": "Euler"}
 
