@@ -9,7 +9,14 @@ What it tells apart: a TorchServe worker missed the CUDA driver's JIT cache that
 process (its Java parent, its environment): if it hits that cache the difference is the process, if it misses it is
 the handler's path.
 
-    python3 bench/gpu/handler_start.py MODEL_DIR [--gpu 0]
+    python3 bench/gpu/handler_start.py MODEL_DIR [--gpu 0] [--jit-first folder|seeded]
+
+The record also says whether the CUDA driver was already initialized (cuInit) when the handler set CUDA_CACHE_PATH
+(`driver_initialized_at_jit_caches`: the driver may read the variable only at its initialization, and the handler
+checks the weights while diffusers and the pipeline's modules import beside it, before it sets the caches), and how
+much the cache folder it set and the driver's default folder (~/.nv/ComputeCache) hold afterwards. --jit-first folder
+sets CUDA_CACHE_PATH to an empty folder before the handler's initialize, which seeds it after its check; --jit-first
+seeded also seeds it first, from the weights folder.
 
 MODEL_DIR: a model folder in the no-archive layout (scripts/package_model.py WEIGHTS STORE --no-archive writes
 STORE/<name>/), as TorchServe's model store holds it. Needs torchserve installed (ts.context).
@@ -18,19 +25,41 @@ STORE/<name>/), as TorchServe's model store holds it. Needs torchserve installed
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
 
+def driver_initialized() -> bool | None:
+    """Whether cuInit has run in this process: before it, cuDeviceGetCount answers CUDA_ERROR_NOT_INITIALIZED (3).
+    None without a CUDA driver."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    count = ctypes.c_int()
+    return driver.cuDeviceGetCount(ctypes.byref(count)) != 3
+
+
+def folder_kb(path) -> int | None:
+    path = Path(path).expanduser() if path else None
+    if path is None or not path.is_dir():
+        return None
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) // 1024
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", type=Path, help="a no-archive model folder (MAR-INF/MANIFEST.json inside)")
     parser.add_argument("--gpu", default="0", help="TorchServe's gpu_id for the worker (default: %(default)s)")
+    parser.add_argument("--jit-first", choices=("folder", "seeded"),
+                        help="before the handler starts: choose the driver's cache folder, or also seed it")
     args = parser.parse_args(argv)
     model_dir = args.model_dir.resolve()
     manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
@@ -39,7 +68,24 @@ def main(argv=None) -> int:
     os.chdir(model_dir)  # and starts its worker in it
     from ts.context import Context
 
+    import sd_handler
     from sd_handler import StableDiffusionHandler
+
+    seen = {}
+    set_caches = sd_handler.use_jit_caches
+
+    def use_jit_caches(*args_, **kwargs):
+        seen["driver_initialized_at_jit_caches"] = driver_initialized()
+        set_caches(*args_, **kwargs)
+        seen["cuda_cache_path"] = os.environ.get("CUDA_CACHE_PATH")
+
+    sd_handler.use_jit_caches = use_jit_caches
+    if args.jit_first == "folder":  # only the driver's folder chosen first; the handler seeds it after its check
+        os.environ["CUDA_CACHE_PATH"] = tempfile.mkdtemp(prefix="sd-cuda-cache-")
+    elif args.jit_first == "seeded":  # chosen and seeded first (config cache_dir empty, as in run.sh's configs)
+        from sd_engine.config import EngineConfig
+
+        set_caches("", model_dir / EngineConfig.from_mapping(config.get("handler")).weights)
 
     context = Context(manifest["model"]["modelName"], str(model_dir), manifest, int(config.get("batchSize", 1)),
                       args.gpu, "0.12.0", model_yaml_config=config)
@@ -47,7 +93,9 @@ def main(argv=None) -> int:
     handler = StableDiffusionHandler()
     handler.initialize(context)
     record = {"ready_s": round(time.perf_counter() - start, 1), "handler": sys.modules["sd_handler"].__file__,
-              **{k: round(v, 2) for k, v in handler.engine.timings.items()}, **handler.engine.startup}
+              **{k: round(v, 2) for k, v in handler.engine.timings.items()}, **handler.engine.startup,
+              **seen, "jit_first": args.jit_first, "cache_path_kb": folder_kb(seen.get("cuda_cache_path")),
+              "default_cache_kb": folder_kb("~/.nv/ComputeCache")}
     print(json.dumps(record))
     return 0
 
