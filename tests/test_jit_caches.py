@@ -2,6 +2,7 @@
 packages, and the fixed working directory of load_engine's optimize and warm-up steps. The driver only reads
 CUDA_CACHE_PATH on a GPU; what is checked here is what the process hands it: the folder and its contents."""
 
+import ctypes
 import logging
 import os
 import stat
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sd_engine import jit_caches
 from sd_engine.engine import Engine, load_engine
 from sd_engine.jit_caches import DRIVER_CACHE, fixed_cwd, use_jit_caches
 
@@ -106,6 +108,48 @@ def test_a_failed_copy_is_logged_and_the_start_goes_on(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="sd_engine.jit_caches"):
         use_jit_caches(str(tmp_path / "cache"), weights)  # no exception: only the start's speed depends on it
     assert "could not copy the shipped one" in caplog.text
+
+
+def test_setting_the_driver_cache_after_the_driver_started_is_logged(tmp_path, caplog, monkeypatch):
+    """A started driver cannot be had on this CPU-only machine: the probe is replaced here (the real one is below)."""
+    weights = tmp_path / "model"
+    shipped_cache(weights)
+    with caplog.at_level(logging.WARNING, logger="sd_engine.jit_caches"):
+        use_jit_caches(str(tmp_path / "cache"), weights)
+        assert "driver started before" not in caplog.text
+        monkeypatch.setattr(jit_caches, "driver_started", lambda: True)
+        use_jit_caches(str(tmp_path / "cache"), weights)
+        assert caplog.text.count("driver started before") == 1
+        assert f"CUDA_CACHE_PATH was set to {tmp_path / 'cache' / DRIVER_CACHE};" in caplog.text
+        os.environ.pop("CUDA_CACHE_PATH")
+        use_jit_caches("", weights)  # the temporary folder's setting too
+        assert caplog.text.count("driver started before") == 2
+        monkeypatch.setenv("CUDA_CACHE_PATH", str(tmp_path / "mine"))
+        use_jit_caches("", weights)  # the environment's folder: set before the process, nothing to say
+        assert caplog.text.count("driver started before") == 2
+
+
+def test_driver_started_reads_the_driver_and_answers_none_without_one(monkeypatch):
+    calls = []
+
+    class Driver:  # libcuda's answer before cuInit, then after it
+        def __init__(self, answer):
+            self.answer = answer
+
+        def cuDeviceGetCount(self, count):
+            calls.append(count)
+            return self.answer
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Driver(3))
+    assert jit_caches.driver_started() is False
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Driver(0))
+    assert jit_caches.driver_started() is True and len(calls) == 2
+
+    def missing(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    assert jit_caches.driver_started() is None
 
 
 def test_fixed_cwd_runs_its_block_from_root_and_always_returns(tmp_path, monkeypatch):

@@ -12,9 +12,10 @@ the handler's path.
     python3 bench/gpu/handler_start.py MODEL_DIR [--gpu 0] [--jit-first folder|seeded]
 
 The record also says whether the CUDA driver was already initialized (cuInit) when the handler set CUDA_CACHE_PATH
-(`driver_initialized_at_jit_caches`: the driver may read the variable only at its initialization, and the handler
-checks the weights while diffusers and the pipeline's modules import beside it, before it sets the caches), and how
-much the cache folder it set and the driver's default folder (~/.nv/ComputeCache) hold afterwards. --jit-first folder
+(`driver_initialized_at_jit_caches`, from sd_engine.jit_caches.driver_started: the driver may read the variable
+only at its initialization, and the handler checks the weights while diffusers and the pipeline's modules import
+beside it, before it sets the caches), and how much the cache folder it set and the driver's default folder
+(~/.nv/ComputeCache) hold afterwards. --jit-first folder
 sets CUDA_CACHE_PATH to an empty folder before the handler's initialize, which seeds it after its check; --jit-first
 seeded also seeds it first, from the weights folder.
 
@@ -25,26 +26,16 @@ STORE/<name>/), as TorchServe's model store holds it. Needs torchserve installed
 from __future__ import annotations
 
 import argparse
-import ctypes
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
-
-
-def driver_initialized() -> bool | None:
-    """Whether cuInit has run in this process: before it, cuDeviceGetCount answers CUDA_ERROR_NOT_INITIALIZED (3).
-    None without a CUDA driver."""
-    try:
-        driver = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return None
-    count = ctypes.c_int()
-    return driver.cuDeviceGetCount(ctypes.byref(count)) != 3
 
 
 def folder_kb(path) -> int | None:
@@ -69,23 +60,28 @@ def main(argv=None) -> int:
     from ts.context import Context
 
     import sd_handler
+    from sd_engine.jit_caches import driver_started
     from sd_handler import StableDiffusionHandler
 
     seen = {}
     set_caches = sd_handler.use_jit_caches
 
     def use_jit_caches(*args_, **kwargs):
-        seen["driver_initialized_at_jit_caches"] = driver_initialized()
+        seen["driver_initialized_at_jit_caches"] = driver_started()
         set_caches(*args_, **kwargs)
         seen["cuda_cache_path"] = os.environ.get("CUDA_CACHE_PATH")
 
     sd_handler.use_jit_caches = use_jit_caches
     if args.jit_first == "folder":  # only the driver's folder chosen first; the handler seeds it after its check
         os.environ["CUDA_CACHE_PATH"] = tempfile.mkdtemp(prefix="sd-cuda-cache-")
+        atexit.register(shutil.rmtree, os.environ["CUDA_CACHE_PATH"], True)
     elif args.jit_first == "seeded":  # chosen and seeded first (config cache_dir empty, as in run.sh's configs)
         from sd_engine.config import EngineConfig
 
-        set_caches("", model_dir / EngineConfig.from_mapping(config.get("handler")).weights)
+        weights = model_dir / EngineConfig.from_mapping(config.get("handler")).weights
+        if not weights.is_dir():
+            parser.error(f"--jit-first seeded needs the weights as a folder (the no-archive layout), not {weights}")
+        set_caches("", weights)
 
     context = Context(manifest["model"]["modelName"], str(model_dir), manifest, int(config.get("batchSize", 1)),
                       args.gpu, "0.12.0", model_yaml_config=config)

@@ -178,7 +178,7 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
       # Each start with the driver's default cache folder emptied: what it holds afterwards was written by that start.
       rm -rf ~/.nv/ComputeCache
       timeout 150 $(fresh_start $p) > $out-inprocess.json 2> $out-inprocess.log || status=1
-      echo "in-process: the driver's default folder holds $(du -sk ~/.nv/ComputeCache 2>/dev/null | cut -f1) kB"
+      echo "in-process: the driver's default folder holds $(du -sk --apparent-size ~/.nv/ComputeCache 2>/dev/null | cut -f1) kB"
       rm -rf ~/.nv/ComputeCache
       timeout 150 python3 bench/gpu/handler_start.py $store/stable-diffusion > $out.json 2> $out.log || status=1
       for first in folder seeded; do

@@ -20,11 +20,15 @@ first package run as slow as with an empty cache): something else differs betwee
 
 The driver may read CUDA_CACHE_PATH as soon as CUDA initializes: the fronts (and compile_artifacts.py, generate.py)
 call use_jit_caches before pick_device. load_engine, which gets a device already, sets only the compile caches.
+Should the driver have started before (driver_started: cuInit has run), use_jit_caches logs a warning: the driver
+may then keep its default folder (~/.nv/ComputeCache) and never see the shipped cache. Whether that is what a
+TorchServe worker meets is not known yet (bench/gpu/handler_start.py records it).
 """
 
 from __future__ import annotations
 
 import atexit
+import ctypes
 import logging
 import os
 import shutil
@@ -54,19 +58,30 @@ def compile_caches(cache_dir: str) -> None:
         logger.info("JIT caches: %s", caches)
 
 
+def driver_started() -> bool | None:
+    """Whether the CUDA driver has started in this process (cuInit has run: before it, cuDeviceGetCount answers
+    CUDA_ERROR_NOT_INITIALIZED, 3); None where there is no CUDA driver."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    count = ctypes.c_int()
+    return driver.cuDeviceGetCount(ctypes.byref(count)) != 3
+
+
 def use_jit_caches(cache_dir: str, weights: str | Path | None) -> None:
     """Before CUDA starts in the process: the compile caches into `cache_dir`, and the driver's cache (module doc),
     seeded from the one shipped in `weights` (a local folder, or None: no seeding)."""
     compile_caches(cache_dir)
     if cache_dir:
-        os.environ["CUDA_CACHE_PATH"] = os.path.join(os.path.abspath(cache_dir), DRIVER_CACHE)
+        _set_driver_cache(os.path.join(os.path.abspath(cache_dir), DRIVER_CACHE))
     shipped = Path(weights, ARTIFACTS_DIR, DRIVER_CACHE) if weights is not None else None
     if shipped is None or not shipped.is_dir():
         return
     if "CUDA_CACHE_PATH" not in os.environ:
         temporary = tempfile.mkdtemp(prefix="sd-cuda-cache-")
         atexit.register(shutil.rmtree, temporary, True)
-        os.environ["CUDA_CACHE_PATH"] = temporary
+        _set_driver_cache(temporary)
     target = Path(os.environ["CUDA_CACHE_PATH"])
     if target.is_dir() and any(target.iterdir()):
         logger.info("CUDA driver JIT cache: %s (kept; the shipped one is not copied over it)", target)
@@ -77,6 +92,13 @@ def use_jit_caches(cache_dir: str, weights: str | Path | None) -> None:
     except OSError as e:  # only a start's speed depends on it
         logger.warning("CUDA driver JIT cache: could not copy the shipped one into %s (%s); starting without it",
                        target, e)
+
+
+def _set_driver_cache(folder: str) -> None:
+    os.environ["CUDA_CACHE_PATH"] = folder
+    if driver_started():
+        logger.warning("CUDA driver JIT cache: the driver started before CUDA_CACHE_PATH was set to %s; it may keep "
+                       "its default folder (~/.nv/ComputeCache) for this process", folder)
 
 
 def _copy_into(source: Path, target: Path) -> None:
