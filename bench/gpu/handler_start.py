@@ -45,6 +45,31 @@ def folder_kb(path) -> int | None:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) // 1024
 
 
+def watch_cuda_starts() -> dict:
+    """Record the first Python-level call that starts the CUDA driver (torch.cuda.is_available, device_count and
+    _lazy_init reach it through these two functions of torch._C): which, from which thread, and the stack. A start
+    from C++ (cuDNN, Triton's own driver) is not seen here; driver_initialized_at_jit_caches still tells."""
+    import threading
+    import traceback
+
+    import torch
+
+    first: dict = {}
+
+    def watched(name, function):
+        def call(*args, **kwargs):
+            if not first:
+                first.update(call=name, thread=threading.current_thread().name,
+                             stack=[line.strip() for line in traceback.format_stack(limit=14)[:-1]])
+            return function(*args, **kwargs)
+        return call
+
+    for name in ("_cuda_getDeviceCount", "_cuda_init"):
+        if hasattr(torch._C, name):
+            setattr(torch._C, name, watched(name, getattr(torch._C, name)))
+    return first
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", type=Path, help="a no-archive model folder (MAR-INF/MANIFEST.json inside)")
@@ -59,6 +84,7 @@ def main(argv=None) -> int:
     os.chdir(model_dir)  # and starts its worker in it
     from ts.context import Context
 
+    first_cuda = watch_cuda_starts()  # before the handler's modules import
     import sd_handler
     from sd_engine.jit_caches import driver_started
     from sd_handler import StableDiffusionHandler
@@ -90,7 +116,8 @@ def main(argv=None) -> int:
     handler.initialize(context)
     record = {"ready_s": round(time.perf_counter() - start, 1), "handler": sys.modules["sd_handler"].__file__,
               **{k: round(v, 2) for k, v in handler.engine.timings.items()}, **handler.engine.startup,
-              **seen, "jit_first": args.jit_first, "cache_path_kb": folder_kb(seen.get("cuda_cache_path")),
+              **seen, "first_cuda_call": first_cuda or None, "jit_first": args.jit_first,
+              "cache_path_kb": folder_kb(seen.get("cuda_cache_path")),
               "default_cache_kb": folder_kb("~/.nv/ComputeCache")}
     print(json.dumps(record))
     return 0

@@ -188,7 +188,8 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
       done
       for run in $out-inprocess $out $out-folder-first $out-seeded-first; do
         echo "${run##*/}: $(grep -o '"ready[a-z_]*": [0-9.]*\|"optimize_s": [0-9.]*' $run.json | tr '\n' ' ')$(grep -o \
-          'first run in [0-9.]* s' $run.log | head -2 | tr '\n' ' ')$(grep -o '"driver_initialized_at_jit_caches": [a-z]*\|"[a-z_]*cache[a-z_]*kb": [0-9a-z]*' $run.json | tr '\n' ' ')"
+          'first run in [0-9.]* s' $run.log | head -2 | tr '\n' ' ')$(grep -o '"driver_initialized_at_jit_caches": [a-z]*\|"[a-z_]*cache[a-z_]*kb": [0-9a-z]*\|"call": "[^"]*", "thread": "[^"]*"' \
+          $run.json | tr '\n' ' ')"
       done
     done
     ;;
