@@ -22,7 +22,7 @@ from sd_engine.config import EngineConfig
 from sd_engine.engine import load_engine, pick_device
 from sd_engine.errors import AnswerTooLarge, EngineError, GenerationError, InvalidRequest
 from sd_engine.jit_caches import use_jit_caches
-from sd_engine.loading import prepare_weights
+from sd_engine.loading import prepare_weights, weights_source
 from sd_engine.protocols import (ENVELOPE_V2, MAX_ANSWER_BYTES, MAX_IMAGES_PER_BODY, PLAIN, V1, V2, b64, decode,
                                  encode_results, error_body, from_envelope_tensors, is_envelope_tensor, protocol_of,
                                  v1_response, v2_response)
@@ -43,8 +43,10 @@ class StableDiffusionHandler:
         properties = context.system_properties
         yaml_config = context.model_yaml_config or {}
         config = EngineConfig.from_mapping(yaml_config.get("handler"))
+        # The JIT caches (the driver's among them) before anything may start CUDA, the imports beside the weights'
+        # check included; the driver's is seeded from the weights' checked copy.
+        use_jit_caches(config.cache_dir, weights_source(properties["model_dir"], config.weights))
         weights = prepare_weights(properties["model_dir"], config.weights)
-        use_jit_caches(config.cache_dir, weights)  # before CUDA starts (pick_device): the driver's is one of them
         device = pick_device(properties.get("gpu_id"))
         self.engine = load_engine(config, weights, device, max_batch_size=int(properties.get("batch_size") or 1))
         self.initialized = True

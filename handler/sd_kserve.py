@@ -26,7 +26,7 @@ from sd_engine.config import EngineConfig
 from sd_engine.engine import load_engine, pick_device
 from sd_engine.errors import EngineError, InvalidRequest
 from sd_engine.jit_caches import use_jit_caches
-from sd_engine.loading import model_config, prepare_model_dir, prepare_weights
+from sd_engine.loading import model_config, prepare_model_dir, prepare_weights, weights_source
 from sd_engine.protocols import V1, b64, decode, encode_results, v1_response
 from sd_engine.requests import FIELDS
 
@@ -123,8 +123,9 @@ def main(argv=None) -> int:
     settings = model_config(model_dir)
     config = EngineConfig.from_mapping(settings.get("handler"))
     max_images = int(settings.get("batchSize") or 1)
+    # The JIT caches before anything may start CUDA, the imports beside the weights' check included (sd_handler.py).
+    use_jit_caches(config.cache_dir, weights_source(model_dir, config.weights))
     weights = prepare_weights(model_dir, config.weights)
-    use_jit_caches(config.cache_dir, weights)  # before CUDA starts (pick_device): the driver's is one of them
     device = pick_device(args.gpu if settings.get("deviceType", "gpu") == "gpu" else None)
     engine = load_engine(config, weights, device, max_batch_size=max_images)
     metrics = Metrics()

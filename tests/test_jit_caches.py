@@ -3,16 +3,25 @@ packages, and the fixed working directory of load_engine's optimize and warm-up 
 CUDA_CACHE_PATH on a GPU; what is checked here is what the process hands it: the folder and its contents."""
 
 import ctypes
+import json
 import logging
 import os
+import shutil
 import stat
 import tempfile
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from ts.context import Context
 
-from sd_engine import jit_caches
+from conftest import cpu_handler_block
+from package_model import zip_weights
+from sd_engine import jit_caches, loading
+from sd_engine.errors import ModelLoadError
+from sd_engine.loading import MANIFEST, prepare_weights
+from sd_handler import StableDiffusionHandler
 from sd_engine.engine import Engine, load_engine
 from sd_engine.jit_caches import DRIVER_CACHE, fixed_cwd, use_jit_caches
 
@@ -127,6 +136,53 @@ def test_setting_the_driver_cache_after_the_driver_started_is_logged(tmp_path, c
         monkeypatch.setenv("CUDA_CACHE_PATH", str(tmp_path / "mine"))
         use_jit_caches("", weights)  # the environment's folder: set before the process, nothing to say
         assert caplog.text.count("driver started before") == 2
+
+
+def test_a_zip_ships_its_cache_too_and_only_files_matching_the_manifest_are_used(tmp_path, caplog):
+    """TorchServe extracts a MAR into a new folder at each start, and the handler extracts model.zip after the
+    imports began: the cache is read from the zip ahead of that, checked file by file against the zip's manifest."""
+    weights = tmp_path / "model"
+    shipped_cache(weights)
+    (weights / "model_index.json").write_text("{}")
+    zip_weights(weights, tmp_path / "model.zip")  # with its manifest, as package_model.py ships it
+    use_jit_caches("", tmp_path / "model.zip")
+    copy = Path(os.environ.pop("CUDA_CACHE_PATH"))
+    assert (copy / "index").read_bytes() == b"index" and (copy / "a" / "entry").read_bytes() == b"sass"
+    (weights / "compile-artifacts" / DRIVER_CACHE / "a" / "entry").write_bytes(b"tampered")  # manifest left as was
+    (weights / MANIFEST).write_text(json.dumps({"sha256": json.loads(
+        zipfile.ZipFile(tmp_path / "model.zip").read(MANIFEST))["sha256"]}))
+    with caplog.at_level(logging.WARNING, logger="sd_engine.jit_caches"):
+        use_jit_caches("", weights)
+    assert "does not match its sha256" in caplog.text and "compile-artifacts/cuda/a/entry" in caplog.text
+    assert "CUDA_CACHE_PATH" not in os.environ  # nothing chosen, nothing copied
+    with pytest.raises(ModelLoadError, match="compile-artifacts/cuda/a/entry"):
+        prepare_weights(tmp_path, "model")  # the weights' own check fails the load, naming the same file
+
+
+def test_the_handler_sets_the_driver_cache_before_the_imports_beside_the_weights_check(tmp_path, tiny_model_dir,
+                                                                                      monkeypatch):
+    """The driver reads CUDA_CACHE_PATH when it starts, and the imports beside the weights' check (another thread)
+    might start it: the shipped cache must be in place before they begin."""
+    weights = tmp_path / "weights"
+    shutil.copytree(tiny_model_dir, weights)
+    shipped_cache(weights)
+    model_dir = tmp_path / "model_dir"
+    model_dir.mkdir()
+    zip_weights(weights, model_dir / "model.zip")
+    seen = []
+    real_import = loading._import_pipeline
+
+    def import_pipeline(folder):  # what the import thread finds when it starts
+        cache = os.environ.get("CUDA_CACHE_PATH")
+        seen.append(cache and (Path(cache) / "a" / "entry").read_bytes())
+        real_import(folder)
+
+    monkeypatch.setattr(loading, "_import_pipeline", import_pipeline)
+    context = Context("stable-diffusion", str(model_dir), {"model": {}}, 1, None, "0.12.0",
+                      model_yaml_config={"handler": cpu_handler_block()})
+    handler = StableDiffusionHandler()
+    handler.initialize(context)
+    assert seen == [b"sass"] and handler.initialized
 
 
 def test_driver_started_reads_the_driver_and_answers_none_without_one(monkeypatch):

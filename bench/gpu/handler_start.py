@@ -5,19 +5,17 @@ engine's timings as one JSON line.
 
 What it tells apart: a TorchServe worker missed the CUDA driver's JIT cache that an in-process start
 (compile_artifacts.py) had filled, and the reverse, while each hit its own kind's
-(bench/results/h100-sd15-2026-12-07-drivercache.txt). This start has the handler's path without TorchServe's
-process (its Java parent, its environment): if it hits that cache the difference is the process, if it misses it is
-the handler's path.
+(bench/results/h100-sd15-2026-12-07-drivercache.txt). Until jit-first, the handler set CUDA_CACHE_PATH after checking
+the weights, while diffusers and the pipeline's modules imported beside the check in another thread; if that thread
+started the CUDA driver, the driver kept its default folder (~/.nv/ComputeCache). The handler now sets it first;
+--jit-late sets it where it was set before, after the check.
 
-    python3 bench/gpu/handler_start.py MODEL_DIR [--gpu 0] [--jit-first folder|seeded]
+    python3 bench/gpu/handler_start.py MODEL_DIR [--gpu 0] [--jit-late]
 
-The record also says whether the CUDA driver was already initialized (cuInit) when the handler set CUDA_CACHE_PATH
-(`driver_initialized_at_jit_caches`, from sd_engine.jit_caches.driver_started: the driver may read the variable
-only at its initialization, and the handler checks the weights while diffusers and the pipeline's modules import
-beside it, before it sets the caches), and how much the cache folder it set and the driver's default folder
-(~/.nv/ComputeCache) hold afterwards. --jit-first folder
-sets CUDA_CACHE_PATH to an empty folder before the handler's initialize, which seeds it after its check; --jit-first
-seeded also seeds it first, from the weights folder.
+The record says whether the CUDA driver was already initialized (cuInit) when the handler set CUDA_CACHE_PATH
+(`driver_initialized_at_jit_caches`, from sd_engine.jit_caches.driver_started), the first Python-level call that
+started it (`first_cuda_call`: which, from which thread, the stack), and how much the cache folder it set and the
+driver's default folder hold afterwards.
 
 MODEL_DIR: a model folder in the no-archive layout (scripts/package_model.py WEIGHTS STORE --no-archive writes
 STORE/<name>/), as TorchServe's model store holds it. Needs torchserve installed (ts.context).
@@ -26,12 +24,9 @@ STORE/<name>/), as TorchServe's model store holds it. Needs torchserve installed
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -74,8 +69,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", type=Path, help="a no-archive model folder (MAR-INF/MANIFEST.json inside)")
     parser.add_argument("--gpu", default="0", help="TorchServe's gpu_id for the worker (default: %(default)s)")
-    parser.add_argument("--jit-first", choices=("folder", "seeded"),
-                        help="before the handler starts: choose the driver's cache folder, or also seed it")
+    parser.add_argument("--jit-late", action="store_true",
+                        help="set the JIT caches after the weights' check, as the handler did before")
     args = parser.parse_args(argv)
     model_dir = args.model_dir.resolve()
     manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
@@ -98,16 +93,17 @@ def main(argv=None) -> int:
         seen["cuda_cache_path"] = os.environ.get("CUDA_CACHE_PATH")
 
     sd_handler.use_jit_caches = use_jit_caches
-    if args.jit_first == "folder":  # only the driver's folder chosen first; the handler seeds it after its check
-        os.environ["CUDA_CACHE_PATH"] = tempfile.mkdtemp(prefix="sd-cuda-cache-")
-        atexit.register(shutil.rmtree, os.environ["CUDA_CACHE_PATH"], True)
-    elif args.jit_first == "seeded":  # chosen and seeded first (config cache_dir empty, as in run.sh's configs)
-        from sd_engine.config import EngineConfig
+    if args.jit_late:  # the order before jit-first: the caches set after the weights' check and the imports
+        calls = []
+        sd_handler.use_jit_caches = lambda *args_: calls.append(args_)
+        prepare = sd_handler.prepare_weights
 
-        weights = model_dir / EngineConfig.from_mapping(config.get("handler")).weights
-        if not weights.is_dir():
-            parser.error(f"--jit-first seeded needs the weights as a folder (the no-archive layout), not {weights}")
-        set_caches("", weights)
+        def prepare_weights(*args_):
+            folder = prepare(*args_)
+            use_jit_caches(*calls.pop())
+            return folder
+
+        sd_handler.prepare_weights = prepare_weights
 
     context = Context(manifest["model"]["modelName"], str(model_dir), manifest, int(config.get("batchSize", 1)),
                       args.gpu, "0.12.0", model_yaml_config=config)
@@ -116,7 +112,7 @@ def main(argv=None) -> int:
     handler.initialize(context)
     record = {"ready_s": round(time.perf_counter() - start, 1), "handler": sys.modules["sd_handler"].__file__,
               **{k: round(v, 2) for k, v in handler.engine.timings.items()}, **handler.engine.startup,
-              **seen, "first_cuda_call": first_cuda or None, "jit_first": args.jit_first,
+              **seen, "first_cuda_call": first_cuda or None, "jit_late": args.jit_late,
               "cache_path_kb": folder_kb(seen.get("cuda_cache_path")),
               "default_cache_kb": folder_kb("~/.nv/ComputeCache")}
     print(json.dumps(record))

@@ -26,8 +26,8 @@
 #                                            shipped cache seeds it): what the driver's cache saves a start
 #   bash bench/gpu/run.sh handler sd15       after build or reuse (carry .whl-ts once): an in-process start and the
 #                                            TorchServe handler's start in this process (bench/gpu/handler_start.py),
-#                                            as shipped and with the caches set first (--jit-first), each from the
-#                                            shipped driver cache: which of them hits it
+#                                            as shipped and with the caches set after the weights' check as before
+#                                            (--jit-late), each from the shipped driver cache: which of them hits it
 #   bash bench/gpu/run.sh serve sd15 [sdxl]  carry [.whl-jre]: the real TorchServe from the packages, empty JIT
 #                                            caches: start to READY, then the load test (serve_bench --phases cold);
 #                                            SERVE_ARGS are added to serve_bench's (e.g. --no-compile, with
@@ -181,12 +181,10 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
       echo "in-process: the driver's default folder holds $(du -sk --apparent-size ~/.nv/ComputeCache 2>/dev/null | cut -f1) kB"
       rm -rf ~/.nv/ComputeCache
       timeout 150 python3 bench/gpu/handler_start.py $store/stable-diffusion > $out.json 2> $out.log || status=1
-      for first in folder seeded; do
-        rm -rf ~/.nv/ComputeCache
-        timeout 150 python3 bench/gpu/handler_start.py $store/stable-diffusion --jit-first $first \
-          > $out-$first-first.json 2> $out-$first-first.log || status=1
-      done
-      for run in $out-inprocess $out $out-folder-first $out-seeded-first; do
+      rm -rf ~/.nv/ComputeCache
+      timeout 150 python3 bench/gpu/handler_start.py $store/stable-diffusion --jit-late > $out-jit-late.json \
+        2> $out-jit-late.log || status=1
+      for run in $out-inprocess $out $out-jit-late; do
         echo "${run##*/}: $(grep -o '"ready[a-z_]*": [0-9.]*\|"optimize_s": [0-9.]*' $run.json | tr '\n' ' ')$(grep -o \
           'first run in [0-9.]* s' $run.log | head -2 | tr '\n' ' ')$(grep -o '"driver_initialized_at_jit_caches": [a-z]*\|"[a-z_]*cache[a-z_]*kb": [0-9a-z]*\|"call": "[^"]*", "thread": "[^"]*"' \
           $run.json | tr '\n' ' ')"

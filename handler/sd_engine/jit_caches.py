@@ -12,17 +12,18 @@ model's folder, a new temporary one at each start of a MAR.
 
 Where the driver's cache goes: <cache_dir>/cuda when the config sets `cache_dir` (one persistent folder for all of
 them), else CUDA_CACHE_PATH as the environment has it, else (with a shipped cache) a temporary folder removed at exit.
-compile-artifacts/cuda in the weights folder is the driver's cache that scripts/compile_artifacts.py --aot --check
-filled with its fresh start from the packages, shipped beside them; a worker copies it into its driver cache folder
-when that is empty (the weights folder stays as its sha256 manifest says; a copy that fails is logged and skipped).
-An in-process start from another folder found all it needed there; a TorchServe worker, so far, did not (25.0 s, its
-first package run as slow as with an empty cache): something else differs between the two, not found yet.
+compile-artifacts/cuda in the weights folder (or model.zip) is the driver's cache that scripts/compile_artifacts.py
+--aot --check filled with its fresh start from the packages, shipped beside them; a worker copies it into its driver
+cache folder when that is empty, each file checked against the weights' sha256 manifest first (a mismatch: not used,
+and the weights' own check then fails the load; a copy that fails is logged and skipped).
 
-The driver may read CUDA_CACHE_PATH as soon as CUDA initializes: the fronts (and compile_artifacts.py, generate.py)
-call use_jit_caches before pick_device. load_engine, which gets a device already, sets only the compile caches.
-Should the driver have started before (driver_started: cuInit has run), use_jit_caches logs a warning: the driver
-may then keep its default folder (~/.nv/ComputeCache) and never see the shipped cache. Whether that is what a
-TorchServe worker meets is not known yet (bench/gpu/handler_start.py records it).
+The driver may read CUDA_CACHE_PATH only as it initializes: the fronts (and compile_artifacts.py, generate.py) call
+use_jit_caches first, before the weights' check, during which diffusers and the pipeline's modules import in another
+thread, and before pick_device. load_engine, which gets a device already, sets only the compile caches. Should the
+driver have started before (driver_started: cuInit has run), use_jit_caches logs a warning: the driver may then keep
+its default folder (~/.nv/ComputeCache) and never see the shipped cache. An in-process start found all it needed in
+a shipped cache; TorchServe workers, which set it after the check until this order, did not (25.0 s, their first
+package run as slow as with an empty cache; bench/gpu/handler_start.py compares the two orders).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .artifacts import ARTIFACTS_DIR
+from .errors import ModelLoadError
+from .loading import checked_files
 
 logger = logging.getLogger(__name__)
 
@@ -71,12 +74,19 @@ def driver_started() -> bool | None:
 
 def use_jit_caches(cache_dir: str, weights: str | Path | None) -> None:
     """Before CUDA starts in the process: the compile caches into `cache_dir`, and the driver's cache (module doc),
-    seeded from the one shipped in `weights` (a local folder, or None: no seeding)."""
+    seeded from the one shipped in `weights` (a weights folder or .zip, whose shipped files are checked against its
+    manifest first; None: no seeding)."""
     compile_caches(cache_dir)
     if cache_dir:
         _set_driver_cache(os.path.join(os.path.abspath(cache_dir), DRIVER_CACHE))
-    shipped = Path(weights, ARTIFACTS_DIR, DRIVER_CACHE) if weights is not None else None
-    if shipped is None or not shipped.is_dir():
+    if weights is None:
+        return
+    try:
+        shipped = checked_files(Path(weights), f"{ARTIFACTS_DIR}/{DRIVER_CACHE}")
+    except ModelLoadError as e:  # the weights' own check names it again and fails the load
+        logger.warning("CUDA driver JIT cache: the shipped one is not used: %s", e)
+        return
+    if not shipped:
         return
     if "CUDA_CACHE_PATH" not in os.environ:
         temporary = tempfile.mkdtemp(prefix="sd-cuda-cache-")
@@ -87,7 +97,7 @@ def use_jit_caches(cache_dir: str, weights: str | Path | None) -> None:
         logger.info("CUDA driver JIT cache: %s (kept; the shipped one is not copied over it)", target)
         return
     try:
-        _copy_into(shipped, target)
+        _write_into(shipped, target)
         logger.info("CUDA driver JIT cache: %s, a copy of the one shipped with the packages", target)
     except OSError as e:  # only a start's speed depends on it
         logger.warning("CUDA driver JIT cache: could not copy the shipped one into %s (%s); starting without it",
@@ -101,17 +111,15 @@ def _set_driver_cache(folder: str) -> None:
                        "its default folder (~/.nv/ComputeCache) for this process", folder)
 
 
-def _copy_into(source: Path, target: Path) -> None:
-    """Copy `source`'s files into the empty or missing folder `target` through a sibling folder renamed into place, so
-    that workers sharing a cache_dir never see half a copy; the copies are writable whatever the source's modes
-    (a read-only weights folder)."""
+def _write_into(files: dict[str, bytes], target: Path) -> None:
+    """Write `files` (relative path: bytes) into the empty or missing folder `target` through a sibling folder renamed
+    into place, so that workers sharing a cache_dir never see half a copy."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        for path in source.rglob("*"):
-            if path.is_file():
-                (staging / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, staging / path.relative_to(source))
+        for name, data in files.items():
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            (staging / name).write_bytes(data)
         try:
             if target.is_dir():
                 target.rmdir()

@@ -115,16 +115,53 @@ def model_config(model_dir: str | Path) -> dict:
             from e
 
 
-def prepare_weights(model_dir: str | Path, weights: str) -> Path:
-    """Resolve the `weights` config value against the model dir and return a local diffusers folder."""
+def weights_source(model_dir: str | Path, weights: str) -> Path:
+    """The folder or .zip file the `weights` config value names, resolved against the model dir; not checked yet."""
     model_dir = Path(model_dir).resolve()
     path = Path(weights) if Path(weights).is_absolute() else model_dir / weights
-    if path.is_dir():
-        folder = path
-    elif path.is_file() and path.suffix == ".zip":
-        folder = path.with_suffix("")
-    else:
-        raise ModelLoadError(f"handler.weights: {weights!r} is neither a folder nor a .zip file in {model_dir}")
+    if path.is_dir() or (path.is_file() and path.suffix == ".zip"):
+        return path
+    raise ModelLoadError(f"handler.weights: {weights!r} is neither a folder nor a .zip file in {model_dir}")
+
+
+def checked_files(source: Path, prefix: str, max_bytes: int = 1 << 30) -> dict[str, bytes]:
+    """The files below the folder `prefix` of a weights folder or .zip (names relative to `prefix`), read ahead of
+    prepare_weights' check of the whole, each checked against the manifest when there is one: a file the manifest
+    does not list or whose sha256 differs raises ModelLoadError, as in verify_manifest. {} when there are none."""
+    source = Path(source)
+    try:
+        if source.is_dir():
+            base = source / prefix
+            files = {path.relative_to(base).as_posix(): path.read_bytes()
+                     for path in sorted(base.rglob("*")) if path.is_file()} if base.is_dir() else {}
+            manifest = (source / MANIFEST).read_bytes() if (source / MANIFEST).is_file() else None
+        else:
+            with zipfile.ZipFile(source) as archive:
+                members = [info for info in archive.infolist()
+                           if info.filename.startswith(prefix + "/") and not info.is_dir()]
+                files = {}
+                for info in members:
+                    name = PurePosixPath(info.filename).relative_to(prefix)
+                    if ".." in name.parts or info.file_size > max_bytes:
+                        raise ModelLoadError(f"{source.name}: entry {info.filename!r} is refused")
+                    files[name.as_posix()] = archive.read(info)
+                manifest = archive.read(MANIFEST) if MANIFEST in archive.namelist() else None
+        expected = json.loads(manifest)["sha256"] if manifest is not None and files else {}
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, RuntimeError) as e:
+        raise ModelLoadError(f"{source.name}: {prefix} could not be read: {type(e).__name__}: {e}") from e
+    for name, data in files.items() if manifest is not None else ():
+        listed = expected.get(f"{prefix}/{name}")
+        if listed is None:
+            raise ModelLoadError(f"weights file {prefix + '/' + name!r} is not listed in {MANIFEST}")
+        if hashlib.sha256(data).hexdigest() != listed:
+            raise ModelLoadError(f"weights file {prefix + '/' + name!r} does not match its sha256 in {MANIFEST}")
+    return files
+
+
+def prepare_weights(model_dir: str | Path, weights: str) -> Path:
+    """Resolve the `weights` config value against the model dir and return a local diffusers folder."""
+    path = weights_source(model_dir, weights)
+    folder = path if path.is_dir() else path.with_suffix("")
     # Checking the weights (sha256, about 1 s per 1.3 GB; a zip's extraction the first time) overlaps with importing
     # diffusers and the pipeline's modules (8-13 s on the GPU hosts), which load_pipeline would do next anyway:
     # hashlib and zlib release the GIL. Through TorchServe on an H100 (SD 1.5) the check ended 3.5 s before the
