@@ -17,13 +17,15 @@ compile-artifacts/cuda in the weights folder (or model.zip) is the driver's cach
 cache folder when that is empty, each file checked against the weights' sha256 manifest first (a mismatch: not used,
 and the weights' own check then fails the load; a copy that fails is logged and skipped).
 
-The driver may read CUDA_CACHE_PATH only as it initializes: the fronts (and compile_artifacts.py, generate.py) call
-use_jit_caches first, before the weights' check, during which diffusers and the pipeline's modules import in another
-thread, and before pick_device. load_engine, which gets a device already, sets only the compile caches. Should the
-driver have started before (driver_started: cuInit has run), use_jit_caches logs a warning: the driver may then keep
-its default folder (~/.nv/ComputeCache) and never see the shipped cache. An in-process start found all it needed in
-a shipped cache; TorchServe workers, which set it after the check until this order, did not (25.0 s, their first
-package run as slow as with an empty cache; bench/gpu/handler_start.py compares the two orders).
+The driver reads CUDA_CACHE_PATH as it initializes, and importing diffusers initializes it (its torch_utils picks
+a default device at import: torch.accelerator.is_available, cuInit). So the fronts (and compile_artifacts.py,
+generate.py) call use_jit_caches first: before the weights' check, beside which diffusers imports in another thread,
+and before pick_device. load_engine, which gets a device already, sets only the compile caches. Should the driver
+have started before (driver_started: cuInit has run), use_jit_caches logs a warning: the driver then keeps its
+default folder (~/.nv/ComputeCache) and never sees the shipped cache. That is what TorchServe workers met while the
+handler set the caches after the check: on an H100, its start (bench/gpu/handler_start.py) took 20.2-21.0 s with the
+packages' first runs 5.6-5.8 s, against 16.7-19.0 s and 2.7-2.8 s with the caches set first
+(bench/results/h100-sd15-2026-12-07-handler-start*).
 """
 
 from __future__ import annotations
