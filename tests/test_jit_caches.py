@@ -148,15 +148,86 @@ def test_a_zip_ships_its_cache_too_and_only_files_matching_the_manifest_are_used
     use_jit_caches("", tmp_path / "model.zip")
     copy = Path(os.environ.pop("CUDA_CACHE_PATH"))
     assert (copy / "index").read_bytes() == b"index" and (copy / "a" / "entry").read_bytes() == b"sass"
-    (weights / "compile-artifacts" / DRIVER_CACHE / "a" / "entry").write_bytes(b"tampered")  # manifest left as was
-    (weights / MANIFEST).write_text(json.dumps({"sha256": json.loads(
-        zipfile.ZipFile(tmp_path / "model.zip").read(MANIFEST))["sha256"]}))
+    with zipfile.ZipFile(tmp_path / "model.zip") as archive:  # the folder gets the zip's manifest, then a changed file
+        (weights / MANIFEST).write_bytes(archive.read(MANIFEST))
+    (weights / "compile-artifacts" / DRIVER_CACHE / "a" / "entry").write_bytes(b"tampered")
     with caplog.at_level(logging.WARNING, logger="sd_engine.jit_caches"):
         use_jit_caches("", weights)
     assert "does not match its sha256" in caplog.text and "compile-artifacts/cuda/a/entry" in caplog.text
     assert "CUDA_CACHE_PATH" not in os.environ  # nothing chosen, nothing copied
     with pytest.raises(ModelLoadError, match="compile-artifacts/cuda/a/entry"):
         prepare_weights(tmp_path, "model")  # the weights' own check fails the load, naming the same file
+
+
+def rewritten_zip(source: Path, target: Path, change) -> Path:
+    """A copy of the zip `source` with `change(name, data)` applied to each entry (None leaves it out)."""
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as new:
+        for info in old.infolist():
+            data = change(info.filename, old.read(info))
+            if data is not None:
+                new.writestr(info.filename, data)
+    return target
+
+
+def corrupt_stream(zip_path: Path, name: str) -> Path:
+    """Flip bytes inside the deflated data of entry `name` (zlib's or the CRC's error on reading it)."""
+    with zipfile.ZipFile(zip_path) as archive:
+        info = archive.getinfo(name)
+    raw = bytearray(zip_path.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    for k in range(start + 2, start + info.compress_size - 2):
+        raw[k] ^= 0x5A
+    zip_path.write_bytes(bytes(raw))
+    return zip_path
+
+
+ENTRY = f"compile-artifacts/{DRIVER_CACHE}/a/entry"
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("changed", "does not match its sha256"), ("missing", "listed in sd-weights-manifest.json is missing"),
+    ("extra", "is not listed"), ("corrupt", "could not be read"), ("bad manifest", "could not be read"),
+])
+def test_a_bad_shipped_cache_in_a_zip_is_not_used_and_the_start_goes_on(tmp_path, caplog, case, expected):
+    weights = tmp_path / "model"
+    shipped_cache(weights)
+    (weights / "a.txt").write_text("text that deflates " * 50)  # a deflated entry to corrupt
+    (weights / "compile-artifacts" / DRIVER_CACHE / "a" / "entry").write_bytes(b"sass " * 200)
+    zip_weights(weights, tmp_path / "good.zip")
+    bad = tmp_path / "model.zip"
+    if case == "corrupt":
+        shutil.copy(tmp_path / "good.zip", bad)
+        corrupt_stream(bad, ENTRY)
+    else:
+        def change(name, data):
+            if case == "changed" and name == ENTRY:
+                return b"other code"
+            if case == "missing" and name == ENTRY:
+                return None
+            if case == "bad manifest" and name == MANIFEST:
+                return json.dumps({"sha256": "not a mapping"}).encode()
+            return data
+        rewritten_zip(tmp_path / "good.zip", bad, change)
+        if case == "extra":
+            with zipfile.ZipFile(bad, "a") as archive:
+                archive.writestr(f"compile-artifacts/{DRIVER_CACHE}/b", b"unlisted")
+    with caplog.at_level(logging.WARNING, logger="sd_engine.jit_caches"):
+        use_jit_caches("", bad)  # no exception: only the start's speed depends on it
+    assert "the shipped one is not used" in caplog.text and expected in caplog.text
+    assert "CUDA_CACHE_PATH" not in os.environ
+
+
+def test_checked_files_refuses_paths_out_of_its_folder_and_more_than_its_size(tmp_path):
+    with zipfile.ZipFile(tmp_path / "model.zip", "w") as archive:
+        archive.writestr(f"compile-artifacts/{DRIVER_CACHE}/../../escape", b"x")
+    with pytest.raises(ModelLoadError, match="would be written outside"):
+        loading.checked_files(tmp_path / "model.zip", f"compile-artifacts/{DRIVER_CACHE}")
+    weights = tmp_path / "model"
+    shipped_cache(weights)  # 9 bytes in two files, no manifest: read unchecked
+    assert loading.checked_files(weights, f"compile-artifacts/{DRIVER_CACHE}") == {"a/entry": b"sass",
+                                                                                   "index": b"index"}
+    with pytest.raises(ModelLoadError, match="holds more than 8 bytes"):
+        loading.checked_files(weights, f"compile-artifacts/{DRIVER_CACHE}", max_bytes=8)
 
 
 def test_the_handler_sets_the_driver_cache_before_the_imports_beside_the_weights_check(tmp_path, tiny_model_dir,

@@ -22,10 +22,14 @@ a default device at import: torch.accelerator.is_available, cuInit). So the fron
 generate.py) call use_jit_caches first: before the weights' check, beside which diffusers imports in another thread,
 and before pick_device. load_engine, which gets a device already, sets only the compile caches. Should the driver
 have started before (driver_started: cuInit has run), use_jit_caches logs a warning: the driver then keeps its
-default folder (~/.nv/ComputeCache) and never sees the shipped cache. That is what TorchServe workers met while the
-handler set the caches after the check: on an H100, its start (bench/gpu/handler_start.py) took 20.2-21.0 s with the
-packages' first runs 5.6-5.8 s, against 16.7-19.0 s and 2.7-2.8 s with the caches set first
+default folder (~/.nv/ComputeCache) and never sees the shipped cache. That is what the handler met while it set
+the caches after the check: on an H100, its start as a worker runs it (bench/gpu/handler_start.py) took
+20.2-21.0 s with the packages' first runs 5.6-5.8 s, against 16.7-19.0 s and 2.7-2.8 s with the caches set first
 (bench/results/h100-sd15-2026-12-07-handler-start*).
+
+A driver cache folder that holds anything is kept as it is, the shipped cache not copied over it: with a persistent
+`cache_dir`, new packages' shipped cache seeds <cache_dir>/cuda only once that folder is emptied (or another
+cache_dir is used); the driver still adds what it compiles.
 """
 
 from __future__ import annotations
@@ -85,7 +89,7 @@ def use_jit_caches(cache_dir: str, weights: str | Path | None) -> None:
         return
     try:
         shipped = checked_files(Path(weights), f"{ARTIFACTS_DIR}/{DRIVER_CACHE}")
-    except ModelLoadError as e:  # the weights' own check names it again and fails the load
+    except ModelLoadError as e:  # a front's check of the weights (prepare_weights) then fails the load too
         logger.warning("CUDA driver JIT cache: the shipped one is not used: %s", e)
         return
     if not shipped:

@@ -6,7 +6,8 @@ outside the target folder (absolute paths, `..`), symlinks, and archives whose u
 
 scripts/package_model.py writes a manifest (sha256 of every file) into the weights it packages; a folder that has one
 is checked against it (once per extraction for a zip, at every load for a folder), so a truncated copy, a swapped file
-or a stray extra file fails the load with the file's name.
+or a stray extra file fails the load with the file's name. checked_files reads and checks the same way a few small
+files (the CUDA driver's shipped cache: jit_caches.py) before that check of the whole, from a folder or a zip.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import shutil
 import stat
 import threading
 import zipfile
+import zlib
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
@@ -124,38 +126,59 @@ def weights_source(model_dir: str | Path, weights: str) -> Path:
     raise ModelLoadError(f"handler.weights: {weights!r} is neither a folder nor a .zip file in {model_dir}")
 
 
-def checked_files(source: Path, prefix: str, max_bytes: int = 1 << 30) -> dict[str, bytes]:
-    """The files below the folder `prefix` of a weights folder or .zip (names relative to `prefix`), read ahead of
-    prepare_weights' check of the whole, each checked against the manifest when there is one: a file the manifest
-    does not list or whose sha256 differs raises ModelLoadError, as in verify_manifest. {} when there are none."""
+def checked_files(source: Path, prefix: str, max_bytes: int = 256 << 20) -> dict[str, bytes]:
+    """The files below the folder `prefix` of a weights folder or .zip (names relative to `prefix`; at most
+    `max_bytes` in all), read ahead of prepare_weights' check of the whole and checked as it checks them when there is
+    a manifest: a file it does not list, lists but is missing, or whose sha256 differs raises ModelLoadError naming
+    the file. {} when there are none."""
     source = Path(source)
     try:
-        if source.is_dir():
-            base = source / prefix
-            files = {path.relative_to(base).as_posix(): path.read_bytes()
-                     for path in sorted(base.rglob("*")) if path.is_file()} if base.is_dir() else {}
-            manifest = (source / MANIFEST).read_bytes() if (source / MANIFEST).is_file() else None
-        else:
-            with zipfile.ZipFile(source) as archive:
-                members = [info for info in archive.infolist()
-                           if info.filename.startswith(prefix + "/") and not info.is_dir()]
-                files = {}
-                for info in members:
-                    name = PurePosixPath(info.filename).relative_to(prefix)
-                    if ".." in name.parts or info.file_size > max_bytes:
-                        raise ModelLoadError(f"{source.name}: entry {info.filename!r} is refused")
-                    files[name.as_posix()] = archive.read(info)
-                manifest = archive.read(MANIFEST) if MANIFEST in archive.namelist() else None
-        expected = json.loads(manifest)["sha256"] if manifest is not None and files else {}
-    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, RuntimeError) as e:
+        files, manifest = (_folder_files if source.is_dir() else _zip_files)(source, prefix, max_bytes)
+        expected = json.loads(manifest)["sha256"] if manifest is not None else None
+        if expected is not None and not isinstance(expected, dict):
+            raise TypeError("its sha256 entry is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zlib.error, zipfile.BadZipFile, RuntimeError,
+            NotImplementedError) as e:  # unreadable, corrupt or truncated, encrypted or unsupported compression
         raise ModelLoadError(f"{source.name}: {prefix} could not be read: {type(e).__name__}: {e}") from e
-    for name, data in files.items() if manifest is not None else ():
-        listed = expected.get(f"{prefix}/{name}")
-        if listed is None:
-            raise ModelLoadError(f"weights file {prefix + '/' + name!r} is not listed in {MANIFEST}")
-        if hashlib.sha256(data).hexdigest() != listed:
-            raise ModelLoadError(f"weights file {prefix + '/' + name!r} does not match its sha256 in {MANIFEST}")
+    if expected is None:
+        return files
+    listed = {name[len(prefix) + 1:] for name in expected if name.startswith(prefix + "/")}
+    for name in sorted(set(files) | listed):
+        path = f"{prefix}/{name}"
+        if name not in files:
+            raise ModelLoadError(f"weights file {path!r} listed in {MANIFEST} is missing")
+        if name not in listed:
+            raise ModelLoadError(f"weights file {path!r} is not listed in {MANIFEST}")
+        if hashlib.sha256(files[name]).hexdigest() != expected[path]:
+            raise ModelLoadError(f"weights file {path!r} does not match its sha256 in {MANIFEST}")
     return files
+
+
+def _folder_files(source: Path, prefix: str, max_bytes: int) -> tuple[dict[str, bytes], bytes | None]:
+    base, files, total = source / prefix, {}, 0
+    for path in sorted(base.rglob("*")) if base.is_dir() else ():
+        if path.is_file():
+            total += path.stat().st_size
+            if total > max_bytes:
+                raise ModelLoadError(f"{source.name}: {prefix} holds more than {max_bytes} bytes")
+            files[path.relative_to(base).as_posix()] = path.read_bytes()
+    return files, (source / MANIFEST).read_bytes() if (source / MANIFEST).is_file() else None
+
+
+def _zip_files(source: Path, prefix: str, max_bytes: int) -> tuple[dict[str, bytes], bytes | None]:
+    files, total = {}, 0
+    with zipfile.ZipFile(source) as archive:
+        for info in archive.infolist():
+            if info.is_dir() or not info.filename.startswith(prefix + "/"):
+                continue
+            name = PurePosixPath(info.filename).relative_to(prefix)
+            if ".." in name.parts:
+                raise ModelLoadError(f"{source.name} entry {info.filename!r} would be written outside {prefix}")
+            total += info.file_size
+            if total > max_bytes:
+                raise ModelLoadError(f"{source.name}: {prefix} holds more than {max_bytes} bytes")
+            files[name.as_posix()] = archive.read(info)  # zipfile checks each entry's CRC
+        return files, archive.read(MANIFEST) if MANIFEST in archive.namelist() else None
 
 
 def prepare_weights(model_dir: str | Path, weights: str) -> Path:
@@ -199,8 +222,8 @@ def extract_zip(zip_path: Path, target: Path, max_bytes: int = MAX_UNCOMPRESSED_
         except ModelLoadError:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError) as e:
-            # Corrupt archive, clashing entries, encrypted or unsupported compression, full disk.
+        except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError, EOFError, zlib.error) as e:
+            # Corrupt or truncated archive, clashing entries, encrypted or unsupported compression, full disk.
             shutil.rmtree(staging, ignore_errors=True)
             raise ModelLoadError(f"{zip_path.name} could not be extracted: {type(e).__name__}: {e}") from e
         (staging / DONE_MARKER).write_text(stamp)
