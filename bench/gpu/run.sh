@@ -27,7 +27,9 @@
 #   bash bench/gpu/run.sh handler sd15       after build or reuse (carry .whl-ts once): an in-process start and the
 #                                            TorchServe handler's start in this process (bench/gpu/handler_start.py),
 #                                            as shipped and with the caches set after the weights' check as before
-#                                            (--jit-late), each from the shipped driver cache: which of them hits it
+#                                            (--jit-late), each from the shipped driver cache: which of them hits it;
+#                                            then a batch of 3 (which the warm-up skips) after READY, from the
+#                                            shipped cache and from the cache that start left
 #   bash bench/gpu/run.sh serve sd15 [sdxl]  carry [.whl-jre]: the real TorchServe from the packages, empty JIT
 #                                            caches: start to READY, then the load test (serve_bench --phases cold);
 #                                            SERVE_ARGS are added to serve_bench's (e.g. --no-compile, with
@@ -169,7 +171,8 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
     ;;
   handler)  # after build or reuse on the machine (carry .whl-ts once): an in-process start, then the TorchServe
     # handler's own start in this process (bench/gpu/handler_start.py), each from a fresh copy of the driver cache the
-    # build's check start shipped: does the handler's path hit it? (drivercache.txt: a TorchServe worker did not)
+    # build's check start shipped: does the handler's path hit it? (it did not while the handler set the caches after
+    # the weights' check: --jit-late)
     for p in "$@"; do
       store=/tmp/handler-store-$p; rm -rf $store
       python3 scripts/package_model.py /tmp/bench-weights-$p $store --no-archive --config bench/gpu/$p-4sizes.yaml \
@@ -180,13 +183,21 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
       timeout 150 $(fresh_start $p) > $out-inprocess.json 2> $out-inprocess.log || status=1
       echo "in-process: the driver's default folder holds $(du -sk --apparent-size ~/.nv/ComputeCache 2>/dev/null | cut -f1) kB"
       rm -rf ~/.nv/ComputeCache
-      timeout 150 python3 bench/gpu/handler_start.py $store/stable-diffusion > $out.json 2> $out.log || status=1
+      timeout 150 python3 bench/gpu/handler_start.py $store/stable-diffusion --then-batch 3 > $out.json 2> $out.log \
+        || status=1
       rm -rf ~/.nv/ComputeCache
       timeout 150 python3 bench/gpu/handler_start.py $store/stable-diffusion --jit-late > $out-jit-late.json \
         2> $out-jit-late.log || status=1
-      for run in $out-inprocess $out $out-jit-late; do
+      # A batch the warm-up skipped (3) after READY: from the shipped cache's copy (kept-1), then from the folder
+      # kept-1 left (kept-2): is its first run's cost the driver's JIT (then a kept cache saves it)?
+      rm -rf /tmp/handler-kept-cache
+      for run in kept-1 kept-2; do
+        CUDA_CACHE_PATH=/tmp/handler-kept-cache timeout 150 python3 bench/gpu/handler_start.py \
+          $store/stable-diffusion --then-batch 3 > $out-$run.json 2> $out-$run.log || status=1
+      done
+      for run in $out-inprocess $out $out-jit-late $out-kept-1 $out-kept-2; do
         echo "${run##*/}: $(grep -o '"ready[a-z_]*": [0-9.]*\|"optimize_s": [0-9.]*' $run.json | tr '\n' ' ')$(grep -o \
-          'first run in [0-9.]* s' $run.log | head -2 | tr '\n' ' ')$(grep -o '"driver_initialized_at_jit_caches": [a-z]*\|"[a-z_]*cache[a-z_]*kb": [0-9a-z]*\|"call": "[^"]*", "thread": "[^"]*"' \
+          'first run in [0-9.]* s' $run.log | head -2 | tr '\n' ' ')$(grep -o '"driver_initialized_at_jit_caches": [a-z]*\|"[a-z_]*cache[a-z_]*kb": [0-9a-z]*\|"call": "[^"]*", "thread": "[^"]*"\|"seconds": \[[0-9., ]*\]' \
           $run.json | tr '\n' ' ')"
       done
     done
