@@ -14,8 +14,8 @@
 #                                            aot_reused
 #   bash bench/gpu/run.sh ts                 carry [.whl-ts]: install TorchServe (no .whl needed once installed)
 #   bash bench/gpu/run.sh imports            what a worker's imports take with and without the carried packages'
-#                                            bytecode (setup.sh compiles it) and with the collector paused, the
-#                                            slowest modules, into $OUT/<tag>-<date>-import-time.txt
+#                                            bytecode (setup.sh compiles it), with the collector paused, and without
+#                                            peft; the slowest modules, into $OUT/<tag>-<date>-import-time.txt
 #   bash bench/gpu/run.sh kernels            SDXL's attention backends and FP8 against float16 matmuls at its
 #                                            transformer layers' shapes, into $OUT/<tag>-sdxl-<date>-kernels.json
 #   bash bench/gpu/run.sh profile sd15 [sdxl] carry [.whl] (py-spy's wheel), after build or reuse on the machine: a
@@ -120,6 +120,9 @@ print('import torch %.1f s, then diffusers and the engine %.1f s, then one full 
       for i in 1 2; do imports || rc=1; done
       echo "and with Python's garbage collector paused, as the fronts' starts now have it (sd_engine.loading):"
       for i in 1 2; do imports "gc.disable()" || rc=1; done
+      echo "and so, without peft installed (diffusers imports it for LoRA loading whenever it is there):"
+      mv /tmp/site/peft /tmp/peft-aside && { for i in 1 2; do imports "gc.disable()" || rc=1; done
+        mv /tmp/peft-aside /tmp/site/peft; }
       echo "the 20 modules that took longest themselves under -X importtime (self us | cumulative us | module):"
       python3 -X importtime -c "import torch; from diffusers import DiffusionPipeline; import transformers, sd_engine.engine
 import sd_engine.aot; from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline" 2>&1 | grep '^import time:' | sort -t'|' -k1.13 -n \
