@@ -228,6 +228,13 @@ def test_checked_files_refuses_paths_out_of_its_folder_and_more_than_its_size(tm
                                                                                    "index": b"index"}
     with pytest.raises(ModelLoadError, match="holds more than 8 bytes"):
         loading.checked_files(weights, f"compile-artifacts/{DRIVER_CACHE}", max_bytes=8)
+    zip_weights(weights, tmp_path / "shipped.zip")  # with a manifest, which the same files match
+    assert loading.checked_files(tmp_path / "shipped.zip", f"compile-artifacts/{DRIVER_CACHE}")["a/entry"] == b"sass"
+    with pytest.raises(ModelLoadError, match="holds more than 8 bytes"):
+        loading.checked_files(tmp_path / "shipped.zip", f"compile-artifacts/{DRIVER_CACHE}", max_bytes=8)
+    unlisted = rewritten_zip(tmp_path / "shipped.zip", tmp_path / "no-manifest.zip",
+                             lambda name, data: None if name == MANIFEST else data)
+    assert loading.checked_files(unlisted, f"compile-artifacts/{DRIVER_CACHE}")["index"] == b"index"  # unchecked
 
 
 def test_the_handler_sets_the_driver_cache_before_the_imports_beside_the_weights_check(tmp_path, tiny_model_dir,

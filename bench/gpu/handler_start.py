@@ -94,6 +94,8 @@ def main(argv=None) -> int:
     model_dir = args.model_dir.resolve()
     manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
     config = yaml.safe_load((model_dir / manifest["model"]["configFile"]).read_text())
+    if args.then_batch and not 1 < args.then_batch < int(config.get("batchSize", 1)):
+        parser.error(f"--then-batch: a batch the warm-up skips, 2..{int(config.get('batchSize', 1)) - 1}")
     sys.path.insert(0, str(model_dir))  # TorchServe puts the model's folder first; the handler comes from there
     os.chdir(model_dir)  # and starts its worker in it
     from ts.context import Context
@@ -135,8 +137,11 @@ def main(argv=None) -> int:
               "cache_path_kb": folder_kb(seen.get("cuda_cache_path")),
               "default_cache_kb": folder_kb("~/.nv/ComputeCache")}
     if args.then_batch:
-        record["then_batch"] = {"images": args.then_batch, "seconds": then_batch(handler.engine, args.then_batch),
-                                "cache_path_kb_after": folder_kb(seen.get("cuda_cache_path"))}
+        try:
+            record["then_batch"] = {"images": args.then_batch, "seconds": then_batch(handler.engine, args.then_batch)}
+        except Exception as e:  # noqa: BLE001 - the start's record still comes out, with what went wrong
+            record["then_batch"] = {"images": args.then_batch, "error": f"{type(e).__name__}: {e}"}
+        record["then_batch"]["cache_path_kb_after"] = folder_kb(seen.get("cuda_cache_path"))
     print(json.dumps(record))
     return 0
 

@@ -120,9 +120,8 @@ print('import torch %.1f s, then diffusers and the engine %.1f s, then one full 
       for i in 1 2; do imports || rc=1; done
       echo "and with Python's garbage collector paused, as the fronts' starts now have it (sd_engine.loading):"
       for i in 1 2; do imports "gc.disable()" || rc=1; done
-      echo "and so, without peft installed (diffusers imports it for LoRA loading whenever it is there):"
-      mv /tmp/site/peft /tmp/peft-aside && { for i in 1 2; do imports "gc.disable()" || rc=1; done
-        mv /tmp/peft-aside /tmp/site/peft; }
+      echo "and so, with peft unimportable (diffusers imports it for LoRA loading whenever it can):"
+      for i in 1 2; do imports "gc.disable(); import sys; sys.modules['peft'] = None" || rc=1; done
       echo "the 20 modules that took longest themselves under -X importtime (self us | cumulative us | module):"
       python3 -X importtime -c "import torch; from diffusers import DiffusionPipeline; import transformers, sd_engine.engine
 import sd_engine.aot; from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline" 2>&1 | grep '^import time:' | sort -t'|' -k1.13 -n \
@@ -191,8 +190,9 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
       rm -rf ~/.nv/ComputeCache
       timeout 150 python3 bench/gpu/handler_start.py $store/stable-diffusion --jit-late > $out-jit-late.json \
         2> $out-jit-late.log || status=1
-      # A batch the warm-up skipped (3) after READY: from the shipped cache's copy (kept-1), then from the folder
-      # kept-1 left (kept-2): is its first run's cost the driver's JIT (then a kept cache saves it)?
+      # A batch the warm-up skipped (3) after READY: from a fresh copy of the shipped cache (kept-1, like the start
+      # above), then from the folder kept-1 left (kept-2): is its first run's cost the driver's JIT (then a kept cache
+      # saves it)? The packages use no Inductor or Triton cache at run time.
       rm -rf /tmp/handler-kept-cache
       for run in kept-1 kept-2; do
         CUDA_CACHE_PATH=/tmp/handler-kept-cache timeout 150 python3 bench/gpu/handler_start.py \
@@ -200,7 +200,7 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
       done
       for run in $out-inprocess $out $out-jit-late $out-kept-1 $out-kept-2; do
         echo "${run##*/}: $(grep -o '"ready[a-z_]*": [0-9.]*\|"optimize_s": [0-9.]*' $run.json | tr '\n' ' ')$(grep -o \
-          'first run in [0-9.]* s' $run.log | head -2 | tr '\n' ' ')$(grep -o '"driver_initialized_at_jit_caches": [a-z]*\|"[a-z_]*cache[a-z_]*kb": [0-9a-z]*\|"call": "[^"]*", "thread": "[^"]*"\|"seconds": \[[0-9., ]*\]' \
+          'first run in [0-9.]* s' $run.log | head -2 | tr '\n' ' ')$(grep -o '"driver_initialized_at_jit_caches": [a-z]*\|"[a-z_]*cache[a-z_]*kb[a-z_]*": [0-9a-z]*\|"call": "[^"]*", "thread": "[^"]*"\|"seconds": \[[0-9., ]*\]' \
           $run.json | tr '\n' ' ')"
       done
     done

@@ -171,7 +171,7 @@ def _zip_files(source: Path, prefix: str, max_bytes: int) -> tuple[dict[str, byt
         for info in archive.infolist():
             if info.is_dir() or not info.filename.startswith(prefix + "/"):
                 continue
-            name = PurePosixPath(info.filename).relative_to(prefix)
+            name = PurePosixPath(info.filename.replace("\\", "/")).relative_to(prefix)
             if ".." in name.parts:
                 raise ModelLoadError(f"{source.name} entry {info.filename!r} would be written outside {prefix}")
             total += info.file_size
