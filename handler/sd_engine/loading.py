@@ -83,6 +83,13 @@ def verify_manifest(folder: Path) -> None:
     except (ValueError, KeyError, TypeError) as e:
         raise ModelLoadError(f"{MANIFEST} in {folder} is unreadable: {type(e).__name__}: {e}") from e
     actual = file_digests(Path(folder))
+    match_manifest(expected, actual)
+    logger.info("weights match %s (%d files)", MANIFEST, len(actual))
+
+
+def match_manifest(expected: dict, actual: dict[str, str]) -> None:
+    """Raise ModelLoadError naming the first file (by name) the manifest's digests `expected` lists but `actual` lacks,
+    or that `actual` has but the manifest does not list, or whose sha256 differs."""
     for name in sorted(set(expected) | set(actual)):
         if name not in actual:
             raise ModelLoadError(f"weights file {name!r} listed in {MANIFEST} is missing")
@@ -90,7 +97,6 @@ def verify_manifest(folder: Path) -> None:
             raise ModelLoadError(f"weights file {name!r} is not listed in {MANIFEST}")
         if actual[name] != expected[name]:
             raise ModelLoadError(f"weights file {name!r} does not match its sha256 in {MANIFEST}")
-    logger.info("weights match %s (%d files)", MANIFEST, len(actual))
 
 
 def prepare_model_dir(path: str | Path) -> Path:
@@ -140,17 +146,9 @@ def checked_files(source: Path, prefix: str, max_bytes: int = 256 << 20) -> dict
     except (OSError, ValueError, KeyError, TypeError, EOFError, zlib.error, zipfile.BadZipFile, RuntimeError,
             NotImplementedError) as e:  # unreadable, corrupt or truncated, encrypted or unsupported compression
         raise ModelLoadError(f"{source.name}: {prefix} could not be read: {type(e).__name__}: {e}") from e
-    if expected is None:
-        return files
-    listed = {name[len(prefix) + 1:] for name in expected if name.startswith(prefix + "/")}
-    for name in sorted(set(files) | listed):
-        path = f"{prefix}/{name}"
-        if name not in files:
-            raise ModelLoadError(f"weights file {path!r} listed in {MANIFEST} is missing")
-        if name not in listed:
-            raise ModelLoadError(f"weights file {path!r} is not listed in {MANIFEST}")
-        if hashlib.sha256(files[name]).hexdigest() != expected[path]:
-            raise ModelLoadError(f"weights file {path!r} does not match its sha256 in {MANIFEST}")
+    if expected is not None:
+        match_manifest({name: digest for name, digest in expected.items() if name.startswith(prefix + "/")},
+                       {f"{prefix}/{name}": hashlib.sha256(data).hexdigest() for name, data in files.items()})
     return files
 
 
