@@ -315,3 +315,24 @@ def test_load_engine_from_a_relative_folder_leaves_the_working_directory_as_it_w
     assert seen == ["/"] and engine.timings["warmup_s"] > 0
     assert os.getcwd() == str(tmp_path / "here")
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "here" / "jit" / "inductor")
+
+
+def test_generate_runs_from_root_and_leaves_the_working_directory_as_it_was(tiny_engine, cpu_rules, monkeypatch,
+                                                                           tmp_path):
+    """Each call runs from /, as the warm-up did: a TorchServe worker starts in its model's folder, where the kernels
+    the driver compiles at a new batch size would miss the shipped cache's entries (jit_caches module doc)."""
+    from sd_engine.requests import parse_request
+
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    real_run_group = Engine._run_group
+
+    def run_group(self, group):  # records where the real generation runs
+        seen.append(os.getcwd())
+        return real_run_group(self, group)
+
+    monkeypatch.setattr(Engine, "_run_group", run_group)
+    results = tiny_engine.generate([parse_request({"prompt": "a cat", "seed": 1, "num_inference_steps": 2},
+                                                  cpu_rules)])
+    assert seen == ["/"] and results[0].image.size == (cpu_rules.width, cpu_rules.height)
+    assert os.getcwd() == str(tmp_path)

@@ -10,7 +10,13 @@ the weights, while diffusers and the pipeline's modules imported beside the chec
 started the CUDA driver, the driver kept its default folder (~/.nv/ComputeCache). The handler now sets it first;
 --jit-late sets it where it was set before, after the check.
 
-    python3 bench/gpu/handler_start.py MODEL_DIR [--gpu 0] [--jit-late]
+--then-batch N then times a batch size the warm-up skipped, whose first call builds kernels at run time (cuDNN's
+attention, called by the packages): a TorchServe worker's took 4.5-5.8 s
+(bench/results/h100-sd15-2026-12-07-serving-aot-jitfirst-*-model.log). Engine.generate now runs from /, as the warm-up
+does, since the driver's cache entries depend on the working directory; --request-cwd-as-is runs it from the model's
+folder instead, as it ran before: the control.
+
+    python3 bench/gpu/handler_start.py MODEL_DIR [--gpu 0] [--jit-late] [--then-batch N [--request-cwd-as-is]]
 
 The record says whether the CUDA driver was already initialized (cuInit) when the handler set CUDA_CACHE_PATH
 (`driver_initialized_at_jit_caches`, from sd_engine.jit_caches.driver_started), the first Python-level call that
@@ -90,6 +96,8 @@ def main(argv=None) -> int:
     parser.add_argument("--then-batch", type=int, default=0, metavar="N",
                         help="after READY, time two generations of N images at the default size: the first of a batch "
                              "size the warm-up skipped captures its graphs (a TorchServe worker's took 4.5-5.8 s)")
+    parser.add_argument("--request-cwd-as-is", action="store_true",
+                        help="with --then-batch: generate from the model's folder, as before generate ran from /")
     args = parser.parse_args(argv)
     model_dir = args.model_dir.resolve()
     manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
@@ -137,8 +145,15 @@ def main(argv=None) -> int:
               "cache_path_kb": folder_kb(seen.get("cuda_cache_path")),
               "default_cache_kb": folder_kb("~/.nv/ComputeCache")}
     if args.then_batch:
+        if args.request_cwd_as_is:  # Engine.generate looks fixed_cwd up at each call
+            import contextlib
+
+            import sd_engine.engine
+
+            sd_engine.engine.fixed_cwd = contextlib.nullcontext
         try:
-            record["then_batch"] = {"images": args.then_batch, "seconds": then_batch(handler.engine, args.then_batch)}
+            record["then_batch"] = {"images": args.then_batch, "request_cwd_as_is": args.request_cwd_as_is,
+                                    "seconds": then_batch(handler.engine, args.then_batch)}
         except Exception as e:  # noqa: BLE001 - the start's record still comes out, with what went wrong
             record["then_batch"] = {"images": args.then_batch, "error": f"{type(e).__name__}: {e}"}
         record["then_batch"]["cache_path_kb_after"] = folder_kb(seen.get("cuda_cache_path"))

@@ -25,11 +25,10 @@
 #                                            an empty CUDA driver JIT cache (compile_artifacts.py --driver-cache: no
 #                                            shipped cache seeds it): what the driver's cache saves a start
 #   bash bench/gpu/run.sh handler sd15       after build or reuse (carry .whl-ts once): an in-process start and the
-#                                            TorchServe handler's start in this process (bench/gpu/handler_start.py),
-#                                            as shipped and with the caches set after the weights' check as before
-#                                            (--jit-late), each from the shipped driver cache: which of them hits it;
-#                                            then a batch of 3 (which the warm-up skips) after READY, from the
-#                                            shipped cache and from the cache that start left
+#                                            TorchServe handler's start in this process (bench/gpu/handler_start.py)
+#                                            from the shipped driver cache, then a batch of 3 (which the warm-up
+#                                            skips) after READY, with generate run from / (as shipped) and from the
+#                                            model's folder as before (--request-cwd-as-is)
 #   bash bench/gpu/run.sh serve sd15 [sdxl]  carry [.whl-jre]: the real TorchServe from the packages, empty JIT
 #                                            caches: start to READY, then the load test (serve_bench --phases cold);
 #                                            SERVE_ARGS are added to serve_bench's (e.g. --no-compile, with
@@ -172,9 +171,10 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
     done
     ;;
   handler)  # after build or reuse on the machine (carry .whl-ts once): an in-process start, then the TorchServe
-    # handler's own start in this process (bench/gpu/handler_start.py), each from a fresh copy of the driver cache the
-    # build's check start shipped: does the handler's path hit it? (it did not while the handler set the caches after
-    # the weights' check: --jit-late)
+    # handler's own start in this process (bench/gpu/handler_start.py: from the model's folder, as a worker), each
+    # from a fresh copy of the driver cache the build's check start shipped, then a batch the warm-up skipped (3) after
+    # READY: as shipped (generate runs from /) and from the model's folder as before (--request-cwd-as-is), whose
+    # first call built kernels the shipped cache missed (a TorchServe worker's took 4.5-5.8 s)
     for p in "$@"; do
       store=/tmp/handler-store-$p; rm -rf $store
       python3 scripts/package_model.py /tmp/bench-weights-$p $store --no-archive --config bench/gpu/$p-4sizes.yaml \
@@ -184,23 +184,14 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
       rm -rf ~/.nv/ComputeCache
       timeout 150 $(fresh_start $p) > $out-inprocess.json 2> $out-inprocess.log || status=1
       echo "in-process: the driver's default folder holds $(du -sk --apparent-size ~/.nv/ComputeCache 2>/dev/null | cut -f1) kB"
-      rm -rf ~/.nv/ComputeCache
-      timeout 150 python3 bench/gpu/handler_start.py $store/stable-diffusion --then-batch 3 > $out.json 2> $out.log \
-        || status=1
-      rm -rf ~/.nv/ComputeCache
-      timeout 150 python3 bench/gpu/handler_start.py $store/stable-diffusion --jit-late > $out-jit-late.json \
-        2> $out-jit-late.log || status=1
-      # A batch the warm-up skipped (3) after READY: from a fresh copy of the shipped cache (kept-1, like the start
-      # above), then from the folder kept-1 left (kept-2): is its first run's cost the driver's JIT (then a kept cache
-      # saves it)? The packages use no Inductor or Triton cache at run time.
-      rm -rf /tmp/handler-kept-cache
-      for run in kept-1 kept-2; do
-        CUDA_CACHE_PATH=/tmp/handler-kept-cache timeout 150 python3 bench/gpu/handler_start.py \
-          $store/stable-diffusion --then-batch 3 > $out-$run.json 2> $out-$run.log || status=1
+      for run in "" -cwd-as-is; do
+        rm -rf ~/.nv/ComputeCache
+        timeout 150 python3 bench/gpu/handler_start.py $store/stable-diffusion --then-batch 3 \
+          $([ -n "$run" ] && echo --request-cwd-as-is) > $out$run.json 2> $out$run.log || status=1
       done
-      for run in $out-inprocess $out $out-jit-late $out-kept-1 $out-kept-2; do
+      for run in $out-inprocess $out $out-cwd-as-is; do
         echo "${run##*/}: $(grep -o '"ready[a-z_]*": [0-9.]*\|"optimize_s": [0-9.]*' $run.json | tr '\n' ' ')$(grep -o \
-          'first run in [0-9.]* s' $run.log | head -2 | tr '\n' ' ')$(grep -o '"driver_initialized_at_jit_caches": [a-z]*\|"[a-z_]*cache[a-z_]*kb[a-z_]*": [0-9a-z]*\|"call": "[^"]*", "thread": "[^"]*"\|"seconds": \[[0-9., ]*\]' \
+          'first run in [0-9.]* s' $run.log | head -2 | tr '\n' ' ')$(grep -o '"driver_initialized_at_jit_caches": [a-z]*\|"[a-z_]*cache[a-z_]*kb[a-z_]*": [0-9a-z]*\|"seconds": \[[0-9., ]*\]' \
           $run.json | tr '\n' ' ')"
       done
     done

@@ -68,12 +68,18 @@ class Engine:
         self.split_on_negative_prompt = bool(getattr(pipe, "config", {}).get("force_zeros_for_empty_prompt"))
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | EngineError]:
-        """One result per request, in order. A failing group yields errors for its requests only."""
+        """One result per request, in order. A failing group yields errors for its requests only.
+
+        Runs from / as the warm-up did (jit_caches.fixed_cwd): the CUDA driver's JIT cache entries depend on the
+        working directory, and the first call at a shape the warm-up skipped (a new batch size) builds kernels at run
+        time (the AOT packages call cuDNN's attention), which a TorchServe worker, started in its model's folder,
+        otherwise missed in the shipped cache."""
         results: list[GenerationResult | EngineError | None] = [None] * len(requests)
-        for indices in self._groups(requests):
-            group = [requests[i] for i in indices]
-            for i, result in zip(indices, self._run_group(group)):
-                results[i] = result
+        with fixed_cwd():
+            for indices in self._groups(requests):
+                group = [requests[i] for i in indices]
+                for i, result in zip(indices, self._run_group(group)):
+                    results[i] = result
         return results
 
     def _groups(self, requests: Sequence[GenerationRequest]) -> list[list[int]]:

@@ -7,8 +7,8 @@ bench/results/h100-sd15-2026-12-07-drivercache.txt): in-process, 16.2-19.4 s to 
 filled (or a copy of it) against 22.7-25.6 s with an empty one (the optimize step, where each package runs once,
 2.8-3.2 s instead of 6.5-8.4 s); through TorchServe, a restart on the cache_dir the first start filled took 28.0 s
 against 32.6 s. Its entries depend on the process's working directory (one control start from another folder
-missed: 22.3 s), so load_engine runs its optimize and warm-up steps from / (fixed_cwd): a TorchServe worker's is the
-model's folder, a new temporary one at each start of a MAR.
+missed: 22.3 s), so load_engine runs its optimize and warm-up steps, and Engine.generate each call, from /
+(fixed_cwd): a TorchServe worker's is the model's folder, a new temporary one at each start of a MAR.
 
 Where the driver's cache goes: <cache_dir>/cuda when the config sets `cache_dir` (one persistent folder for all of
 them), else CUDA_CACHE_PATH as the environment has it, else (with a shipped cache) a temporary folder removed at exit.
