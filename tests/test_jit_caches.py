@@ -336,3 +336,22 @@ def test_generate_runs_from_root_and_leaves_the_working_directory_as_it_was(tiny
                                                   cpu_rules)])
     assert seen == ["/"] and results[0].image.size == (cpu_rules.width, cpu_rules.height)
     assert os.getcwd() == str(tmp_path)
+
+
+def test_fixed_cwd_runs_its_block_when_the_working_directory_is_removed(tmp_path, monkeypatch):
+    """A worker's folder under /tmp may be cleaned while it serves: generate must still run (it enters fixed_cwd at
+    each call), from /, before and after the folder goes."""
+    gone = tmp_path / "model-folder"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    with fixed_cwd():
+        gone.rmdir()  # removed while the block runs: not returned to
+    assert os.getcwd() == "/"
+    os.chdir(tmp_path)
+    (tmp_path / "again").mkdir()
+    os.chdir(tmp_path / "again")
+    (tmp_path / "again").rmdir()  # removed before the block: os.getcwd() fails
+    ran = []
+    with fixed_cwd():
+        ran.append(os.getcwd())
+    assert ran == ["/"] and os.getcwd() == "/"

@@ -140,10 +140,19 @@ def _write_into(files: dict[str, bytes], target: Path) -> None:
 
 @contextmanager
 def fixed_cwd():
-    """Run the block from / (then back): the driver's cache entries depend on the working directory (module doc)."""
-    previous = os.getcwd()
+    """Run the block from / (then back): the driver's cache entries depend on the working directory (module doc).
+    A working directory that was removed meanwhile (a worker's under /tmp, cleaned after days) is not returned to:
+    the process stays in /, and the block runs all the same."""
+    try:
+        previous = os.getcwd()
+    except FileNotFoundError:
+        previous = None
     os.chdir("/")
     try:
         yield
     finally:
-        os.chdir(previous)
+        if previous is not None:
+            try:
+                os.chdir(previous)
+            except OSError:
+                logger.warning("the working directory %s is gone; staying in /", previous)
