@@ -1,6 +1,7 @@
 """Where a worker's JIT caches go (sd_engine/jit_caches.py): cache_dir, the CUDA driver's cache shipped beside the AOT
-packages, and the fixed working directory of load_engine's optimize and warm-up steps. The driver only reads
-CUDA_CACHE_PATH on a GPU; what is checked here is what the process hands it: the folder and its contents."""
+packages, and the fixed working directory of load_engine's optimize and warm-up steps and of Engine.generate. The
+driver only reads CUDA_CACHE_PATH on a GPU; what is checked here is what the process hands it: the folder and its
+contents."""
 
 import ctypes
 import json
@@ -92,6 +93,17 @@ def test_a_driver_cache_the_environment_names_is_kept_and_seeded_when_empty(tmp_
     use_jit_caches("", weights)
     assert os.environ["CUDA_CACHE_PATH"] == str(tmp_path / "mine")
     assert (tmp_path / "mine" / "a" / "entry").read_bytes() == b"sass"
+
+
+def test_a_relative_driver_cache_in_the_environment_becomes_absolute(tmp_path, monkeypatch):
+    """load_engine's steps and generate run from /: a relative folder would mean another one there."""
+    weights = tmp_path / "model"
+    shipped_cache(weights)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CUDA_CACHE_PATH", "relative-cache")
+    use_jit_caches("", weights)
+    assert os.environ["CUDA_CACHE_PATH"] == str(tmp_path / "relative-cache")
+    assert (tmp_path / "relative-cache" / "a" / "entry").read_bytes() == b"sass"
 
 
 def test_a_read_only_shipped_cache_gives_a_writable_copy(tmp_path):

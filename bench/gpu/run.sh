@@ -187,11 +187,11 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
       for run in "" -cwd-as-is; do
         rm -rf ~/.nv/ComputeCache
         timeout 150 python3 bench/gpu/handler_start.py $store/stable-diffusion --then-batch 3 \
-          $([ -n "$run" ] && echo --request-cwd-as-is) > $out$run.json 2> $out$run.log || status=1
+          ${run:+--request-cwd-as-is} > $out$run.json 2> $out$run.log || status=1
       done
       for run in $out-inprocess $out $out-cwd-as-is; do
         echo "${run##*/}: $(grep -o '"ready[a-z_]*": [0-9.]*\|"optimize_s": [0-9.]*' $run.json | tr '\n' ' ')$(grep -o \
-          'first run in [0-9.]* s' $run.log | head -2 | tr '\n' ' ')$(grep -o '"driver_initialized_at_jit_caches": [a-z]*\|"[a-z_]*cache[a-z_]*kb[a-z_]*": [0-9a-z]*\|"seconds": \[[0-9., ]*\]' \
+          'first run in [0-9.]* s' $run.log | head -2 | tr '\n' ' ')$(grep -o '"driver_initialized_at_jit_caches": [a-z]*\|"[a-z_]*cache[a-z_]*kb[a-z_]*": [0-9a-z]*\|"seconds": \[[0-9., ]*\]\|"error": "[^"]*"' \
           $run.json | tr '\n' ' ')"
       done
     done

@@ -58,7 +58,7 @@ def compile_caches(cache_dir: str) -> None:
     could not be told apart."""
     if not cache_dir:
         return
-    cache_dir = os.path.abspath(cache_dir)  # load_engine's steps run from / (fixed_cwd)
+    cache_dir = os.path.abspath(cache_dir)  # load_engine's steps and generate run from / (fixed_cwd)
     caches = {variable: os.path.join(cache_dir, sub) for variable, sub in (
         ("TORCH_EXTENSIONS_DIR", "torch_extensions"), ("TORCHINDUCTOR_CACHE_DIR", "inductor"),
         ("TRITON_CACHE_DIR", "triton"))}
@@ -85,6 +85,9 @@ def use_jit_caches(cache_dir: str, weights: str | Path | None) -> None:
     compile_caches(cache_dir)
     if cache_dir:
         _set_driver_cache(os.path.join(os.path.abspath(cache_dir), DRIVER_CACHE))
+    elif os.environ.get("CUDA_CACHE_PATH") and not os.path.isabs(os.environ["CUDA_CACHE_PATH"]):
+        # one folder whatever the working directory (load_engine's steps and generate run from /: fixed_cwd)
+        _set_driver_cache(os.path.abspath(os.environ["CUDA_CACHE_PATH"]))
     if weights is None:
         return
     try:
