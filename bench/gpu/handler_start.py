@@ -154,13 +154,12 @@ def main(argv=None) -> int:
             import sd_engine.engine
 
             sd_engine.engine.fixed_cwd = contextlib.nullcontext
+        batch = record["then_batch"] = {"images": args.then_batch, "request_cwd_as_is": args.request_cwd_as_is}
         try:
-            record["then_batch"] = {"images": args.then_batch, "request_cwd_as_is": args.request_cwd_as_is,
-                                    "seconds": then_batch(handler.engine, args.then_batch)}
+            batch["seconds"] = then_batch(handler.engine, args.then_batch)
         except Exception as e:  # noqa: BLE001 - the start's record still comes out, with what went wrong
-            record["then_batch"] = {"images": args.then_batch, "request_cwd_as_is": args.request_cwd_as_is,
-                                    "error": f"{type(e).__name__}: {e}"}
-        record["then_batch"]["cache_path_kb_after"] = folder_kb(seen.get("cuda_cache_path"))
+            batch["error"] = f"{type(e).__name__}: {e}"
+        batch["cache_path_kb_after"] = folder_kb(seen.get("cuda_cache_path"))
     print(json.dumps(record))
     return 1 if "error" in record.get("then_batch", {}) else 0
 
