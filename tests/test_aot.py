@@ -292,10 +292,10 @@ def test_torchserve_serves_with_the_packages_from_its_own_unpacked_model(aot_mod
 
 
 def test_a_gpu_package_compiles_its_wrapper_at_o0_unless_the_environment_says_otherwise(monkeypatch):
-    """AOTInductor's options for a package: code only; on a GPU the C++ wrapper at -O0 (a third of -O1's compile time
-    per SDXL size on an H200, the same speed: aot._inductor_configs), unless AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL,
-    torch's own variable, is set; on a CPU, where the kernels are C++ as well, torch's default. The options are
-    handed to torch as they are, so each key must be one this torch knows."""
+    """AOTInductor's options for a package: code only; on a GPU the C++ wrapper at -O0 (SDXL's C++ compiles 27-38 s a
+    size on an H200, 95-106 s at -O1 on another, the same speed: aot._inductor_configs), unless
+    AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL, torch's own variable, is set; on a CPU, where the kernels are C++ as well,
+    torch's default. The options are handed to torch as they are, so each key must be one this torch knows."""
     import torch._inductor.config as inductor
 
     from sd_engine.aot import _inductor_configs

@@ -168,10 +168,12 @@ def build_packages(pipe, folder: Path, device: torch.device, latent_size, max_ba
 def _inductor_configs(device: torch.device) -> dict:
     """AOTInductor's options for a package: code only (the worker hands it its weights). On a GPU, the C++ wrapper
     (host code that launches the Triton kernels, which are compiled apart) is compiled at -O0 instead of torch's -O1
-    unless AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL says otherwise: on an H200, SDXL's C++ compiles took 27-38 s per size
-    against 95-106 s, and the packages ran 1024x1024 in 1.166 s against 1.163 s for -O1's on the same host
-    (bench/results/h200-wrapper-o0-sdxl-2026-12-07-aot-4sizes.log, h200-sdxl-2026-12-07-aot-4sizes-fresh-machine.json).
-    On a CPU, where the kernels are C++ as well, -O0 is not measured, so torch's default stays there."""
+    unless AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL says otherwise: on an H200, SDXL's C++ compiles took 27-38 s per
+    size (bench/results/h200-wrapper-o0-sdxl-2026-12-07-aot-4sizes.log) against 95-106 s at -O1 on another, whose
+    builds were slower in their other phases too (h200-sdxl-2026-12-07-aot-4sizes.log), and under CUDA graphs at
+    batch 1 the packages ran 1024x1024 in 1.166 s against 1.163 s for -O1's on the same host
+    (h200-sdxl-2026-12-07-aot-4sizes-fresh-machine.json). On a CPU, where the kernels are C++ as well, -O0 is not
+    measured, so torch's default stays there."""
     configs = {"aot_inductor.package_constants_in_so": False}
     if device.type == "cuda" and not os.environ.get("AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL"):
         configs["aot_inductor.compile_wrapper_opt_level"] = "O0"
