@@ -18,6 +18,12 @@
 #                                            peft; the slowest modules, into $OUT/<tag>-<date>-import-time.txt
 #   bash bench/gpu/run.sh kernels            SDXL's attention backends and FP8 against float16 matmuls at its
 #                                            transformer layers' shapes, into $OUT/<tag>-sdxl-<date>-kernels.json
+#   bash bench/gpu/run.sh decoder            carry [.whl]: SDXL's float32 VAE decoder packaged with PyTorch's
+#                                            attention kernel and with Inductor's own (math), each checked in fresh
+#                                            processes, then the first under compute-sanitizer (decoder_fault.py)
+#   bash bench/gpu/run.sh overlap            the weights' sha256 check beside the diffusers import, as a worker's
+#                                            start does it, against each alone and two other ways to check
+#                                            (bench/gpu/overlap.py), into $OUT/<tag>-<date>-overlap.txt
 #   bash bench/gpu/run.sh profile sd15 [sdxl] carry [.whl] (py-spy's wheel), after build or reuse on the machine: a
 #                                            fresh start from the packages under py-spy, the raw samples and their
 #                                            summary (bench/gpu/profile_summary.py) into $OUT/<tag>-<p>-<date>-start-profile.*
@@ -140,6 +146,43 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
     python3 -c "import json; print(json.load(open('$OUT/$TAG-sdxl-$DAY-kernels.json'))['totals'])" || status=1
     status=$((status | rc))
     ;;
+  decoder)  # why SDXL's float32 VAE decoder packages faulted (aot.modules), and whether the math attention avoids it
+    d=/tmp/decoder-fault; mkdir -p $d
+    out=$OUT/$TAG-sdxl-$DAY-decoder-fault
+    for v in efficient math; do
+      timeout 240 python3 bench/gpu/decoder_fault.py build $v $d/$v.pt2 > $d/build-$v.json 2> $d/build-$v.log &
+    done
+    wait
+    for v in efficient math; do cat $d/build-$v.json >> $out-build.json; (echo "== $v"; cat $d/build-$v.log) >> $out-build.log; done
+    cat $out-build.json
+    for round in 1 2 3; do
+      for v in efficient math; do
+        [ -f $d/$v.pt2 ] || { status=1; continue; }
+        timeout 90 python3 bench/gpu/decoder_fault.py check $v $d/$v.pt2 >> $out.json 2>> $out-check.log
+        rc=$?
+        echo "round $round $v: rc $rc" | tee -a $out-check.log
+      done
+    done
+    cat $out.json
+    # Every tensor its own allocation, so that memcheck sees an access past one (the caching allocator's blocks hide it)
+    sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+    for v in efficient math; do
+      left=$((${BUDGET:-570} - SECONDS)); [ $left -gt 30 ] || break
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout $((left / 2 + 15)) $sanitizer --tool memcheck --print-limit 20 \
+        python3 bench/gpu/decoder_fault.py check $v $d/$v.pt2 --once > $out-sanitizer-$v.txt 2>&1
+      echo "compute-sanitizer $v: rc $?"
+      grep -v "^========= *$" $out-sanitizer-$v.txt | grep -m 25 "=====\|Error\|ok\|{" || true
+    done
+    ;;
+  overlap)  # the weights' check beside the import (bench/gpu/overlap.py): 2.2 GB of files, as SD 1.5's float16 weights
+    out=$OUT/$TAG-$DAY-overlap.txt
+    [ -f /tmp/overlap-weights/model_index.json ] || python3 bench/gpu/overlap.py /tmp/overlap-weights make || exit 1
+    for round in 1 2; do
+      for v in alone thread readinto process; do
+        timeout 60 python3 bench/gpu/overlap.py /tmp/overlap-weights $v 2>/dev/null | tee -a $out || status=1
+      done
+    done
+    ;;
   profile)  # where a fresh start from the packages (built or reused on this machine) spends its time
     for p in "$@"; do
       out=$OUT/$TAG-$p-$DAY-start-profile
@@ -214,7 +257,7 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
     done
     ;;
   *)
-    echo "usage: bash bench/gpu/run.sh build|reuse|ts|imports|kernels|profile|jitcache|handler|serve PRESET..." >&2
+    echo "usage: bash bench/gpu/run.sh build|reuse|ts|imports|kernels|decoder|overlap|profile|jitcache|handler|serve PRESET..." >&2
     exit 2
     ;;
 esac

@@ -1,0 +1,135 @@
+"""Why AOTInductor packages of SDXL's float32 VAE decoder hit CUDA illegal memory accesses, and whether another
+attention kernel avoids it (aot.modules leaves such a decoder unpackaged since an H100 run faulted:
+bench/results/h100-sdxl-2026-12-06-aot-4sizes-checked.log).
+
+The decoder is exported as the engine does it (aot._Decode around optimize.py's float32 decode, float16 latents in,
+channels-last weights, the batch dynamic 1..2, aot._inductor_configs), from SDXL's VAE architecture with seeded
+random weights, in one of two variants:
+- efficient: as before; PyTorch picks the attention kernel for the mid-block's one head of 512 channels over the
+  latent's tokens (16,384 at 1024x1024), which in float32 is the memory-efficient one.
+- math: the same under torch.nn.attention.sdpa_kernel(MATH), so Inductor compiles the attention itself (matmuls and a
+  softmax) and no attention kernel of PyTorch's runs.
+
+  python3 bench/gpu/decoder_fault.py build VARIANT PACKAGE [--latent H W]
+  python3 bench/gpu/decoder_fault.py check VARIANT PACKAGE [--latent H W] [--once]
+
+`check`, in a fresh process as a worker meets a package: loads and binds it (aot_runtime), runs batch 1, 2, 1 and a
+CUDA graph of batch 1, compares each with the plain decoder, times the package against the plain decoder and prints
+one JSON line. A fault ends the process (its status is then non-zero). --once: one batch-1 call only (for
+compute-sanitizer, run with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so every tensor is its own allocation).
+"""
+import argparse
+import contextlib
+import json
+import sys
+import time
+
+import torch
+
+
+def decoder(device):
+    """SDXL's VAE in float32, channels-last, with optimize.py's decode (latents cast to float32), and the wrapper aot.py
+    exports and checks."""
+    from diffusers import AutoencoderKL
+
+    from sd_engine.aot import _Decode
+    from sd_engine.random_models import preset_config
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**preset_config("sdxl")["vae"]).to(device, torch.float32).eval()
+    vae.to(memory_format=torch.channels_last)
+    decode = vae.decode
+
+    def decode_in_float32(z, *args, **kwargs):
+        return decode(z.to(torch.float32), *args, **kwargs)
+
+    return _Decode(vae, decode_in_float32)
+
+
+def attention(variant):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH]) if variant == "math" else contextlib.nullcontext()
+
+
+def build(args, device):
+    from torch.export import Dim
+
+    from sd_engine.aot import _inductor_configs
+
+    wrapper = decoder(device)
+    latents = torch.randn(2, 4, *args.latent, device=device, dtype=torch.float16)
+    start = time.perf_counter()
+    with torch.no_grad(), attention(args.variant):
+        exported = torch.export.export(wrapper, (latents,), dynamic_shapes=({0: Dim("batch", min=1, max=2)},),
+                                       strict=False)
+        torch._inductor.aoti_compile_and_package(exported, package_path=args.package,
+                                                 inductor_configs=_inductor_configs(device))
+    kernels = sorted({str(node.target) for node in exported.graph.nodes
+                      if node.op == "call_function" and "attention" in str(node.target)})
+    print(json.dumps({"variant": args.variant, "built_s": round(time.perf_counter() - start, 1),
+                      "attention_ops": kernels}))
+
+
+def timed_ms(call, runs=5):
+    call()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(runs):
+        call()
+    torch.cuda.synchronize()
+    return round((time.perf_counter() - start) / runs * 1000, 1)
+
+
+def check(args, device):
+    from sd_engine.aot_runtime import bind, load_package, on_device
+
+    wrapper = decoder(device)
+    runner = bind(load_package(args.package), wrapper)
+    row = {"variant": args.variant}
+    batches = (1,) if args.once else (1, 2, 1)
+    with torch.no_grad():
+        for i, batch in enumerate(batches):
+            z = torch.randn(batch, 4, *args.latent, device=device, dtype=torch.float16)
+            got = on_device(runner, [z])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            row[f"call{i}_batch{batch}_max_abs_err"] = (got.float() - wrapper(z).float()).abs().max().item()
+            print(f"call {i} at batch {batch}: ok", file=sys.stderr)
+        if args.once or device.type != "cuda":
+            print(json.dumps(row))
+            return
+        z = torch.randn(1, 4, *args.latent, device=device, dtype=torch.float16)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = on_device(runner, [z])
+        graph.replay()
+        torch.cuda.synchronize()
+        row["graph_max_abs_err"] = (out.float() - wrapper(z).float()).abs().max().item()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+            on_device(runner, [z])
+            torch.cuda.synchronize()
+        # Which attention kernel the package runs: PyTorch's (fmha: memory-efficient; flash) or none of them.
+        words = ("fmha", "flash", "attention")
+        row["attention_kernels"] = sorted({event.name[:80] for event in profile.events()
+                                           if any(word in event.name.lower() for word in words)})
+        row["package_ms"] = timed_ms(lambda: on_device(runner, [z]))
+        row["graph_ms"] = timed_ms(graph.replay)
+        row["plain_ms"] = timed_ms(lambda: wrapper(z))
+    print(json.dumps(row))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=("build", "check"))
+    parser.add_argument("variant", choices=("efficient", "math"))
+    parser.add_argument("package")
+    parser.add_argument("--latent", type=int, nargs=2, default=(128, 128), metavar=("H", "W"))
+    parser.add_argument("--once", action="store_true")
+    parser.add_argument("--device", default="cuda", help="cpu: only to try the script (no graph, no timing)")
+    args = parser.parse_args()
+    (build if args.action == "build" else check)(args, torch.device(args.device))
+
+
+if __name__ == "__main__":
+    main()
