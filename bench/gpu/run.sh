@@ -24,6 +24,9 @@
 #   bash bench/gpu/run.sh overlap            the weights' sha256 check beside the diffusers import, as a worker's
 #                                            start does it, against each alone and two other ways to check
 #                                            (bench/gpu/overlap.py), into $OUT/<tag>-<date>-overlap.txt
+#   bash bench/gpu/run.sh attention          which attention kernel the UNet packages should call: each backend's
+#                                            ms per step, and its first calls at a start's shapes in fresh processes
+#                                            (empty, then kept driver cache), into $OUT/<tag>-<date>-attention.txt
 #   bash bench/gpu/run.sh profile sd15 [sdxl] carry [.whl] (py-spy's wheel), after build or reuse on the machine: a
 #                                            fresh start from the packages under py-spy, the raw samples and their
 #                                            summary (bench/gpu/profile_summary.py) into $OUT/<tag>-<p>-<date>-start-profile.*
@@ -183,6 +186,17 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
       done
     done
     ;;
+  attention)  # the UNet packages' attention kernel (bench/gpu/attention_choice.py)
+    out=$OUT/$TAG-$DAY-attention.txt
+    timeout 120 python3 bench/gpu/attention_choice.py steady | tee -a $out || status=1
+    for b in cudnn flash efficient; do
+      cache=/tmp/attention-cache-$b; rm -rf $cache
+      for run in empty kept; do
+        CUDA_CACHE_PATH=$cache timeout 120 python3 bench/gpu/attention_choice.py first $b | sed "s/^/$run driver cache: /" \
+          | tee -a $out || status=1
+      done
+    done
+    ;;
   profile)  # where a fresh start from the packages (built or reused on this machine) spends its time
     for p in "$@"; do
       out=$OUT/$TAG-$p-$DAY-start-profile
@@ -257,7 +271,7 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
     done
     ;;
   *)
-    echo "usage: bash bench/gpu/run.sh build|reuse|ts|imports|kernels|decoder|overlap|profile|jitcache|handler|serve PRESET..." >&2
+    echo "usage: bash bench/gpu/run.sh build|reuse|ts|imports|kernels|decoder|overlap|attention|profile|jitcache|handler|serve PRESET..." >&2
     exit 2
     ;;
 esac
