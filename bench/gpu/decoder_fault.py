@@ -1,21 +1,27 @@
-"""Why AOTInductor packages of SDXL's float32 VAE decoder hit CUDA illegal memory accesses, and whether another
-attention kernel avoids it (aot.modules leaves such a decoder unpackaged since an H100 run faulted:
-bench/results/h100-sdxl-2026-12-06-aot-4sizes-checked.log).
+"""Why AOTInductor packages of SDXL's float32 VAE decoder hit CUDA illegal memory accesses (aot.modules leaves such a
+decoder unpackaged since an H100 run faulted: bench/results/h100-sdxl-2026-12-06-aot-4sizes-checked.log).
+
+Not the attention kernel: packages made under PyTorch's math backend, which call no attention kernel of PyTorch's,
+faulted as well, 3 of 4 at their first check call (h100-sdxl-2026-12-07-aot-4sizes-math-decoder.log). compute-sanitizer
+(memcheck, initcheck) names the kernel that faults; the variants test two other suspects.
 
 The decoder is exported as the engine does it (aot._Decode around optimize.py's float32 decode, float16 latents in,
 channels-last weights, the batch dynamic 1..2, aot._inductor_configs), from SDXL's VAE architecture with seeded
-random weights, in one of two variants:
-- efficient: as before; PyTorch picks the attention kernel for the mid-block's one head of 512 channels over the
-  latent's tokens (16,384 at 1024x1024), which in float32 is the memory-efficient one.
+random weights, in one of these variants:
+- efficient: as the engine did; PyTorch picks the attention kernel for the mid-block's one head of 512 channels over
+  the latent's tokens (16,384 at 1024x1024), which in float32 is the memory-efficient one.
 - math: the same under torch.nn.attention.sdpa_kernel(MATH), so Inductor compiles the attention itself (matmuls and a
   softmax) and no attention kernel of PyTorch's runs.
+- nopad: as efficient, with Inductor's stride padding off (comprehensive_padding, which pads float32 buffers'
+  strides differently from float16 ones).
+- static: as efficient, for batch 1 alone (no dynamic batch).
 
   python3 bench/gpu/decoder_fault.py build VARIANT PACKAGE [--latent H W]
   python3 bench/gpu/decoder_fault.py check VARIANT PACKAGE [--latent H W] [--once]
 
-`check`, in a fresh process as a worker meets a package: loads and binds it (aot_runtime), runs batch 1, 2, 1 and a
-CUDA graph of batch 1, compares each with the plain decoder, times the package against the plain decoder and prints
-one JSON line. A fault ends the process (its status is then non-zero). --once: one batch-1 call only (for
+`check`, in a fresh process as a worker meets a package: loads and binds it (aot_runtime), runs batch 1, 2, 1 (static:
+1 only) and a CUDA graph of batch 1, compares each with the plain decoder, times the package against the plain decoder
+and prints one JSON line. A fault ends the process (its status is then non-zero). --once: one batch-1 call only (for
 compute-sanitizer, run with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so every tensor is its own allocation).
 """
 import argparse
@@ -58,13 +64,14 @@ def build(args, device):
     from sd_engine.aot import _inductor_configs
 
     wrapper = decoder(device)
-    latents = torch.randn(2, 4, *args.latent, device=device, dtype=torch.float16)
+    static = args.variant == "static"
+    latents = torch.randn(1 if static else 2, 4, *args.latent, device=device, dtype=torch.float16)
+    configs = {**_inductor_configs(device), **({"comprehensive_padding": False} if args.variant == "nopad" else {})}
     start = time.perf_counter()
     with torch.no_grad(), attention(args.variant):
-        exported = torch.export.export(wrapper, (latents,), dynamic_shapes=({0: Dim("batch", min=1, max=2)},),
-                                       strict=False)
-        torch._inductor.aoti_compile_and_package(exported, package_path=args.package,
-                                                 inductor_configs=_inductor_configs(device))
+        exported = torch.export.export(wrapper, (latents,), strict=False,
+                                       dynamic_shapes=None if static else ({0: Dim("batch", min=1, max=2)},))
+        torch._inductor.aoti_compile_and_package(exported, package_path=args.package, inductor_configs=configs)
     kernels = sorted({str(node.target) for node in exported.graph.nodes
                       if node.op == "call_function" and "attention" in str(node.target)})
     print(json.dumps({"variant": args.variant, "built_s": round(time.perf_counter() - start, 1),
@@ -87,7 +94,7 @@ def check(args, device):
     wrapper = decoder(device)
     runner = bind(load_package(args.package), wrapper)
     row = {"variant": args.variant}
-    batches = (1,) if args.once else (1, 2, 1)
+    batches = (1,) if args.once or args.variant == "static" else (1, 2, 1)
     with torch.no_grad():
         for i, batch in enumerate(batches):
             z = torch.randn(batch, 4, *args.latent, device=device, dtype=torch.float16)
@@ -122,7 +129,7 @@ def check(args, device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=("build", "check"))
-    parser.add_argument("variant", choices=("efficient", "math"))
+    parser.add_argument("variant", choices=("efficient", "math", "nopad", "static"))
     parser.add_argument("package")
     parser.add_argument("--latent", type=int, nargs=2, default=(128, 128), metavar=("H", "W"))
     parser.add_argument("--once", action="store_true")

@@ -18,9 +18,10 @@
 #                                            peft; the slowest modules, into $OUT/<tag>-<date>-import-time.txt
 #   bash bench/gpu/run.sh kernels            SDXL's attention backends and FP8 against float16 matmuls at its
 #                                            transformer layers' shapes, into $OUT/<tag>-sdxl-<date>-kernels.json
-#   bash bench/gpu/run.sh decoder            carry [.whl]: SDXL's float32 VAE decoder packaged with PyTorch's
-#                                            attention kernel and with Inductor's own (math), each checked in fresh
-#                                            processes, then the first under compute-sanitizer (decoder_fault.py)
+#   bash bench/gpu/run.sh decoder            carry [.whl]: SDXL's float32 VAE decoder packaged as the engine did,
+#                                            with Inductor's own attention (math), without stride padding and for
+#                                            batch 1 alone, each checked in fresh processes, then the first under
+#                                            compute-sanitizer's memcheck and initcheck (decoder_fault.py)
 #   bash bench/gpu/run.sh overlap            the weights' sha256 check beside the diffusers import, as a worker's
 #                                            start does it, against each alone and two other ways to check
 #                                            (bench/gpu/overlap.py), into $OUT/<tag>-<date>-overlap.txt
@@ -149,17 +150,18 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
     python3 -c "import json; print(json.load(open('$OUT/$TAG-sdxl-$DAY-kernels.json'))['totals'])" || status=1
     status=$((status | rc))
     ;;
-  decoder)  # why SDXL's float32 VAE decoder packages faulted (aot.modules), and whether the math attention avoids it
+  decoder)  # why SDXL's float32 VAE decoder packages fault (aot.modules): variants, then compute-sanitizer
     d=/tmp/decoder-fault; mkdir -p $d
     out=$OUT/$TAG-sdxl-$DAY-decoder-fault
-    for v in efficient math; do
+    variants="efficient math nopad static"
+    for v in $variants; do
       timeout 240 python3 bench/gpu/decoder_fault.py build $v $d/$v.pt2 > $d/build-$v.json 2> $d/build-$v.log &
     done
     wait
-    for v in efficient math; do cat $d/build-$v.json >> $out-build.json; (echo "== $v"; cat $d/build-$v.log) >> $out-build.log; done
+    for v in $variants; do cat $d/build-$v.json >> $out-build.json; (echo "== $v"; cat $d/build-$v.log) >> $out-build.log; done
     cat $out-build.json
     for round in 1 2 3; do
-      for v in efficient math; do
+      for v in $variants; do
         [ -f $d/$v.pt2 ] || { status=1; continue; }
         timeout 90 python3 bench/gpu/decoder_fault.py check $v $d/$v.pt2 >> $out.json 2>> $out-check.log
         rc=$?
@@ -167,14 +169,15 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
       done
     done
     cat $out.json
-    # Every tensor its own allocation, so that memcheck sees an access past one (the caching allocator's blocks hide it)
+    # Every tensor its own allocation, so that memcheck sees an access past one (the caching allocator's blocks hide
+    # it); initcheck: reads of memory nothing wrote (an uninitialized workspace or index)
     sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
-    for v in efficient math; do
+    for tool in memcheck initcheck; do
       left=$((${BUDGET:-570} - SECONDS)); [ $left -gt 30 ] || break
-      PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout $((left / 2 + 15)) $sanitizer --tool memcheck --print-limit 20 \
-        python3 bench/gpu/decoder_fault.py check $v $d/$v.pt2 --once > $out-sanitizer-$v.txt 2>&1
-      echo "compute-sanitizer $v: rc $?"
-      grep -v "^========= *$" $out-sanitizer-$v.txt | grep -m 25 "=====\|Error\|ok\|{" || true
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout $((left / 2 + 15)) $sanitizer --tool $tool --print-limit 20 \
+        python3 bench/gpu/decoder_fault.py check efficient $d/efficient.pt2 --once > $out-sanitizer-$tool.txt 2>&1
+      echo "compute-sanitizer $tool: rc $?"
+      grep -v "^========= *$" $out-sanitizer-$tool.txt | grep -m 25 "=====\|Error\|ok\|{" || true
     done
     ;;
   overlap)  # the weights' check beside the import (bench/gpu/overlap.py): 2.2 GB of files, as SD 1.5's float16 weights
