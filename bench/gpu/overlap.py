@@ -6,9 +6,10 @@ h200-sd15-2026-12-07-serving-aot-3-model.log: the check ended after 8.3 s, the i
 host's in-process start, which checks nothing, imported in 8.2 s (h200-sd15-2026-12-07-aot-4sizes.json).
 
   python3 bench/gpu/overlap.py FOLDER VARIANT
+  python3 bench/gpu/overlap.py FOLDER make [--files 4] [--mb 550]
 
-FOLDER: a diffusers folder with a manifest (model_index.json names the pipeline class; --make writes such a folder
-of random files). VARIANT:
+FOLDER: a diffusers folder with a manifest (model_index.json names the pipeline class); `make` writes such a folder of
+--files random files of --mb MiB each, the manifest last. VARIANT:
 - alone: the import, then the check, one after the other
 - thread: as prepare_weights does it (the import in a thread, loading.verify_manifest in this one)
 - readinto: the same, the check reading each file into one reused 16 MB buffer instead of a new 4 MB bytes object

@@ -20,8 +20,8 @@
 #                                            transformer layers' shapes, into $OUT/<tag>-sdxl-<date>-kernels.json
 #   bash bench/gpu/run.sh decoder            carry [.whl]: SDXL's float32 VAE decoder packaged as the engine did,
 #                                            with Inductor's own attention (math), without stride padding and for
-#                                            batch 1 alone, each checked in fresh processes, then the first under
-#                                            compute-sanitizer's memcheck and initcheck (decoder_fault.py)
+#                                            batch 1 alone; the first two under compute-sanitizer's memcheck, then
+#                                            each checked in fresh processes (decoder_fault.py)
 #   bash bench/gpu/run.sh overlap            the weights' sha256 check beside the diffusers import, as a worker's
 #                                            start does it, against each alone and two other ways to check
 #                                            (bench/gpu/overlap.py), into $OUT/<tag>-<date>-overlap.txt
@@ -151,17 +151,32 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
     status=$((status | rc))
     ;;
   decoder)  # why SDXL's float32 VAE decoder packages fault (aot.modules): variants, then compute-sanitizer
-    d=/tmp/decoder-fault; mkdir -p $d
+    d=/tmp/decoder-fault; rm -rf $d; mkdir -p $d  # (a warm machine's earlier packages must not be checked again)
     out=$OUT/$TAG-sdxl-$DAY-decoder-fault
     variants="efficient math nopad static"
+    pids=()
     for v in $variants; do
       timeout 240 python3 bench/gpu/decoder_fault.py build $v $d/$v.pt2 > $d/build-$v.json 2> $d/build-$v.log &
+      pids+=($!)
     done
-    wait
+    for pid in "${pids[@]}"; do wait $pid || status=1; done
     for v in $variants; do cat $d/build-$v.json >> $out-build.json; (echo "== $v"; cat $d/build-$v.log) >> $out-build.log; done
     cat $out-build.json
+    # compute-sanitizer first (what names the kernel), on the decoder as the engine made it and on the one with no
+    # attention kernel of PyTorch's: every tensor its own allocation, so that memcheck sees an access past one (the
+    # caching allocator's blocks hide it)
+    sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+    [ -n "$sanitizer" ] || { echo "no compute-sanitizer on this machine"; status=1; }
+    for v in efficient math; do
+      [ -n "$sanitizer" ] && [ -f $d/$v.pt2 ] || break
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 120 "$sanitizer" --tool memcheck --print-limit 20 --error-exitcode 99 \
+        python3 bench/gpu/decoder_fault.py check $v $d/$v.pt2 --once > $out-sanitizer-$v.txt 2>&1
+      echo "compute-sanitizer memcheck $v: rc $? (99: errors found)"
+      grep -v "^========= *$" $out-sanitizer-$v.txt | grep -m 25 "=====\|Error\|ran\|{" || true
+    done
     for round in 1 2 3; do
       for v in $variants; do
+        [ $((${BUDGET:-570} - SECONDS)) -gt 100 ] || break 2
         [ -f $d/$v.pt2 ] || { status=1; continue; }
         timeout 90 python3 bench/gpu/decoder_fault.py check $v $d/$v.pt2 >> $out.json 2>> $out-check.log
         rc=$?
@@ -169,23 +184,15 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
       done
     done
     cat $out.json
-    # Every tensor its own allocation, so that memcheck sees an access past one (the caching allocator's blocks hide
-    # it); initcheck: reads of memory nothing wrote (an uninitialized workspace or index)
-    sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
-    for tool in memcheck initcheck; do
-      left=$((${BUDGET:-570} - SECONDS)); [ $left -gt 30 ] || break
-      PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout $((left / 2 + 15)) $sanitizer --tool $tool --print-limit 20 \
-        python3 bench/gpu/decoder_fault.py check efficient $d/efficient.pt2 --once > $out-sanitizer-$tool.txt 2>&1
-      echo "compute-sanitizer $tool: rc $?"
-      grep -v "^========= *$" $out-sanitizer-$tool.txt | grep -m 25 "=====\|Error\|ok\|{" || true
-    done
     ;;
   overlap)  # the weights' check beside the import (bench/gpu/overlap.py): 2.2 GB of files, as SD 1.5's float16 weights
     out=$OUT/$TAG-$DAY-overlap.txt
-    [ -f /tmp/overlap-weights/model_index.json ] || python3 bench/gpu/overlap.py /tmp/overlap-weights make || exit 1
+    # (the manifest is written last: a folder without it is a cut-off make)
+    [ -f /tmp/overlap-weights/sd-weights-manifest.json ] || { rm -rf /tmp/overlap-weights
+      python3 bench/gpu/overlap.py /tmp/overlap-weights make || exit 1; }
     for round in 1 2; do
       for v in alone thread readinto process; do
-        timeout 60 python3 bench/gpu/overlap.py /tmp/overlap-weights $v 2>/dev/null | tee -a $out || status=1
+        timeout 60 python3 bench/gpu/overlap.py /tmp/overlap-weights $v 2> >(grep -v Warning >&2) | tee -a $out || status=1
       done
     done
     ;;
@@ -195,6 +202,7 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
     for b in cudnn flash efficient; do
       cache=/tmp/attention-cache-$b; rm -rf $cache
       for run in empty kept; do
+        [ $((${BUDGET:-570} - SECONDS)) -gt 130 ] || break 2
         CUDA_CACHE_PATH=$cache timeout 120 python3 bench/gpu/attention_choice.py first $b | sed "s/^/$run driver cache: /" \
           | tee -a $out || status=1
       done

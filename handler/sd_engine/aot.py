@@ -50,11 +50,11 @@ def modules(pipe) -> tuple[str, ...]:
     SDXL's float32 decoder hit CUDA illegal memory accesses on an H100: two of four faulted in their build-time
     checks, and one that had passed them faulted at a fresh start's first call of it
     (bench/results/h100-sdxl-2026-12-06-aot-4sizes-checked.log; a worker's warm-up faulted at the same size the
-    session before). Not its attention kernel: packages made under PyTorch's math backend, which call none, faulted
-    too, 3 of 4 at their first check call (h100-sdxl-2026-12-07-aot-4sizes-math-decoder.log; bench/gpu/decoder_fault.py
-    looks further). A fault ends the worker, so such a decoder gets no package (optimize.py then runs it uncompiled,
-    with CUDA graphs). No UNet package and no float16 decoder (SD 1.5's) has faulted; on a CPU, where everything is
-    float32, both modules are packaged."""
+    session before). Not its attention kernel: packages made under PyTorch's math backend (branch decoder-math), whose
+    code calls no attention kernel of PyTorch's, faulted too, 3 of 4 at their first check call
+    (h100-sdxl-2026-12-07-aot-4sizes-math-decoder.log; bench/gpu/decoder_fault.py looks further). A fault ends the
+    worker, so such a decoder gets no package (optimize.py then runs it uncompiled, with CUDA graphs). No UNet package
+    and no float16 decoder (SD 1.5's) has faulted; on a CPU, where everything is float32, both modules are packaged."""
     float32 = pipe.vae.dtype == torch.float32
     if float32 and (pipe.unet.dtype != torch.float32 or pipe.vae.device.type != "cpu"):
         return MODULES[:1]
