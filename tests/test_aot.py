@@ -90,6 +90,33 @@ def test_a_worker_loads_the_packages_and_gives_the_eager_image_at_every_listed_s
     assert counters["stats"]["unique_graphs"] == graphs_before  # nothing went through torch.compile
 
 
+def test_packages_are_code_so_other_weights_of_the_same_model_give_their_own_image(aot_model, cpu_config, tmp_path):
+    """A package fits every checkpoint of its model (the index keys on the architecture, not the weights: a fine-tune,
+    or weights replaced in place), so it must read all of them from the worker: Inductor would otherwise bake
+    parameters of up to 8 values (the UNet's and the VAE decoder's last biases, the post-quant convolution's) into the
+    code as literals, and such a worker would silently use the build's. New weights of the same tiny model (another
+    seed) with the packages built for the first give the eager image of the new weights."""
+    from sd_engine.random_models import save_pipeline
+
+    other = save_pipeline("tiny", tmp_path / "other", seed=7)
+    shutil.copytree(aot_model / ARTIFACTS_DIR, other / ARTIFACTS_DIR)
+    assert (other / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != \
+        (aot_model / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    eager = load_engine(replace(cpu_config, warmup=False), other, CPU, max_batch_size=2)
+    fast = load_engine(replace(cpu_config, compile=True, warmup=False), other, CPU, max_batch_size=2)
+    assert fast.startup["aot"] == ["unet", "vae_decode"]
+    batch = [{"prompt": "a red fox", "seed": 1, "num_inference_steps": 2}]
+    got, want = images(fast, batch, fast.rules)[0], images(eager, batch, eager.rules)[0]
+    assert np.abs(got - want).max() <= 2, np.abs(got - want).max()  # 12 with the build's biases baked in
+    # A package made before (without the key that says it reads every parameter) fits no worker.
+    from sd_engine import aot
+
+    name, info = next(iter(json.loads((other / ARTIFACTS_DIR / AOT_DIR / INDEX).read_text()).items()))
+    mine = description(fast.pipe, info["module"], CPU, info["latent_sizes"], 2)
+    assert aot._fits(info, mine, info["latent_sizes"][0])
+    assert not aot._fits({k: v for k, v in info.items() if k != "parameters"}, mine, info["latent_sizes"][0])
+
+
 def test_packages_made_for_other_sizes_are_skipped_with_the_reason(aot_model, tiny_engine, caplog):
     index = json.loads((aot_model / ARTIFACTS_DIR / AOT_DIR / INDEX).read_text())
     assert {info["module"] for info in index.values()} == {"unet", "vae_decode"}

@@ -7,12 +7,13 @@ tracing: a warm start still spent 45 s (SD 1.5, 3 sizes) and 62 s (SDXL, 7 sizes
 models on an H200 (bench/results/h200-2026-12-04-sizes-and-start.json). An AOTInductor package is the compiled code
 itself; loading it traces nothing.
 
-What a package holds: code, not weights (`package_constants_in_so` off). The worker hands each package its own live
-parameters (`load_constants(..., user_managed=True)`: no copy), so LoRA adapters fused into the weights in place
-(loras.py) reach the compiled code, and the weights are stored once. Shapes: one package per module and listed size,
-height and width static (one package dynamic over several sizes measured 30% slower on an H200: SD 1.5 512x512 batch 1
-0.292 s against 0.225 s static, bench/results/h200-sd15-2026-12-04-aot-dynamic.json), the batch dynamic (1 up to twice
-the largest batch size for the UNet, which sees both halves of classifier-free guidance).
+What a package holds: code, not weights (`package_constants_in_so` off; no parameter inlined: _inductor_configs). The
+worker hands each package its own live parameters (`load_constants(..., user_managed=True)`: no copy), so LoRA
+adapters fused into the weights in place (loras.py) reach the compiled code, and the weights are stored once. Shapes:
+one package per module and listed size, height and width static (one package dynamic over several sizes measured 30%
+slower on an H200: SD 1.5 512x512 batch 1 0.292 s against 0.225 s static,
+bench/results/h200-sd15-2026-12-04-aot-dynamic.json), the batch dynamic (1 up to twice the largest batch size for the
+UNet, which sees both halves of classifier-free guidance).
 
 Files: WEIGHTS/compile-artifacts/aot/<module>-<platform>-<hash>.pt2, described in aot/index.json (the platform as in
 artifacts.py, the host CPU's architecture and instruction-set level, since the package's host code is compiled for the
@@ -42,6 +43,9 @@ logger = logging.getLogger(__name__)
 AOT_DIR = "aot"
 INDEX = "index.json"
 MODULES = ("unet", "vae_decode")
+# What a package reads from the worker: every parameter (_inductor_configs). Packages made before, which hold the
+# smallest ones as literals, lack the key and so fit no worker.
+PARAMETERS = "all from the worker"
 
 
 def modules(pipe) -> tuple[str, ...]:
@@ -101,7 +105,8 @@ def description(pipe, module: str, device: torch.device, latent_sizes, max_batch
             "input_dtype": str(pipe.unet.dtype).removeprefix("torch."),
             "channels_last": next(part.parameters()).is_contiguous(memory_format=torch.channels_last),
             "model": json.dumps(config, sort_keys=True, default=str),
-            "latent_sizes": sorted([list(s) for s in latent_sizes]), "max_batch": max_batch}
+            "latent_sizes": sorted([list(s) for s in latent_sizes]), "max_batch": max_batch,
+            "parameters": PARAMETERS}
 
 
 def _examples(pipe, module: str, device: torch.device, latent_size, max_batch: int, n: int = 2):
@@ -168,7 +173,11 @@ def build_packages(pipe, folder: Path, device: torch.device, latent_size, max_ba
 
 
 def _inductor_configs(device: torch.device) -> dict:
-    """AOTInductor's options for a package: code only (the worker hands it its weights). On a GPU, the C++ wrapper
+    """AOTInductor's options for a package: code only (the worker hands it its weights), all of them: Inductor would
+    otherwise write parameters of up to 8 values (the UNet's last bias, the VAE decoder's and its post-quant
+    convolution's) into the code as literals, so a worker with other weights of the same model, which the index lets
+    use the package, would run with the build's (`always_keep_tensor_constants`; `PARAMETERS` marks such packages).
+    On a GPU, the C++ wrapper
     (host code that launches the Triton kernels, which are compiled apart) is compiled at -O0 instead of torch's -O1
     unless AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL says otherwise: on an H200, SDXL's C++ compiles took 27-38 s per
     size (bench/results/h200-wrapper-o0-sdxl-2026-12-07-aot-4sizes.log) against 95-106 s at -O1 on another, whose
@@ -176,7 +185,7 @@ def _inductor_configs(device: torch.device) -> dict:
     batch 1 the packages ran 1024x1024 in 1.166 s against 1.163 s for -O1's on the same host
     (h200-sdxl-2026-12-07-aot-4sizes-fresh-machine.json). On a CPU, where the kernels are C++ as well, -O0 is not
     measured, so torch's default stays there."""
-    configs = {"aot_inductor.package_constants_in_so": False}
+    configs = {"aot_inductor.package_constants_in_so": False, "always_keep_tensor_constants": True}
     if device.type == "cuda" and not os.environ.get("AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL"):
         configs["aot_inductor.compile_wrapper_opt_level"] = "O0"
     return configs
