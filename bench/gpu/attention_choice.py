@@ -73,27 +73,17 @@ def first(backend):
             "first_calls_s": round(spent, 2)}
 
 
-def graph_ms(calls, backend, replays=5):
-    """ms of one step's attention calls (each `count` times), replayed from a CUDA graph: GPU time alone."""
+def graph_ms(calls, backend):
+    """ms of one step's attention calls (each `count` times), replayed from a CUDA graph: GPU time alone
+    (kernels.timed)."""
+    from kernels import timed
+
     def step():
         for q, kv, count in calls:
             for _ in range(count):
                 F.scaled_dot_product_attention(q, kv, kv)
-    with sdpa_kernel(BACKENDS[backend]):
-        step()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-    graph.replay()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    begin.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return round(begin.elapsed_time(end) / replays, 3)
+    with sdpa_kernel(BACKENDS[backend]):  # (the backend is chosen as the graph is captured)
+        return round(timed(step, iters=1), 3)
 
 
 def steady():

@@ -89,13 +89,12 @@ def attention_calls(package):
 
 
 def timed_ms(call, runs=5):
-    call()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(runs):
-        call()
-    torch.cuda.synchronize()
-    return round((time.perf_counter() - start) / runs * 1000, 1)
+    """Median ms of `runs` calls after one untimed (gpu_common.timed_runs)."""
+    from statistics import median
+
+    from gpu_common import timed_runs
+
+    return round(median(timed_runs(call, runs, warmup=1)) * 1000, 1)
 
 
 def check(args, device):
