@@ -328,11 +328,14 @@ def test_a_gpu_package_compiles_its_wrapper_at_o0_unless_the_environment_says_ot
     from sd_engine.aot import _inductor_configs
 
     monkeypatch.delenv("AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL", raising=False)
-    assert _inductor_configs(torch.device("cuda", 0)) == {"aot_inductor.package_constants_in_so": False,
-                                                         "aot_inductor.compile_wrapper_opt_level": "O0"}
-    assert _inductor_configs(CPU) == {"aot_inductor.package_constants_in_so": False}
+    code_only = {"aot_inductor.package_constants_in_so": False, "always_keep_tensor_constants": True}
+    assert _inductor_configs(torch.device("cuda", 0)) == {**code_only, "aot_inductor.compile_wrapper_opt_level": "O0"}
+    assert _inductor_configs(CPU) == code_only
     monkeypatch.setenv("AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL", "O2")
     assert "aot_inductor.compile_wrapper_opt_level" not in _inductor_configs(torch.device("cuda", 0))
-    for key in ("aot_inductor.package_constants_in_so", "aot_inductor.compile_wrapper_opt_level"):
-        section, name = key.split(".")
-        assert hasattr(getattr(inductor, section), name)
+    for key in (*code_only, "aot_inductor.compile_wrapper_opt_level"):
+        *path, name = key.split(".")
+        section = inductor
+        for part in path:
+            section = getattr(section, part)
+        assert hasattr(section, name)

@@ -174,7 +174,7 @@ def build_packages(pipe, folder: Path, device: torch.device, latent_size, max_ba
 
 def _inductor_configs(device: torch.device) -> dict:
     """AOTInductor's options for a package: code only (the worker hands it its weights), all of them: Inductor would
-    otherwise write parameters of up to 8 values (the UNet's last bias, the VAE decoder's and its post-quant
+    otherwise write 1-D parameters of up to 8 values (the UNet's last bias, the VAE decoder's and its post-quant
     convolution's) into the code as literals, so a worker with other weights of the same model, which the index lets
     use the package, would run with the build's (`always_keep_tensor_constants`; `PARAMETERS` marks such packages).
     On a GPU, the C++ wrapper
