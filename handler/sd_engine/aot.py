@@ -176,13 +176,12 @@ def _inductor_configs(device: torch.device) -> dict:
     """AOTInductor's options for a package: code only (the worker hands it its weights), all of them: Inductor would
     otherwise write 1-D parameters of up to 8 values (the UNet's last bias, the VAE decoder's and its post-quant
     convolution's) into the code as literals, so a worker with other weights of the same model, which the index lets
-    use the package, would run with the build's (`always_keep_tensor_constants`; `PARAMETERS` marks such packages).
-    On a GPU, the C++ wrapper
-    (host code that launches the Triton kernels, which are compiled apart) is compiled at -O0 instead of torch's -O1
-    unless AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL says otherwise: on an H200, SDXL's C++ compiles took 27-38 s per
-    size (bench/results/h200-wrapper-o0-sdxl-2026-12-07-aot-4sizes.log) against 95-106 s at -O1 on another, whose
-    builds were slower in their other phases too (h200-sdxl-2026-12-07-aot-4sizes.log), and under CUDA graphs at
-    batch 1 the packages ran 1024x1024 in 1.166 s against 1.163 s for -O1's on the same host
+    use the package, would run with the build's (`always_keep_tensor_constants`; `PARAMETERS` marks such packages). On
+    a GPU, the C++ wrapper (host code that launches the Triton kernels, which are compiled apart) is compiled at -O0
+    instead of torch's -O1 unless AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL says otherwise: on an H200, SDXL's C++
+    compiles took 27-38 s per size (bench/results/h200-wrapper-o0-sdxl-2026-12-07-aot-4sizes.log) against 95-106 s at
+    -O1 on another, whose builds were slower in their other phases too (h200-sdxl-2026-12-07-aot-4sizes.log), and
+    under CUDA graphs at batch 1 the packages ran 1024x1024 in 1.166 s against 1.163 s for -O1's on the same host
     (h200-sdxl-2026-12-07-aot-4sizes-fresh-machine.json). On a CPU, where the kernels are C++ as well, -O0 is not
     measured, so torch's default stays there."""
     configs = {"aot_inductor.package_constants_in_so": False, "always_keep_tensor_constants": True}
