@@ -92,7 +92,7 @@ def test_a_worker_loads_the_packages_and_gives_the_eager_image_at_every_listed_s
 
 def test_packages_are_code_so_other_weights_of_the_same_model_give_their_own_image(aot_model, cpu_config, tmp_path):
     """A package fits every checkpoint of its model (the index keys on the architecture, not the weights: a fine-tune,
-    or weights replaced in place), so it must read all of them from the worker: Inductor would otherwise bake
+    or weights replaced in place), so it must read all of them from the worker: Inductor would otherwise bake 1-D
     parameters of up to 8 values (the UNet's and the VAE decoder's last biases, the post-quant convolution's) into the
     code as literals, and such a worker would silently use the build's. New weights of the same tiny model (another
     seed) with the packages built for the first give the eager image of the new weights."""

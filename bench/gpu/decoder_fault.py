@@ -2,8 +2,8 @@
 decoder unpackaged since an H100 run faulted: bench/results/h100-sdxl-2026-12-06-aot-4sizes-checked.log).
 
 Not the attention kernel: packages made under PyTorch's math backend, which call no attention kernel of PyTorch's,
-faulted as well, 3 of 4 at their first check call (h100-sdxl-2026-12-07-aot-4sizes-math-decoder.log). compute-sanitizer
-(memcheck, initcheck) names the kernel that faults; the variants test two other suspects.
+faulted as well, 3 of 4 at their first check call (h100-sdxl-2026-12-07-aot-4sizes-math-decoder.log).
+compute-sanitizer's memcheck (run.sh decoder) is to name the kernel that faults; the variants test two other suspects.
 
 The decoder is exported as the engine does it (aot._Decode around optimize.py's float32 decode, float16 latents in,
 channels-last weights, the batch dynamic 1..2, aot._inductor_configs), from SDXL's VAE architecture with seeded
@@ -34,22 +34,22 @@ import torch
 
 
 def decoder(device):
-    """SDXL's VAE in float32, channels-last, with optimize.py's decode (latents cast to float32), and the wrapper aot.py
-    exports and checks."""
+    """SDXL's VAE as optimize.py leaves it (float16 weights kept in float32 by keep_vae_in_float32, whose decode casts
+    the latents, then channels-last), in the wrapper aot.py exports and checks."""
+    from types import SimpleNamespace
+
     from diffusers import AutoencoderKL
 
-    from sd_engine.aot import _Decode
+    from sd_engine.aot import _wrapper
+    from sd_engine.optimize import keep_vae_in_float32
     from sd_engine.random_models import preset_config
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(**preset_config("sdxl")["vae"]).to(device, torch.float32).eval()
+    vae = AutoencoderKL(**preset_config("sdxl")["vae"]).to(device, torch.float16).eval()
+    pipe = SimpleNamespace(vae=vae, upcast_vae=None)  # (upcast_vae: what marks a pipeline that honours force_upcast)
+    assert keep_vae_in_float32(pipe)
     vae.to(memory_format=torch.channels_last)
-    decode = vae.decode
-
-    def decode_in_float32(z, *args, **kwargs):
-        return decode(z.to(torch.float32), *args, **kwargs)
-
-    return _Decode(vae, decode_in_float32)
+    return _wrapper(pipe, "vae_decode")
 
 
 def attention(variant):
