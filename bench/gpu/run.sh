@@ -22,6 +22,10 @@
 #                                            with Inductor's own attention (math), without stride padding and for
 #                                            batch 1 alone; the first two under compute-sanitizer's memcheck, then
 #                                            each checked in fresh processes (decoder_fault.py)
+#   bash bench/gpu/run.sh decoder-jit        carry [.whl]: SDXL's float32 VAE decoder under torch.compile with the
+#                                            batch, height and width dynamic: cold, then from its cache artifacts in a
+#                                            fresh process; per size against uncompiled, under CUDA graphs
+#                                            (decoder_jit.py), into $OUT/<tag>-sdxl-<date>-decoder-jit.{json,log}
 #   bash bench/gpu/run.sh overlap            the weights' sha256 check beside the diffusers import, as a worker's
 #                                            start does it, against each alone and two other ways to check
 #                                            (bench/gpu/overlap.py), into $OUT/<tag>-<date>-overlap.txt
@@ -185,6 +189,21 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
     done
     cat $out.json
     ;;
+  decoder-jit)  # SDXL's float32 VAE decoder under torch.compile (dynamic batch, height, width) instead of a package:
+    # cold (empty caches), then a fresh process from the cold run's portable cache artifacts (bench/gpu/decoder_jit.py)
+    out=$OUT/$TAG-sdxl-$DAY-decoder-jit
+    for run in cold warm; do
+      [ $((${BUDGET:-570} - SECONDS)) -gt 60 ] || break
+      c=/tmp/decoder-jit-$run; rm -rf $c; mkdir -p $c
+      TORCHINDUCTOR_CACHE_DIR=$c/inductor TRITON_CACHE_DIR=$c/triton timeout $((${BUDGET:-570} - SECONDS)) \
+        python3 bench/gpu/decoder_jit.py /tmp/decoder-jit-artifacts.bin $([ $run = warm ] && echo --load) \
+        >> $out.json 2>> $out.log
+      rc=$?
+      echo "decoder-jit $run: rc $rc" | tee -a $out.log
+      status=$((status | rc))
+    done
+    cat $out.json
+    ;;
   overlap)  # the weights' check beside the import (bench/gpu/overlap.py): 2.2 GB of files, as SD 1.5's float16 weights
     out=$OUT/$TAG-$DAY-overlap.txt
     # (the manifest is written last: a folder without it is a cut-off make)
@@ -282,7 +301,7 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
     done
     ;;
   *)
-    echo "usage: bash bench/gpu/run.sh build|reuse|ts|imports|kernels|decoder|overlap|attention|profile|jitcache|handler|serve PRESET..." >&2
+    echo "usage: bash bench/gpu/run.sh build|reuse|ts|imports|kernels|decoder|decoder-jit|overlap|attention|profile|jitcache|handler|serve PRESET..." >&2
     exit 2
     ;;
 esac
