@@ -183,8 +183,8 @@ def make_artifacts(args, config, batch_size: int) -> int:
         save = json_saver(args.json, record)
         save()
         bar.update()
-        if args.aot:
-            add_to_manifest(args.weights, args.weights / ARTIFACTS_DIR / AOT_DIR)
+        if args.aot:  # the packages, and torch.compile's artifacts of what they leave out (compile_unpackaged)
+            add_to_manifest(args.weights, args.weights / ARTIFACTS_DIR)
         else:
             bar.set_postfix_str("save the artifacts")
             path = save_compile_artifacts(args.weights / ARTIFACTS_DIR, engine.device)
@@ -225,12 +225,18 @@ def make_artifacts(args, config, batch_size: int) -> int:
                 print(f"error: the --check start did not use the AOT packages of {record['aot_modules']} (it used "
                       f"{record['warm'].get('aot')}; its log above says why)", file=sys.stderr)
                 return 1
+            misses = record["warm"].get("compile_cache", {}).get("fxgraph_cache_miss", 0)
+            if args.aot and record.get("torch_compiled") and (misses or not record["warm"].get("artifacts_loaded")):
+                print(f"error: the --check start compiled {misses} graph(s) itself (compile artifacts loaded: "
+                      f"{record['warm'].get('artifacts_loaded')}); the artifacts saved beside the packages did not "
+                      "hold what it compiled", file=sys.stderr)
+                return 1
             if args.aot and record["warm"].get("aot_missing") and not record.get("aot_failed"):
                 print(f"error: the --check start found no package for {record['warm']['aot_missing']} (its log above "
                       "says why)", file=sys.stderr)
                 return 1
     print(json.dumps(record, indent=1))
-    return 1 if record.get("aot_failed") else 0
+    return 1 if record.get("aot_failed") or record.get("torch_compile_failed") else 0
 
 
 class Children:
@@ -385,6 +391,12 @@ def _build_with(children: Children, args, config, batch_size: int):
     entries, seconds, check_seconds, failed = {}, {}, {}, []
     with ThreadPoolExecutor(jobs) as pool:
         futures = {pool.submit(build, size): size for size in todo}
+        try:  # meanwhile, in this process: what the packages leave out
+            record["torch_compiled"] = compile_unpackaged(args, config, batch_size, packaged)
+        except Exception as e:  # noqa: BLE001 - the packages' builds go on; the exit code says it failed
+            record["torch_compile_failed"] = f"{type(e).__name__}: {e}"
+            print(f"error: compiling what the packages leave out failed ({record['torch_compile_failed']})",
+                  file=sys.stderr)
         for future in as_completed(futures):
             size = futures[future]
             try:
@@ -410,6 +422,47 @@ def _build_with(children: Children, args, config, batch_size: int):
         record["aot_failed"] = sorted(failed)
     record["aot_reused"] = [pixels[size] for size in sizes if size not in todo]
     return record, entries
+
+
+def compile_unpackaged(args, config, batch_size: int, packaged) -> dict | None:
+    """The modules the packages leave out (an upcast VAE decoder: aot.modules), compiled by torch.compile as a worker's
+    warm-up compiles them (engine.warmup: batch 1 first, then the larger batch, sizes as listed; several sizes, one
+    compile dynamic in batch, height and width), and saved as the compile artifacts that a worker loads beside the
+    packages (engine.py), so that its start traces them but compiles nothing. None when the packages cover every
+    module. The --aot parent runs this while its children build the packages."""
+    from dataclasses import replace
+
+    import torch
+
+    from sd_engine.aot import MODULES
+    from sd_engine.artifacts import ARTIFACTS_DIR, save_compile_artifacts
+    from sd_engine.jit_caches import fixed_cwd
+
+    left = [module for module in MODULES if module not in packaged]
+    if not left:
+        return None
+    if left != ["vae_decode"]:  # (aot.modules leaves out nothing else)
+        raise RuntimeError(f"no way to compile {left} here")
+    start = time.perf_counter()
+    # compile on (a fresh build finds no packages: the UNet's torch.compile is set up too, and never called here)
+    engine, _, _ = load(args, replace(config, cuda_graph=False, warmup=False), batch_size)
+    pipe, scale = engine.pipe, engine.pipe.vae_scale_factor
+    batches = range(1, batch_size + 1) if config.warmup_all_batch_sizes else sorted({1, batch_size})
+    with fixed_cwd(), torch.no_grad():  # (as the pipeline calls it: no_grad, latents in the UNet's dtype)
+        for batch in batches:
+            for height, width in engine.rules.sizes:
+                latents = torch.randn(batch, pipe.vae.config.latent_channels, height // scale, width // scale,
+                                      device=engine.device, dtype=pipe.unet.dtype)
+                pipe.vae.decode(latents, return_dict=False)
+    path = save_compile_artifacts(args.weights / ARTIFACTS_DIR, engine.device)
+    seconds = round(time.perf_counter() - start, 1)
+    print(f"torch.compile: {', '.join(left)} compiled for the listed sizes in {seconds} s (its load included), saved "
+          f"as {path.name}", file=sys.stderr)
+    del engine, pipe
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"modules": left, "seconds": seconds, "artifact": path.name, "mb": round(path.stat().st_size / 2**20, 1),
+            "compile_cache": compile_counters()}
 
 
 def build_one_size(args, config, batch_size: int) -> int:

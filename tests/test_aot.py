@@ -202,13 +202,14 @@ def test_the_fresh_check_fails_when_a_package_of_its_size_is_not_there(aot_model
     assert failed.returncode != 0 and "checked" not in failed.stdout and name in failed.stderr
 
 
-def test_an_upcast_vae_decoder_gets_no_package_and_runs_uncompiled(tiny_model_dir, cpu_config, monkeypatch, caplog,
-                                                                    tmp_path):
+def test_an_upcast_vae_decoder_gets_no_package_and_is_torch_compiled_beside_a_packaged_unet(
+        tiny_model_dir, cpu_config, monkeypatch, caplog, tmp_path):
     """A float32 VAE decoder under a float16 UNet (SDXL's, whose packages faulted on an H100: aot.modules) is neither
-    packaged nor looked for, and beside a packaged UNet it runs uncompiled: torch.compile would cost every start
-    minutes. The UNet is put in float16 on the CPU for the rule alone; since no float16 package can be built here,
-    load_packages is a fake that hands back a UNet package (the real loading is covered above). A float32 pipeline on a
-    GPU (`dtype: float32`, never tried) is treated alike: a stand-in pipeline reaches that branch here."""
+    packaged nor looked for; beside a packaged UNet it is torch.compiled (from the compile artifacts the packages'
+    build saves: the next test), as without packages. The UNet is put in float16 on the CPU for the rule alone; since
+    no float16 package can be built here, load_packages is a fake that hands back a UNet package (the real loading is
+    covered above). A float32 pipeline on a GPU (`dtype: float32`, never tried) is treated alike: a stand-in pipeline
+    reaches that branch here."""
     from types import SimpleNamespace
 
     from sd_engine import aot, graphs
@@ -222,7 +223,7 @@ def test_an_upcast_vae_decoder_gets_no_package_and_runs_uncompiled(tiny_model_di
     warmup_calls = []
     monkeypatch.setattr(graphs, "graph_pipeline", lambda *args, **kwargs: warmup_calls.append(kwargs["warmup_calls"])
                         or {})
-    for packaged, vae_compiled in (({}, True), ({"unet": object()}, False)):
+    for packaged, compiled in (({}, ["unet", "vae_decode"]), ({"unet": object()}, ["vae_decode"])):
         pipe = load_engine(replace(cpu_config, warmup=False), tiny_model_dir, CPU).pipe
         assert aot.modules(pipe) == ("unet", "vae_decode")  # float32 throughout, as on any CPU: both packaged
         pipe.unet.to(torch.float16)
@@ -234,13 +235,53 @@ def test_an_upcast_vae_decoder_gets_no_package_and_runs_uncompiled(tiny_model_di
         report = {}
         with caplog.at_level(logging.INFO, logger="sd_engine.optimize"):
             optimize(pipe, config, CPU, "eager", 1, ((64, 64),), tmp_path, report)
-        assert report.get("uncompiled") == (None if vae_compiled else ["vae_decode"])  # (no compile artifacts loaded)
-        assert report["torch_compile"] == (["unet", "vae_decode"] if vae_compiled else [])  # the warm-up's order
-        assert warmup_calls.pop() == (2 if vae_compiled else 1)
-        # No UNet package either: the decoder is compiled as before (wrapped); beside a packaged UNet it is not.
-        assert (pipe.vae.decode != decode) == vae_compiled
-        assert ("VAE decoder uncompiled (no package for a float32 decoder" in caplog.text) == (not vae_compiled)
+        assert report["aot"] == sorted(packaged) and report["torch_compile"] == compiled  # the warm-up's order
+        assert warmup_calls.pop() == 2  # torch.compile compiles in the first call
+        assert pipe.vae.decode != decode  # wrapped: compiled at the listed size
+        assert "VAE decoder with torch.compile (static)" in caplog.text
     assert "UNet ahead of time (AOTInductor packages" in caplog.text
+
+
+def test_the_packages_build_saves_torch_compiles_code_of_what_they_leave_out(tiny_model_dir, tmp_path, monkeypatch):
+    """compile_artifacts.compile_unpackaged, which the --aot build runs beside its children: the decoder compiled as a
+    worker's warm-up compiles it (batch 1, then the batch size, at every listed size: one compile, dynamic in batch,
+    height and width), saved as this platform's compile artifacts, which a worker then finds. On a CPU everything is
+    float32 and both modules are packaged, so `packaged` names the UNet alone here, as SDXL's float16 UNet beside its
+    float32 decoder does on a GPU (where the build's --check start must then compile nothing itself: compile_artifacts
+    fails it otherwise)."""
+    from sd_engine.artifacts import read_index
+
+    weights = tmp_path / "weights"
+    shutil.copytree(tiny_model_dir, weights)
+    # In a process of its own, as the build's parent (load sets the process's JIT cache variables).
+    script = f"""
+import json, sys
+from dataclasses import replace
+from types import SimpleNamespace
+sys.path.insert(0, {str(ROOT / "scripts")!r})
+import yaml
+import compile_artifacts
+from torch._dynamo.utils import counters
+from sd_engine.config import EngineConfig
+block = yaml.safe_load(open({str(ROOT / "config" / "model-config-cpu.yaml")!r}))["handler"]
+config = replace(EngineConfig.from_mapping(block), compile=True, cache_dir={str(tmp_path / "cache")!r})
+args = SimpleNamespace(weights=__import__("pathlib").Path({str(weights)!r}), preset="tiny", driver_cache=None)
+none = compile_artifacts.compile_unpackaged(args, config, 2, ("unet", "vae_decode"))
+made = compile_artifacts.compile_unpackaged(args, config, 2, ("unet",))
+print(json.dumps({{"none": none, "made": made, "graphs": counters["stats"]["unique_graphs"]}}))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    made = out["made"]
+    assert out["none"] is None  # nothing left out, nothing compiled
+    assert made["modules"] == ["vae_decode"] and made["mb"] > 0
+    assert made["compile_cache"].get("fxgraph_cache_miss", 0) >= 1  # compiled there, from empty caches
+    # The CPU config's three sizes at batch 1, then at 2: one graph for batch 1 (torch's 0/1 rule keeps it static),
+    # one dynamic in batch, height and width for the rest.
+    assert out["graphs"] == 2
+    index = read_index(weights / ARTIFACTS_DIR)
+    assert list(index) == [made["artifact"]] and (weights / ARTIFACTS_DIR / made["artifact"]).is_file()
 
 
 def test_a_package_that_differs_from_the_plain_module_fails_its_size(aot_model, tiny_engine, monkeypatch):

@@ -91,9 +91,10 @@ case $step in
       rc=${PIPESTATUS[0]}
       echo "precompile rc $rc"
       status=$((status | rc))
-      if [ -f /tmp/bench-weights-$p/compile-artifacts/aot/index.json ]; then  # what was built, checked or not, and
-        # the driver's JIT cache the check start filled (jit_caches.py)
-        (cd /tmp/bench-weights-$p/compile-artifacts && tar -cf - aot $(ls -d cuda 2>/dev/null)) | xz -1 -T0 \
+      if [ -f /tmp/bench-weights-$p/compile-artifacts/aot/index.json ]; then  # what was built, checked or not, the
+        # driver's JIT cache the check start filled (jit_caches.py) and torch.compile's artifacts of what the packages
+        # leave out (SDXL's float32 VAE decoder: compile_artifacts.compile_unpackaged)
+        (cd /tmp/bench-weights-$p/compile-artifacts && tar -cf - $(ls -A)) | xz -1 -T0 \
           | split -b 15M -d - $OUT/aot-$p.tar.xz.
       fi
     done

@@ -57,8 +57,10 @@ def modules(pipe) -> tuple[str, ...]:
     session before). Not its attention kernel: packages made under PyTorch's math backend (branch decoder-math), whose
     code calls no attention kernel of PyTorch's, faulted too, 3 of 4 at their first check call
     (h100-sdxl-2026-12-07-aot-4sizes-math-decoder.log; bench/gpu/decoder_fault.py looks further). A fault ends the
-    worker, so such a decoder gets no package (optimize.py then runs it uncompiled, with CUDA graphs). No UNet package
-    and no float16 decoder (SD 1.5's) has faulted; on a CPU, where everything is float32, both modules are packaged."""
+    worker, so such a decoder gets no package: optimize.py torch.compiles it, from the compile artifacts that
+    scripts/compile_artifacts.py --aot saves beside the packages (the single-size engine's torch.compile of it has
+    not faulted). No UNet package and no float16 decoder (SD 1.5's) has faulted; on a CPU, where everything is
+    float32, both modules are packaged."""
     float32 = pipe.vae.dtype == torch.float32
     if float32 and (pipe.unet.dtype != torch.float32 or pipe.vae.device.type != "cpu"):
         return MODULES[:1]

@@ -16,7 +16,8 @@ A straight run of steps, each an option of EngineConfig:
    sizes, warmed up at load); a request at any other legal size runs them uncompiled (with CUDA graphs when on),
    because a new size would recompile inside the request (268 s measured for 768x768 on an H200). AOT-compiled
    packages in the model's compile-artifacts folder that fit this worker (aot.py) stand in for torch.compile; an
-   upcast VAE decoder (SDXL's float32 one), which gets no package (aot.modules says why), then runs uncompiled.
+   upcast VAE decoder (SDXL's float32 one), which gets no package (aot.modules says why), is torch.compiled beside
+   them, from the compile artifacts scripts/compile_artifacts.py --aot saves with the packages.
 6. cuda_graph: our shape-keyed CUDA graphs (graphs.py) around UNet, text encoder(s) and VAE decoder, for any backend.
 """
 
@@ -97,23 +98,19 @@ def optimize(pipe, config, device: torch.device, backend: str, max_batch_size: i
         # took 0.274 s against 0.225 s static. With one size, shapes stay static (a second batch size recompiles
         # once, with batch dynamic: torch's automatic dynamic shapes).
         dims = (0, 2, 3) if len(latents) > 1 else ()
-        aot, plain = {}, ()
+        aot = {}
         if artifacts is not None and backend == "eager" and not (config.fuse_qkv or config.fp8):
-            from .aot import MODULES, load_packages, modules
+            from .aot import load_packages
 
+            # A module the packages leave out (an upcast VAE decoder: aot.modules says why) is torch.compiled below,
+            # beside them: from the compile artifacts the packages' build saved (engine.py loads them), a start
+            # traces it once (several sizes: one compile, dynamic in batch, height and width) and compiles nothing.
             aot = load_packages(pipe, artifacts, device, latents, max_batch_size, report, guided)
-            # A module the packages leave out (an upcast VAE decoder: aot.modules says why) is not compiled at all
-            # when the others are packaged: torch.compile would cost a worker minutes at every start.
-            plain = tuple(module for module in MODULES if module not in modules(pipe)) if aot else ()
         if report is not None:
             report["aot"] = sorted(aot)
-            report.update({"uncompiled": list(plain)} if plain else {})
         # AOT packages are made per size (static height and width, the batch dynamic): no shapes to mark for them.
         how = {}
         for module, owner, attr in (("unet", pipe.unet, "forward"), ("vae_decode", pipe.vae, "decode")):
-            if module in plain:
-                how[module] = "uncompiled (no package for a float32 decoder: aot.modules)"
-                continue
             call = getattr(owner, attr)
             if module in aot:
                 compiled, marked = aot[module], ()
