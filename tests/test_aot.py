@@ -242,46 +242,66 @@ def test_an_upcast_vae_decoder_gets_no_package_and_is_torch_compiled_beside_a_pa
     assert "UNet ahead of time (AOTInductor packages" in caplog.text
 
 
-def test_the_packages_build_saves_torch_compiles_code_of_what_they_leave_out(tiny_model_dir, tmp_path, monkeypatch):
-    """compile_artifacts.compile_unpackaged, which the --aot build runs beside its children: the decoder compiled as a
-    worker's warm-up compiles it (batch 1, then the batch size, at every listed size: one compile, dynamic in batch,
-    height and width), saved as this platform's compile artifacts, which a worker then finds. On a CPU everything is
-    float32 and both modules are packaged, so `packaged` names the UNet alone here, as SDXL's float16 UNet beside its
-    float32 decoder does on a GPU (where the build's --check start must then compile nothing itself: compile_artifacts
-    fails it otherwise)."""
+def test_the_packages_build_saves_torch_compiles_code_of_what_they_leave_out_and_a_worker_compiles_nothing(
+        tiny_model_dir, tmp_path):
+    """compile_artifacts.compile_unpackaged, which the --aot build runs beside its children: the decoder compiled by
+    calling it as the pipeline does (batch 1, then the batch size, at every listed size), saved as this platform's
+    compile artifacts; then a worker's start in a fresh process, with empty compile caches, finds every graph its
+    warm-up compiles for the decoder in them (the GPU build's --check start fails unless it compiles nothing). On a CPU
+    everything is float32 and both modules are packaged: here `packaged` names the UNet alone, as SDXL's float16 UNet
+    beside its float32 decoder does on a GPU, and the worker's load_packages is a fake handing back the plain UNet as
+    its package (no float16 package can be built here; the real loading is covered above)."""
     from sd_engine.artifacts import read_index
 
     weights = tmp_path / "weights"
     shutil.copytree(tiny_model_dir, weights)
-    # In a process of its own, as the build's parent (load sets the process's JIT cache variables).
+    # Each in a process of its own (load sets the process's JIT cache variables), with caches of its own.
     script = f"""
 import json, sys
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 sys.path.insert(0, {str(ROOT / "scripts")!r})
-import yaml
-import compile_artifacts
+import torch, yaml
 from torch._dynamo.utils import counters
 from sd_engine.config import EngineConfig
 block = yaml.safe_load(open({str(ROOT / "config" / "model-config-cpu.yaml")!r}))["handler"]
-config = replace(EngineConfig.from_mapping(block), compile=True, cache_dir={str(tmp_path / "cache")!r})
-args = SimpleNamespace(weights=__import__("pathlib").Path({str(weights)!r}), preset="tiny", driver_cache=None)
-none = compile_artifacts.compile_unpackaged(args, config, 2, ("unet", "vae_decode"))
-made = compile_artifacts.compile_unpackaged(args, config, 2, ("unet",))
-print(json.dumps({{"none": none, "made": made, "graphs": counters["stats"]["unique_graphs"]}}))
+config = replace(EngineConfig.from_mapping(block), compile=True, cache_dir=sys.argv[2])
+weights = Path({str(weights)!r})
+if sys.argv[1] == "build":
+    import compile_artifacts
+    args = SimpleNamespace(weights=weights, preset="tiny", driver_cache=None)
+    out = {{"none": compile_artifacts.compile_unpackaged(args, config, 2, ("unet", "vae_decode")),
+           "made": compile_artifacts.compile_unpackaged(args, config, 2, ("unet",))}}
+else:
+    from sd_engine import aot
+    from sd_engine.engine import load_engine
+    from sd_engine.jit_caches import use_jit_caches
+    aot.load_packages = lambda pipe, *args, **kwargs: {{"unet": pipe.unet.forward}}
+    use_jit_caches(config.cache_dir, weights)
+    out = {{"startup": load_engine(config, weights, torch.device("cpu"), 2).startup}}
+print(json.dumps({{**out, "graphs": counters["stats"]["unique_graphs"],
+                  "inductor": {{k: n for k, n in counters["inductor"].items() if k.startswith("fxgraph_cache")}}}}))
 """
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.strip().splitlines()[-1])
-    made = out["made"]
-    assert out["none"] is None  # nothing left out, nothing compiled
+
+    def run(role):
+        done = subprocess.run([sys.executable, "-c", script, role, str(tmp_path / f"cache-{role}")],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    built = run("build")
+    made = built["made"]
+    assert built["none"] is None  # nothing left out, nothing compiled
     assert made["modules"] == ["vae_decode"] and made["mb"] > 0
-    assert made["compile_cache"].get("fxgraph_cache_miss", 0) >= 1  # compiled there, from empty caches
     # The CPU config's three sizes at batch 1, then at 2: one graph for batch 1 (torch's 0/1 rule keeps it static),
-    # one dynamic in batch, height and width for the rest.
-    assert out["graphs"] == 2
+    # one dynamic in batch, height and width for the rest; both compiled there, from empty caches.
+    assert built["graphs"] == 2 and made["compile_cache"] == {"fxgraph_cache_miss": 2}
     index = read_index(weights / ARTIFACTS_DIR)
     assert list(index) == [made["artifact"]] and (weights / ARTIFACTS_DIR / made["artifact"]).is_file()
+    worker = run("worker")
+    assert worker["startup"]["artifacts_loaded"] and worker["startup"]["aot"] == ["unet"]
+    assert worker["graphs"] == 2 and worker["inductor"] == {"fxgraph_cache_hit": 2}  # the decoder's, none compiled
 
 
 def test_a_package_that_differs_from_the_plain_module_fails_its_size(aot_model, tiny_engine, monkeypatch):
