@@ -14,7 +14,9 @@ again, so a run cut short (a time limit, a lost machine) is finished by running 
 WEIGHTS/compile-artifacts/aot. Each size's packages are then loaded in a fresh process, as a worker loads them, and
 run against the plain modules (batch 1, 2 and the largest, and from a CUDA graph) before they are indexed: a size
 that fails is named, left out and the exit code is 1, while the sizes built are kept (a worker runs the one left out
-uncompiled). A float32 VAE decoder (SDXL's) gets no package (aot.modules says why).
+uncompiled). A float32 VAE decoder (SDXL's) gets no package (aot.modules says why): this process compiles it with
+torch.compile while the children build (compile_unpackaged) and saves that as compile artifacts beside the packages,
+from which a worker's warm-up traces it without compiling.
 
 --check then starts a fresh process with empty caches that loads the engine with the artifacts, and records both
 start-up times, and with --time-sizes the batch-1 latency at each listed size (and one unlisted), as JSON.
@@ -447,6 +449,10 @@ def compile_unpackaged(args, config, batch_size: int, packaged) -> dict | None:
     # compile on (a fresh build finds no packages: the UNet's torch.compile is set up too, and never called here)
     engine, _, _ = load(args, replace(config, cuda_graph=False, warmup=False), batch_size)
     pipe, scale = engine.pipe, engine.pipe.vae_scale_factor
+    for name in ("unet", "text_encoder", "text_encoder_2"):  # off the GPU: the children beside this need its memory
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).to("cpu")
+    torch.cuda.empty_cache()
     batches = range(1, batch_size + 1) if config.warmup_all_batch_sizes else sorted({1, batch_size})
     with fixed_cwd(), torch.no_grad():  # (as the pipeline calls it: no_grad, latents in the UNet's dtype)
         for batch in batches:
