@@ -170,6 +170,8 @@ def make_artifacts(args, config, batch_size: int) -> int:
                 print(f"error: building the AOT packages failed for {', '.join(record['aot_failed'])} (the logs are "
                       "above); the sizes built are kept: run again to retry the others", file=sys.stderr)
                 if not entries and not record["aot_reused"]:
+                    # (compile_unpackaged may have saved artifacts: a packaged folder's manifest must list them)
+                    add_to_manifest(args.weights, args.weights / ARTIFACTS_DIR)
                     print(json.dumps(record, indent=1))
                     json_saver(args.json, record)()
                     return 1
@@ -227,11 +229,11 @@ def make_artifacts(args, config, batch_size: int) -> int:
                 print(f"error: the --check start did not use the AOT packages of {record['aot_modules']} (it used "
                       f"{record['warm'].get('aot')}; its log above says why)", file=sys.stderr)
                 return 1
-            misses = record["warm"].get("compile_cache", {}).get("fxgraph_cache_miss", 0)
-            if args.aot and record.get("torch_compiled") and (misses or not record["warm"].get("artifacts_loaded")):
-                print(f"error: the --check start compiled {misses} graph(s) itself (compile artifacts loaded: "
-                      f"{record['warm'].get('artifacts_loaded')}); the artifacts saved beside the packages did not "
-                      "hold what it compiled", file=sys.stderr)
+            if args.aot and record.get("torch_compiled") and not artifacts_served(record):
+                print(f"error: the --check start did not find what it compiled in the compile artifacts saved beside "
+                      f"the packages (loaded: {record['warm'].get('artifacts_loaded')}; Inductor's cache: "
+                      f"{record['warm'].get('compile_cache')}; the build compiled {record['torch_compiled']})",
+                      file=sys.stderr)
                 return 1
             if args.aot and record["warm"].get("aot_missing") and not record.get("aot_failed"):
                 print(f"error: the --check start found no package for {record['warm']['aot_missing']} (its log above "
@@ -354,7 +356,7 @@ def _build_with(children: Children, args, config, batch_size: int):
 
     import torch
 
-    from sd_engine.aot import AOT_DIR, missing_sizes, modules, size_entries, write_index
+    from sd_engine.aot import AOT_DIR, MODULES, missing_sizes, modules, size_entries, write_index
     from sd_engine.artifacts import ARTIFACTS_DIR
 
     engine, record, _ = load_for_export(args, config, batch_size)
@@ -364,6 +366,14 @@ def _build_with(children: Children, args, config, batch_size: int):
     # The files each size's child writes (named by what they are made for), to remove a failed size's.
     packaged = modules(engine.pipe)  # (an upcast VAE decoder gets no package: aot.modules)
     files = {size: list(size_entries(engine.pipe, engine.device, size, batch_size)) for size in todo}
+    # What the packages leave out is torch.compiled here, beside the children (compile_unpackaged): of this pipeline
+    # only the VAE stays on the GPU.
+    left = [module for module in MODULES if module not in packaged]
+    unpackaged = (engine.pipe, engine.rules.sizes, engine.device) if left else None
+    if unpackaged:
+        for name in ("unet", "text_encoder", "text_encoder_2"):
+            if getattr(engine.pipe, name, None) is not None:
+                getattr(engine.pipe, name).to("cpu")
     del engine
     gc.collect()  # the pipeline's weights off the GPU before the children load theirs
     torch.cuda.empty_cache()
@@ -391,14 +401,9 @@ def _build_with(children: Children, args, config, batch_size: int):
         return built
 
     entries, seconds, check_seconds, failed = {}, {}, {}, []
-    with ThreadPoolExecutor(jobs) as pool:
-        futures = {pool.submit(build, size): size for size in todo}
-        try:  # meanwhile, in this process: what the packages leave out
-            record["torch_compiled"] = compile_unpackaged(args, config, batch_size, packaged)
-        except Exception as e:  # noqa: BLE001 - the packages' builds go on; the exit code says it failed
-            record["torch_compile_failed"] = f"{type(e).__name__}: {e}"
-            print(f"error: compiling what the packages leave out failed ({record['torch_compile_failed']})",
-                  file=sys.stderr)
+
+    def collect(futures):
+        """Each size as its build and check end: indexed at once, so a run cut short keeps the sizes finished."""
         for future in as_completed(futures):
             size = futures[future]
             try:
@@ -411,6 +416,23 @@ def _build_with(children: Children, args, config, batch_size: int):
             seconds[size], check_seconds[size] = built["seconds"], built["check_seconds"]
             print(f"AOT packages for {pixels[size]} built in {built['seconds']} s, checked in a fresh process in "
                   f"{built['check_seconds']} s", file=sys.stderr)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        collector = threading.Thread(target=collect, args=({pool.submit(build, size): size for size in todo},))
+        collector.start()
+        if unpackaged:  # meanwhile, in this thread
+            try:
+                record["torch_compiled"] = compile_unpackaged(*unpackaged, left, config, batch_size,
+                                                              args.weights / ARTIFACTS_DIR, reuse=not todo)
+            except Exception as e:  # noqa: BLE001 - the packages' builds go on; the exit code says it failed
+                record["torch_compile_failed"] = f"{type(e).__name__}: {e}"
+                print(f"error: compiling what the packages leave out failed ({record['torch_compile_failed']})",
+                      file=sys.stderr)
+            finally:
+                unpackaged = None
+                gc.collect()
+                torch.cuda.empty_cache()
+        collector.join()
     # A failed size's files (written before its check failed or faulted) must not ship with the index's; nothing
     # else is touched (another build, e.g. for another GPU, may be writing beside this one).
     for size in set(todo) - set(seconds):
@@ -426,49 +448,46 @@ def _build_with(children: Children, args, config, batch_size: int):
     return record, entries
 
 
-def compile_unpackaged(args, config, batch_size: int, packaged) -> dict | None:
-    """The modules the packages leave out (an upcast VAE decoder: aot.modules), compiled by torch.compile as a worker's
-    warm-up compiles them (engine.warmup: batch 1 first, then the larger batch, sizes as listed; several sizes, one
-    compile dynamic in batch, height and width), and saved as the compile artifacts that a worker loads beside the
-    packages (engine.py), so that its start traces them but compiles nothing. None when the packages cover every
-    module. The --aot parent runs this while its children build the packages."""
-    from dataclasses import replace
-
+def compile_unpackaged(pipe, sizes, device, left: list[str], config, batch_size: int, folder: Path,
+                       reuse: bool = False) -> dict:
+    """The modules the packages leave out (`left`: an upcast VAE decoder, aot.modules), compiled by torch.compile as a
+    worker compiles them (optimize.torch_compiled, called as the pipeline calls it and in engine.warmup's order:
+    batch 1 first, then the larger batch, sizes as listed), and saved as the compile artifacts in `folder` that a
+    worker loads beside the packages (engine.py), so that its start traces them but compiles nothing. `pipe`: as
+    load_for_export leaves it (optimized, nothing compiled). `reuse` (every size's packages were there already): a
+    file of artifacts made for this platform is kept as it is, not made again (the --check start then shows whether
+    it holds what a worker compiles). The --aot parent runs this while its children build the packages."""
     import torch
 
-    from sd_engine.aot import MODULES
-    from sd_engine.artifacts import ARTIFACTS_DIR, save_compile_artifacts
+    from sd_engine.artifacts import platform, read_index, save_compile_artifacts
     from sd_engine.jit_caches import fixed_cwd
+    from sd_engine.optimize import torch_compiled
 
-    left = [module for module in MODULES if module not in packaged]
-    if not left:
-        return None
     if left != ["vae_decode"]:  # (aot.modules leaves out nothing else)
         raise RuntimeError(f"no way to compile {left} here")
+    mine = platform(device)
+    made = [name for name, info in read_index(folder).items() if info == mine and (folder / name).is_file()]
+    if reuse and made:
+        print(f"torch.compile: the compile artifacts {made[0]} are there already; kept", file=sys.stderr)
+        return {"modules": left, "artifact": made[0], "reused": True}
     start = time.perf_counter()
-    # compile on (a fresh build finds no packages: the UNet's torch.compile is set up too, and never called here)
-    engine, _, _ = load(args, replace(config, cuda_graph=False, warmup=False), batch_size)
-    pipe, scale = engine.pipe, engine.pipe.vae_scale_factor
-    for name in ("unet", "text_encoder", "text_encoder_2"):  # off the GPU: the children beside this need its memory
-        if getattr(pipe, name, None) is not None:
-            getattr(pipe, name).to("cpu")
-    torch.cuda.empty_cache()
+    before = compile_counters()
+    scale = pipe.vae_scale_factor
+    decode = torch_compiled(pipe.vae.decode, {(height // scale, width // scale) for height, width in sizes})
     batches = range(1, batch_size + 1) if config.warmup_all_batch_sizes else sorted({1, batch_size})
     with fixed_cwd(), torch.no_grad():  # (as the pipeline calls it: no_grad, latents in the UNet's dtype)
         for batch in batches:
-            for height, width in engine.rules.sizes:
-                latents = torch.randn(batch, pipe.vae.config.latent_channels, height // scale, width // scale,
-                                      device=engine.device, dtype=pipe.unet.dtype)
-                pipe.vae.decode(latents, return_dict=False)
-    path = save_compile_artifacts(args.weights / ARTIFACTS_DIR, engine.device)
+            for height, width in sizes:
+                decode(torch.randn(batch, pipe.vae.config.latent_channels, height // scale, width // scale,
+                                   device=device, dtype=pipe.unet.dtype), return_dict=False)
+    path = save_compile_artifacts(folder, device)
     seconds = round(time.perf_counter() - start, 1)
-    print(f"torch.compile: {', '.join(left)} compiled for the listed sizes in {seconds} s (its load included), saved "
-          f"as {path.name}", file=sys.stderr)
-    del engine, pipe
-    gc.collect()
-    torch.cuda.empty_cache()
-    return {"modules": left, "seconds": seconds, "artifact": path.name, "mb": round(path.stat().st_size / 2**20, 1),
-            "compile_cache": compile_counters()}
+    counts = compile_counters()
+    graphs = sum(counts.get(key, 0) - before.get(key, 0) for key in counts)  # compiled, hit or bypassed
+    print(f"torch.compile: {', '.join(left)} compiled for the listed sizes in {seconds} s ({graphs} graphs), saved as "
+          f"{path.name}", file=sys.stderr)
+    return {"modules": left, "seconds": seconds, "graphs": graphs, "artifact": path.name,
+            "mb": round(path.stat().st_size / 2**20, 1)}
 
 
 def build_one_size(args, config, batch_size: int) -> int:
@@ -508,6 +527,18 @@ def load_for_export(args, config, batch_size: int):
     from dataclasses import replace
 
     return load(args, replace(config, compile=False, cuda_graph=False, warmup=False), batch_size)
+
+
+def artifacts_served(record: dict) -> bool:
+    """Whether the --aot --check start (record["warm"]) found in the compile artifacts every graph torch.compile
+    compiled at its warm-up (what the packages leave out, compile_unpackaged): loaded, with as many of Inductor's
+    cache hits as the build compiled graphs (at least one, where it kept the artifacts it found), and nothing
+    compiled or bypassing the cache."""
+    warm, built = record["warm"], record["torch_compiled"]
+    cache = warm.get("compile_cache", {})
+    hits = cache.get("fxgraph_cache_hit", 0)
+    return bool(warm.get("artifacts_loaded")) and not cache.get("fxgraph_cache_miss") and \
+        not cache.get("fxgraph_cache_bypass") and hits >= max(1, built.get("graphs", 1))
 
 
 def compile_counters() -> dict:

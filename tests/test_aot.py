@@ -247,10 +247,12 @@ def test_the_packages_build_saves_torch_compiles_code_of_what_they_leave_out_and
     """compile_artifacts.compile_unpackaged, which the --aot build runs beside its children: the decoder compiled by
     calling it as the pipeline does (batch 1, then the batch size, at every listed size), saved as this platform's
     compile artifacts; then a worker's start in a fresh process, with empty compile caches, finds every graph its
-    warm-up compiles for the decoder in them (the GPU build's --check start fails unless it compiles nothing). On a CPU
-    everything is float32 and both modules are packaged: here `packaged` names the UNet alone, as SDXL's float16 UNet
-    beside its float32 decoder does on a GPU, and the worker's load_packages is a fake handing back the plain UNet as
-    its package (no float16 package can be built here; the real loading is covered above)."""
+    warm-up compiles for the decoder in them (the GPU build's --check start fails unless it compiles nothing:
+    artifacts_served). A build whose sizes were all built before keeps the artifacts it finds. On a CPU everything is
+    float32 and both modules are packaged: here the decoder is named as left out, as SDXL's float32 decoder beside its
+    float16 UNet is on a GPU, and the worker's load_packages is a fake handing back the plain UNet as its package (no
+    float16 package can be built here; the real loading is covered above)."""
+    import compile_artifacts
     from sd_engine.artifacts import read_index
 
     weights = tmp_path / "weights"
@@ -260,7 +262,6 @@ def test_the_packages_build_saves_torch_compiles_code_of_what_they_leave_out_and
 import json, sys
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 sys.path.insert(0, {str(ROOT / "scripts")!r})
 import torch, yaml
 from torch._dynamo.utils import counters
@@ -270,9 +271,14 @@ config = replace(EngineConfig.from_mapping(block), compile=True, cache_dir=sys.a
 weights = Path({str(weights)!r})
 if sys.argv[1] == "build":
     import compile_artifacts
+    from types import SimpleNamespace
+    from sd_engine.artifacts import ARTIFACTS_DIR
     args = SimpleNamespace(weights=weights, preset="tiny", driver_cache=None)
-    out = {{"none": compile_artifacts.compile_unpackaged(args, config, 2, ("unet", "vae_decode")),
-           "made": compile_artifacts.compile_unpackaged(args, config, 2, ("unet",))}}
+    engine, _, _ = compile_artifacts.load_for_export(args, config, 2)  # as the --aot parent has it
+    def made(reuse):
+        return compile_artifacts.compile_unpackaged(engine.pipe, engine.rules.sizes, engine.device, ["vae_decode"],
+                                                    config, 2, weights / ARTIFACTS_DIR, reuse=reuse)
+    out = {{"made": made(False), "kept": made(True)}}
 else:
     from sd_engine import aot
     from sd_engine.engine import load_engine
@@ -292,16 +298,21 @@ print(json.dumps({{**out, "graphs": counters["stats"]["unique_graphs"],
 
     built = run("build")
     made = built["made"]
-    assert built["none"] is None  # nothing left out, nothing compiled
     assert made["modules"] == ["vae_decode"] and made["mb"] > 0
     # The CPU config's three sizes at batch 1, then at 2: one graph for batch 1 (torch's 0/1 rule keeps it static),
     # one dynamic in batch, height and width for the rest; both compiled there, from empty caches.
-    assert built["graphs"] == 2 and made["compile_cache"] == {"fxgraph_cache_miss": 2}
+    assert made["graphs"] == 2 and built["graphs"] == 2 and built["inductor"] == {"fxgraph_cache_miss": 2}
+    # A build whose sizes were all there already keeps the artifacts made for this platform.
+    assert built["kept"] == {"modules": ["vae_decode"], "artifact": made["artifact"], "reused": True}
     index = read_index(weights / ARTIFACTS_DIR)
     assert list(index) == [made["artifact"]] and (weights / ARTIFACTS_DIR / made["artifact"]).is_file()
     worker = run("worker")
     assert worker["startup"]["artifacts_loaded"] and worker["startup"]["aot"] == ["unet"]
     assert worker["graphs"] == 2 and worker["inductor"] == {"fxgraph_cache_hit": 2}  # the decoder's, none compiled
+    record = {"warm": {"artifacts_loaded": True, "compile_cache": worker["inductor"]}, "torch_compiled": made}
+    assert compile_artifacts.artifacts_served(record)  # what --check requires of its start
+    record["warm"]["compile_cache"] = {"fxgraph_cache_hit": 1, "fxgraph_cache_miss": 1}
+    assert not compile_artifacts.artifacts_served(record)
 
 
 def test_a_package_that_differs_from_the_plain_module_fails_its_size(aot_model, tiny_engine, monkeypatch):

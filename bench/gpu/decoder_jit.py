@@ -78,12 +78,16 @@ def main():
             dynamic(z)
             if z.is_cuda:
                 torch.cuda.synchronize()
-            first[f"{h * 8}x{w * 8}"] = round(time.perf_counter() - t, 2)
-            print(f"{h * 8}x{w * 8}: first call {first[f'{h * 8}x{w * 8}']} s", file=sys.stderr)
+            first[f"{w * 8}x{h * 8}"] = round(time.perf_counter() - t, 2)  # (width x height, as the docs write sizes)
+            print(f"{w * 8}x{h * 8}: first call {first[f'{w * 8}x{h * 8}']} s", file=sys.stderr)
         row["first_call_s"] = first
         from torch._dynamo.utils import counters
 
         row["compiles"] = dict(counters["stats"])
+        if not args.load:  # saved before the timings, so that a run cut short still leaves them for the warm one
+            data, _ = torch.compiler.save_cache_artifacts()
+            args.artifacts.write_bytes(data)
+            row["artifacts_mb"] = round(len(data) / 2**20, 1)
         # Whether the compile found its work in the caches (Inductor's compiled graph, AOTAutograd's): what the
         # artifacts are for; the rest of a warm first call is Dynamo's tracing.
         row["caches"] = {f"{group}.{key}": n for group in ("inductor", "aot_autograd")
@@ -93,13 +97,9 @@ def main():
             z = torch.randn(1, 4, h, w, device=device, dtype=torch.float16)
             compiled_ms, got = graph_ms(dynamic, z)
             plain_ms, want = graph_ms(wrapper, z)
-            row["sizes"][f"{h * 8}x{w * 8}"] = {"compiled_graph_ms": compiled_ms, "plain_graph_ms": plain_ms,
+            row["sizes"][f"{w * 8}x{h * 8}"] = {"compiled_graph_ms": compiled_ms, "plain_graph_ms": plain_ms,
                                                "max_abs_err": round((got.float() - want.float()).abs().max().item(),
                                                                     4)}
-    if not args.load:
-        data, _ = torch.compiler.save_cache_artifacts()
-        args.artifacts.write_bytes(data)
-        row["artifacts_mb"] = round(len(data) / 2**20, 1)
     row["total_s"] = round(time.perf_counter() - start, 1)
     print(json.dumps(row))
 

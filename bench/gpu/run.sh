@@ -193,8 +193,9 @@ print('then CUDA init %.1f s, first matmul (cuBLAS) %.1f s, first convolution (c
   decoder-jit)  # SDXL's float32 VAE decoder under torch.compile (dynamic batch, height, width) instead of a package:
     # cold (empty caches), then a fresh process from the cold run's portable cache artifacts (bench/gpu/decoder_jit.py)
     out=$OUT/$TAG-sdxl-$DAY-decoder-jit
+    rm -f /tmp/decoder-jit-artifacts.bin  # (the warm run must load what this cold one saved)
     for run in cold warm; do
-      [ $((${BUDGET:-570} - SECONDS)) -gt 60 ] || break
+      [ $((${BUDGET:-570} - SECONDS)) -gt 60 ] && [ -f /tmp/decoder-jit-artifacts.bin -o $run = cold ] || break
       c=/tmp/decoder-jit-$run; rm -rf $c; mkdir -p $c
       TORCHINDUCTOR_CACHE_DIR=$c/inductor TRITON_CACHE_DIR=$c/triton timeout $((${BUDGET:-570} - SECONDS)) \
         python3 bench/gpu/decoder_jit.py /tmp/decoder-jit-artifacts.bin $([ $run = warm ] && echo --load) \

@@ -65,7 +65,7 @@ def optimize(pipe, config, device: torch.device, backend: str, max_batch_size: i
     `compiled_sizes`: the (height, width) images that run compiled when config.compile is on.
     `artifacts`: the compile-artifacts folder, where AOT-compiled packages (aot.py) may replace torch.compile.
     `report`: filled with what the caller's start-up record shows (`aot`: the modules that run AOT-compiled;
-    `uncompiled`: those left uncompiled beside them; `torch_compile`: those torch.compile compiles at warm-up).
+    `torch_compile`: those torch.compile compiles at warm-up).
     `guided`: the default request uses classifier-free guidance, so the warm-up's UNet calls carry twice the images
     (AOT packages are first run at the warm-up's batch)."""
     if keep_vae_in_float32(pipe):
@@ -93,18 +93,13 @@ def optimize(pipe, config, device: torch.device, backend: str, max_batch_size: i
     if config.compile:
         scale = pipe.vae_scale_factor
         latents = {(height // scale, width // scale) for height, width in compiled_sizes}
-        # With several sizes, one compile for all shapes: batch, height and width symbolic from the first call on,
-        # instead of one compile per shape (150-270 s each). It costs speed: on an H200, SD 1.5 at 512x512 batch 1
-        # took 0.274 s against 0.225 s static. With one size, shapes stay static (a second batch size recompiles
-        # once, with batch dynamic: torch's automatic dynamic shapes).
-        dims = (0, 2, 3) if len(latents) > 1 else ()
         aot = {}
         if artifacts is not None and backend == "eager" and not (config.fuse_qkv or config.fp8):
             from .aot import load_packages
 
             # A module the packages leave out (an upcast VAE decoder: aot.modules says why) is torch.compiled below,
             # beside them: from the compile artifacts the packages' build saved (engine.py loads them), a start
-            # traces it once (several sizes: one compile, dynamic in batch, height and width) and compiles nothing.
+            # traces it (torch_compiled) and compiles nothing.
             aot = load_packages(pipe, artifacts, device, latents, max_batch_size, report, guided)
         if report is not None:
             report["aot"] = sorted(aot)
@@ -113,13 +108,13 @@ def optimize(pipe, config, device: torch.device, backend: str, max_batch_size: i
         for module, owner, attr in (("unet", pipe.unet, "forward"), ("vae_decode", pipe.vae, "decode")):
             call = getattr(owner, attr)
             if module in aot:
-                compiled, marked = aot[module], ()
+                setattr(owner, attr, by_latent_size(aot[module], call, latents))
                 how[module] = "ahead of time (AOTInductor packages, static per size, batch dynamic)"
             else:
-                compiled, marked = torch.compile(call), dims
+                setattr(owner, attr, torch_compiled(call, latents))
                 dynamo.append(module)
-                how[module] = f"with torch.compile ({'dynamic in batch, height and width' if dims else 'static'})"
-            setattr(owner, attr, by_latent_size(compiled, call, latents, marked))
+                shapes = "dynamic in batch, height and width" if len(latents) > 1 else "static"
+                how[module] = f"with torch.compile ({shapes})"
         logger.info("compile: UNet %s, VAE decoder %s, for %s; other sizes run uncompiled", how["unet"],
                     how["vae_decode"], ", ".join(f"{w}x{h}" for h, w in sorted(compiled_sizes)))
     if report is not None:
@@ -138,6 +133,16 @@ def optimize(pipe, config, device: torch.device, backend: str, max_batch_size: i
         logger.info("cuda_graph: %s captured per input shape, %s", ", ".join(graphed),
                     "no memory cap" if cap is None else f"all graphs together capped at {cap:g} GiB")
     return pipe
+
+
+def torch_compiled(call, latent_sizes: set[tuple[int, int]]):
+    """`call` (the UNet's forward or the VAE's decode, its latent first) under torch.compile at `latent_sizes`, plain at
+    any other. With several sizes, one compile for all shapes: batch, height and width symbolic from the first call
+    on, instead of one compile per shape (150-270 s each). It costs speed: on an H200, SD 1.5 at 512x512 batch 1 took
+    0.274 s against 0.225 s static. With one size, shapes stay static (a second batch size recompiles once, with batch
+    dynamic: torch's automatic dynamic shapes). The --aot build compiles an upcast VAE decoder through this too, so
+    that its graphs are the ones a worker traces (scripts/compile_artifacts.py's compile_unpackaged)."""
+    return by_latent_size(torch.compile(call), call, latent_sizes, (0, 2, 3) if len(latent_sizes) > 1 else ())
 
 
 def by_latent_size(compiled, plain, latent_sizes: set[tuple[int, int]], dynamic_dims: tuple[int, ...] = ()):
