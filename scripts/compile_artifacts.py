@@ -408,8 +408,8 @@ def _build_with(children: Children, args, config, batch_size: int):
             size = futures[future]
             try:
                 built = future.result()
-            except RuntimeError as e:
-                failed.append(f"{pixels[size]} ({e})")
+            except Exception as e:  # noqa: BLE001 - (RuntimeError from build; anything else is a failed size too)
+                failed.append(f"{pixels[size]} ({e if isinstance(e, RuntimeError) else f'{type(e).__name__}: {e}'})")
                 continue
             write_index(args.weights / ARTIFACTS_DIR, built["entries"])  # kept whatever the other sizes do
             entries.update(built["entries"])
