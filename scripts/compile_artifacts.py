@@ -232,8 +232,9 @@ def make_artifacts(args, config, batch_size: int) -> int:
             if args.aot and record.get("torch_compiled") and not artifacts_served(record):
                 print(f"error: the --check start did not find what it compiled in the compile artifacts saved beside "
                       f"the packages (loaded: {record['warm'].get('artifacts_loaded')}; Inductor's cache: "
-                      f"{record['warm'].get('compile_cache')}; the build compiled {record['torch_compiled']})",
-                      file=sys.stderr)
+                      f"{record['warm'].get('compile_cache')}; the build compiled {record['torch_compiled']}); a "
+                      f"file kept from an earlier build is used again: delete {ARTIFACTS_DIR}/"
+                      f"{record['torch_compiled'].get('artifact')} and build again", file=sys.stderr)
                 return 1
             if args.aot and record["warm"].get("aot_missing") and not record.get("aot_failed"):
                 print(f"error: the --check start found no package for {record['warm']['aot_missing']} (its log above "
@@ -431,8 +432,14 @@ def _build_with(children: Children, args, config, batch_size: int):
             finally:
                 unpackaged = None
                 gc.collect()
-                torch.cuda.empty_cache()
+                try:  # (after a CUDA fault this raises too: the builds go on)
+                    torch.cuda.empty_cache()
+                except Exception:  # noqa: BLE001
+                    pass
         collector.join()
+    # A size the collector did not get to (an error of its own ended it: its traceback is above) failed as well.
+    failed += [f"{pixels[size]} (not collected)" for size in todo
+               if size not in seconds and not any(f.startswith(f"{pixels[size]} (") for f in failed)]
     # A failed size's files (written before its check failed or faulted) must not ship with the index's; nothing
     # else is touched (another build, e.g. for another GPU, may be writing beside this one).
     for size in set(todo) - set(seconds):
@@ -483,7 +490,8 @@ def compile_unpackaged(pipe, sizes, device, left: list[str], config, batch_size:
     path = save_compile_artifacts(folder, device)
     seconds = round(time.perf_counter() - start, 1)
     counts = compile_counters()
-    graphs = sum(counts.get(key, 0) - before.get(key, 0) for key in counts)  # compiled, hit or bypassed
+    graphs = sum(counts.get(key, 0) - before.get(key, 0)  # compiled, hit or bypassed
+                 for key in ("fxgraph_cache_miss", "fxgraph_cache_hit", "fxgraph_cache_bypass"))
     print(f"torch.compile: {', '.join(left)} compiled for the listed sizes in {seconds} s ({graphs} graphs), saved as "
           f"{path.name}", file=sys.stderr)
     return {"modules": left, "seconds": seconds, "graphs": graphs, "artifact": path.name,

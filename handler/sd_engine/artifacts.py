@@ -101,7 +101,9 @@ def save_compile_artifacts(folder: Path, device: torch.device) -> Path:
     info = platform(device)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / file_name(info)
-    path.write_bytes(data)
+    partial = path.with_name(path.name + ".partial")  # (replaced in one step: a write cut short leaves no file)
+    partial.write_bytes(data)
+    partial.replace(path)
     index = read_index(folder)
     index[path.name] = info
     (folder / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")

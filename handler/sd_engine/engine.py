@@ -273,9 +273,10 @@ def load_engine(config: EngineConfig, source: str | Path, device: torch.device, 
         compiling = bool(optimized["torch_compile"])
         artifacts = load_compile_artifacts(folder, device) if folder and compiling else None
         if compiling and optimized["aot"] and not artifacts:  # (packages built before such artifacts were saved)
-            logger.warning("compile: %s compile(s) at warm-up beside the AOT packages, from nothing (SDXL's float32 "
-                           "VAE decoder took 56 s on an H200); scripts/compile_artifacts.py --aot, run again, keeps "
-                           "the packages and saves what it compiles", ", ".join(optimized["torch_compile"]))
+            logger.warning("compile: %s compile(s) at warm-up beside the AOT packages with no compile artifacts "
+                           "(unless cache_dir holds it: SDXL's float32 VAE decoder took 56 s on an H200); "
+                           "scripts/compile_artifacts.py --aot, run again, keeps the packages and saves what it "
+                           "compiles", ", ".join(optimized["torch_compile"]))
         optimize_s = time.perf_counter() - start
 
         engine = Engine(pipe, config, device, backend, max_batch_size, rules, adapters)
