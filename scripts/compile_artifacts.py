@@ -368,13 +368,10 @@ def _build_with(children: Children, args, config, batch_size: int):
     packaged = modules(engine.pipe)  # (an upcast VAE decoder gets no package: aot.modules)
     files = {size: list(size_entries(engine.pipe, engine.device, size, batch_size)) for size in todo}
     # What the packages leave out is torch.compiled here, beside the children (compile_unpackaged): of this pipeline
-    # only the VAE stays on the GPU.
+    # only the VAE is kept.
     left = [module for module in MODULES if module not in packaged]
-    unpackaged = (engine.pipe, engine.rules.sizes, engine.device) if left else None
-    if unpackaged:
-        for name in ("unet", "text_encoder", "text_encoder_2"):
-            if getattr(engine.pipe, name, None) is not None:
-                getattr(engine.pipe, name).to("cpu")
+    unpackaged = (engine.pipe.vae, [(h // scale, w // scale) for h, w in engine.rules.sizes], engine.pipe.unet.dtype,
+                  engine.device) if left else None
     del engine
     gc.collect()  # the pipeline's weights off the GPU before the children load theirs
     torch.cuda.empty_cache()
@@ -401,7 +398,7 @@ def _build_with(children: Children, args, config, batch_size: int):
         built["check_seconds"] = round(time.perf_counter() - start, 1)
         return built
 
-    entries, seconds, check_seconds, failed = {}, {}, {}, []
+    entries, seconds, check_seconds, failed = {}, {}, {}, {}  # (failed: the reason, by size)
 
     def collect(futures):
         """Each size as its build and check end: indexed at once, so a run cut short keeps the sizes finished."""
@@ -410,7 +407,7 @@ def _build_with(children: Children, args, config, batch_size: int):
             try:
                 built = future.result()
             except Exception as e:  # noqa: BLE001 - (RuntimeError from build; anything else is a failed size too)
-                failed.append(f"{pixels[size]} ({e if isinstance(e, RuntimeError) else f'{type(e).__name__}: {e}'})")
+                failed[size] = str(e) if isinstance(e, RuntimeError) else f"{type(e).__name__}: {e}"
                 continue
             write_index(args.weights / ARTIFACTS_DIR, built["entries"])  # kept whatever the other sizes do
             entries.update(built["entries"])
@@ -438,8 +435,7 @@ def _build_with(children: Children, args, config, batch_size: int):
                     pass
         collector.join()
     # A size the collector did not get to (an error of its own ended it: its traceback is above) failed as well.
-    failed += [f"{pixels[size]} (not collected)" for size in todo
-               if size not in seconds and not any(f.startswith(f"{pixels[size]} (") for f in failed)]
+    failed.update({size: "not collected" for size in todo if size not in seconds and size not in failed})
     # A failed size's files (written before its check failed or faulted) must not ship with the index's; nothing
     # else is touched (another build, e.g. for another GPU, may be writing beside this one).
     for size in set(todo) - set(seconds):
@@ -450,20 +446,22 @@ def _build_with(children: Children, args, config, batch_size: int):
     record["aot_build_s"] = {pixels[size]: seconds[size] for size in todo if size in seconds}
     record["aot_check_s"] = {pixels[size]: check_seconds[size] for size in todo if size in seconds}
     if failed:
-        record["aot_failed"] = sorted(failed)
+        record["aot_failed"] = sorted(f"{pixels[size]} ({why})" for size, why in failed.items())
     record["aot_reused"] = [pixels[size] for size in sizes if size not in todo]
     return record, entries
 
 
-def compile_unpackaged(pipe, sizes, device, left: list[str], config, batch_size: int, folder: Path,
+def compile_unpackaged(vae, latent_sizes, latent_dtype, device, left: list[str], config, batch_size: int, folder: Path,
                        reuse: bool = False) -> dict:
     """The modules the packages leave out (`left`: an upcast VAE decoder, aot.modules), compiled by torch.compile as a
     worker compiles them (optimize.torch_compiled, called as the pipeline calls it and in engine.warmup's order:
     batch 1 first, then the larger batch, sizes as listed), and saved as the compile artifacts in `folder` that a
-    worker loads beside the packages (engine.py), so that its start traces them but compiles nothing. `pipe`: as
-    load_for_export leaves it (optimized, nothing compiled). `reuse` (every size's packages were there already): a
-    file of artifacts made for this platform is kept as it is, not made again (the --check start then shows whether
-    it holds what a worker compiles). The --aot parent runs this while its children build the packages."""
+    worker loads beside the packages (engine.py), so that its start traces them but compiles nothing. `vae`: as
+    load_for_export leaves it (optimized, nothing compiled); `latent_sizes`: the listed sizes' latents, in the
+    config's order; `latent_dtype`: the UNet's, in which the pipeline hands the decoder its latents. `reuse` (every
+    size's packages were there already): a file of artifacts made for this platform is kept as it is, not made again
+    (the --check start then shows whether it holds what a worker compiles). The --aot parent runs this while its
+    children build the packages."""
     import torch
 
     from sd_engine.artifacts import platform, read_index, save_compile_artifacts
@@ -472,21 +470,21 @@ def compile_unpackaged(pipe, sizes, device, left: list[str], config, batch_size:
 
     if left != ["vae_decode"]:  # (aot.modules leaves out nothing else)
         raise RuntimeError(f"no way to compile {left} here")
-    mine = platform(device)
-    made = [name for name, info in read_index(folder).items() if info == mine and (folder / name).is_file()]
-    if reuse and made:
-        print(f"torch.compile: the compile artifacts {made[0]} are there already; kept", file=sys.stderr)
-        return {"modules": left, "artifact": made[0], "reused": True}
+    if reuse:
+        mine = platform(device)
+        made = [name for name, info in read_index(folder).items() if info == mine and (folder / name).is_file()]
+        if made:
+            print(f"torch.compile: the compile artifacts {made[0]} are there already; kept", file=sys.stderr)
+            return {"modules": left, "artifact": made[0], "reused": True}
     start = time.perf_counter()
     before = compile_counters()
-    scale = pipe.vae_scale_factor
-    decode = torch_compiled(pipe.vae.decode, {(height // scale, width // scale) for height, width in sizes})
+    decode = torch_compiled(vae.decode, set(latent_sizes))
     batches = range(1, batch_size + 1) if config.warmup_all_batch_sizes else sorted({1, batch_size})
     with fixed_cwd(), torch.no_grad():  # (as the pipeline calls it: no_grad, latents in the UNet's dtype)
         for batch in batches:
-            for height, width in sizes:
-                decode(torch.randn(batch, pipe.vae.config.latent_channels, height // scale, width // scale,
-                                   device=device, dtype=pipe.unet.dtype), return_dict=False)
+            for height, width in latent_sizes:
+                decode(torch.randn(batch, vae.config.latent_channels, height, width, device=device, dtype=latent_dtype),
+                       return_dict=False)
     path = save_compile_artifacts(folder, device)
     seconds = round(time.perf_counter() - start, 1)
     counts = compile_counters()

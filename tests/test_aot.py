@@ -275,9 +275,11 @@ if sys.argv[1] == "build":
     from sd_engine.artifacts import ARTIFACTS_DIR
     args = SimpleNamespace(weights=weights, preset="tiny", driver_cache=None)
     engine, _, _ = compile_artifacts.load_for_export(args, config, 2)  # as the --aot parent has it
+    scale = engine.pipe.vae_scale_factor
+    latents = [(h // scale, w // scale) for h, w in engine.rules.sizes]
     def made(reuse):
-        return compile_artifacts.compile_unpackaged(engine.pipe, engine.rules.sizes, engine.device, ["vae_decode"],
-                                                    config, 2, weights / ARTIFACTS_DIR, reuse=reuse)
+        return compile_artifacts.compile_unpackaged(engine.pipe.vae, latents, engine.pipe.unet.dtype, engine.device,
+                                                    ["vae_decode"], config, 2, weights / ARTIFACTS_DIR, reuse=reuse)
     out = {{"made": made(False), "kept": made(True)}}
 else:
     from sd_engine import aot
